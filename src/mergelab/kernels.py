@@ -7,6 +7,7 @@ composed differently by the paper and mergekit semantics. Stacked task vectors a
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -217,6 +218,13 @@ def model_stock(base: torch.Tensor, models: list[torch.Tensor], filter_wise: boo
     return (t * average + (1 - t) * w0).reshape(shape)
 
 
+def _bincount(values: torch.Tensor, bins: int) -> torch.Tensor:
+    """Histogram of small non-negative ints; numpy's bincount is ~5x faster than torch's on CPU."""
+    if values.device.type != "cpu":
+        return torch.bincount(values.long(), minlength=bins).cpu()
+    return torch.from_numpy(np.bincount(values.numpy(), minlength=bins).astype(np.int64))
+
+
 class RadixSelect:
     """Exact k-th smallest magnitude over a stream of tensors, in bounded memory.
 
@@ -249,7 +257,7 @@ class RadixSelect:
 
     def high_histogram(self, values: torch.Tensor) -> torch.Tensor:
         """Histogram of the top 16 bits; pure, so threads can compute it and ``add_high`` sums."""
-        return torch.bincount((self._bits(values) >> 16).long(), minlength=self.BINS).cpu()
+        return _bincount(self._bits(values) >> 16, self.BINS)
 
     def add_high(self, values: torch.Tensor | None = None, histogram: torch.Tensor | None = None) -> None:
         if histogram is None:
@@ -269,7 +277,7 @@ class RadixSelect:
         """Histogram of the low 16 bits of the values that fall in the selected high bin."""
         bits = self._bits(values)
         inside = bits[(bits >> 16) == self.bin]
-        return torch.bincount((inside & 0xFFFF).long(), minlength=self.BINS).cpu()
+        return _bincount(inside & 0xFFFF, self.BINS)
 
     def add_low(self, values: torch.Tensor | None = None, histogram: torch.Tensor | None = None) -> None:
         self.low += self.low_histogram(values) if histogram is None else histogram
