@@ -89,7 +89,11 @@ class _Inputs:
         self.device, self.compute_dtype = device, compute_dtype
 
     def _load(self, ckpt: Checkpoint, name: str, label: str, check: bool) -> torch.Tensor:
-        t = ckpt.get(name).to(self.device, non_blocking=True).to(self.compute_dtype)
+        """A tensor owned by the merge (never a view of a caller's state dict), so kernels may work in place."""
+        src = ckpt.get(name)
+        t = src.to(self.device, non_blocking=True).to(self.compute_dtype)
+        if t.data_ptr() == src.data_ptr() and not ckpt.fresh_tensors:
+            t = t.clone()
         if check and t.numel():
             low, high = torch.aminmax(t)       # NaN propagates; 7x cheaper than isfinite().all()
             if not bool(torch.isfinite(low) & torch.isfinite(high)):
@@ -165,7 +169,11 @@ def _global_thresholds(densities: list[float], inputs: _Inputs, names: list[str]
 
     def deltas(name: str) -> list[torch.Tensor]:
         base, models = inputs.read(name, check=False)
-        return [(models[i] - base) * weights[i] for i in active]
+        out = []
+        for i in active:
+            delta = models[i].sub_(base) if models[i] is not base else models[i] - base
+            out.append(delta.mul_(weights[i]) if weights[i] != 1.0 else delta)
+        return out
 
     def high(name: str):
         return [selectors[i].high_histogram(d) for i, d in zip(active, deltas(name))]

@@ -205,6 +205,11 @@ class Checkpoint:
         f = self._files[self._where[name]]
         return f[name] if isinstance(f, dict) else f.get(name)
 
+    @property
+    def fresh_tensors(self) -> bool:
+        """True when ``get`` returns new memory (safetensors reads), so callers may modify it in place."""
+        return all(isinstance(f, SafetensorsFile) for f in self._files.values())
+
     def file_of(self, name: str) -> str:
         return self._where[name]
 
