@@ -460,6 +460,7 @@ def _fmt(x, spec):
 
 def make_table(rows: list[dict]) -> str:
     hdr = ["method", "mergelab mode", "mergekit s", "mergelab s", "speed-up",
+           "mergekit CPU s", "mergelab CPU s", "CPU-time ratio",
            "mergekit peak MB", "mergelab peak MB", "mem ratio", "mergekit anon MB",
            "mergelab anon MB", "agreement"]
     lines = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
@@ -469,6 +470,10 @@ def make_table(rows: list[dict]) -> str:
         ml_ok = ml and ml["rc"] == 0
         speed = mk["wall_s"] / ml["wall_s"] if mk_ok and ml_ok else None
         mem = ml["peak_rss_mb"] / mk["peak_rss_mb"] if mk_ok and ml_ok else None
+        for res in (mk, ml):
+            if res and "cpu_s" not in res:
+                res["cpu_s"] = res["user_s"] + res["sys_s"]
+        cpu = mk["cpu_s"] / ml["cpu_s"] if mk_ok and ml_ok and ml["cpu_s"] > 0 else None
         agr = r.get("agreement") or {}
         if "max_abs_diff" in agr:
             a = f"max abs diff {agr['max_abs_diff']:.2e}"
@@ -492,6 +497,8 @@ def make_table(rows: list[dict]) -> str:
             r["key"], r["mode"],
             cell(mk, "wall_s", ".1f"), cell(ml, "wall_s", ".1f"),
             _fmt(speed, ".1f") + ("x" if speed else "") + vs,
+            cell(mk, "cpu_s", ".1f"), cell(ml, "cpu_s", ".1f"),
+            _fmt(cpu, ".1f") + ("x" if cpu else ""),
             cell(mk, "peak_rss_mb", ".0f"), cell(ml, "peak_rss_mb", ".0f"),
             _fmt(mem, ".2f"),
             cell(mk, "peak_anon_mb", ".0f"), cell(ml, "peak_anon_mb", ".0f"),
