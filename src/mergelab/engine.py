@@ -81,8 +81,8 @@ def check_structure(reference: Checkpoint, others: Sequence[Checkpoint], ref_lab
 
 
 # Tensors larger than this many elements are merged in blocks of rows, so that memory depends on
-# neither the tensor's nor the model's size (16 MB per fp32 input block).
-BLOCK_ELEMENTS = 1 << 22
+# neither the tensor's nor the model's size (4 MB per fp32 input block).
+BLOCK_ELEMENTS = 1 << 20
 
 
 def _numel(shape: Sequence[int]) -> int:
