@@ -55,8 +55,13 @@ def _return_freed_memory_to_os() -> None:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    import torch
+
     from mergelab.engine import merge
     _return_freed_memory_to_os()
+    if args.threads != 1:
+        # the engine parallelises over tensors; one intra-op thread per worker avoids oversubscribing
+        torch.set_num_threads(1)
     progress = TqdmProgress(args.quiet)
     try:
         summary = merge(args.recipe, args.out_dir, force=args.force, compat=args.compat, device=args.device,

@@ -240,7 +240,8 @@ def _tensor_selections(ranks: list[list[int | None]], inputs: _Inputs, name: str
 
 
 def _default_threads() -> int:
-    return max(1, min(4, torch.get_num_threads()))
+    import os
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 Sink = Callable[[str, torch.Tensor, int], None]   # (name, tensor or block of rows, first row)
