@@ -291,16 +291,44 @@ def _summary(results: Mapping[str, EvalResult], individual: Mapping[str, EvalRes
     return row
 
 
-def build_method(spec: MethodSpec, models: ModelPool, tasks: TaskPool, params: dict) -> Built:
-    """Turn one method setting into an evaluable model (a registry merge or a builder call)."""
-    if spec.builder is not None:
-        return spec.builder(models, tasks, dict(params))
+# Registry methods whose result is theta0 + lambda * tau(other params): a lambda grid needs one merge.
+LAMBDA_LINEAR = {"task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear"}
+
+
+def merge_encoder_state(spec: MethodSpec, models: ModelPool, names: Sequence[str],
+                        params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Merged encoder state dict of a registry method (paper semantics)."""
     from mergelab import merge_state_dicts  # the core; imported here so data/training work without it
 
-    sds = [models.finetuned[n] for n in tasks.names]
-    merged = merge_state_dicts(models.base_sd, sds, method=spec.method, params=dict(params),
-                               compat="paper")
-    return models.encoder(merged)
+    sds = [models.finetuned[n] for n in names]
+    return merge_state_dicts(models.base_sd, sds, method=spec.method, params=dict(params),
+                             compat="paper")
+
+
+def rescale_lambda(base_sd: Mapping[str, torch.Tensor], merged_at_1: Mapping[str, torch.Tensor],
+                   lam: float) -> dict[str, torch.Tensor]:
+    """theta0 + lam * (merged(lambda=1) - theta0): exact for the LAMBDA_LINEAR methods."""
+    return {k: (base_sd[k] + lam * (v - base_sd[k])) if v.is_floating_point() else v
+            for k, v in merged_at_1.items()}
+
+
+def build_method(spec: MethodSpec, models: ModelPool, tasks: TaskPool, params: dict,
+                 _memo: dict | None = None) -> Built:
+    """Turn one method setting into an evaluable model (a registry merge or a builder call).
+
+    For LAMBDA_LINEAR methods the merge at lambda = 1 is memoised in ``_memo`` per setting of the
+    other parameters, so a lambda sweep costs one merge.
+    """
+    if spec.builder is not None:
+        return spec.builder(models, tasks, dict(params))
+    if spec.method in LAMBDA_LINEAR and "lambda" in params and _memo is not None:
+        rest = {k: v for k, v in params.items() if k != "lambda"}
+        key = json.dumps(rest, sort_keys=True, default=str)
+        if key not in _memo:
+            _memo.clear()  # keep one merged state dict in memory at a time
+            _memo[key] = merge_encoder_state(spec, models, tasks.names, {**rest, "lambda": 1.0})
+        return models.encoder(rescale_lambda(models.base_sd, _memo[key], float(params["lambda"])))
+    return models.encoder(merge_encoder_state(spec, models, tasks.names, params))
 
 
 def run_benchmark(suite: Suite, cache_dir: Path | None = None, threads: int | None = 2,
@@ -351,11 +379,12 @@ def run_benchmark(suite: Suite, cache_dir: Path | None = None, threads: int | No
         settings = spec.settings()
         search = []
         best, best_score, best_model = None, -1.0, None
+        memo: dict = {}
         t0 = time.perf_counter()
         bar = progress(f"search {spec.name} (val, {len(settings)} settings)", len(settings))
         for params in settings:
             t1 = time.perf_counter()
-            model = build_method(spec, models, tasks, params)
+            model = build_method(spec, models, tasks, params, memo)
             t_build = time.perf_counter() - t1
             if len(settings) == 1:
                 score, per_task = float("nan"), {}
@@ -371,6 +400,7 @@ def run_benchmark(suite: Suite, cache_dir: Path | None = None, threads: int | No
                 del model
             bar.update(1)
         bar.close()
+        memo.clear()
         timings[f"search {spec.name}"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         test = evaluate_built(best_model, models, tasks, "test", progress=progress,

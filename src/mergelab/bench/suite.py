@@ -27,11 +27,11 @@ class Protocol:
     """
 
     n_train: int = 2000
-    n_val: int = 300
+    n_val: int = 250
     n_test: int = 1000
-    max_len: int = 64
+    max_len: int = 48
     batch_size: int = 32
-    steps: int = 150
+    steps: int = 100
     lr: float = 2e-4
     weight_decay: float = 0.01
     warmup: float = 0.1
@@ -89,12 +89,12 @@ def default_methods() -> list[MethodSpec]:
         MethodSpec("average", "average"),
         MethodSpec("task_arithmetic", "task_arithmetic",
                    grid={"lambda": [0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0]}),
-        MethodSpec("ties", "ties", grid={"density": [0.1, 0.2, 0.4], "lambda": [0.6, 0.8, 1.0, 1.3]},
+        MethodSpec("ties", "ties", grid={"density": [0.1, 0.2, 0.4], "lambda": [0.7, 1.0, 1.3]},
                    params={"merge": "mean", "trim_scope": "global"}),
         MethodSpec("breadcrumbs", "breadcrumbs",
                    grid={"keep": [0.1, 0.2], "lambda": [0.3, 0.5, 0.7, 1.0]},
                    params={"top_remove": 0.01}),
-        MethodSpec("dare_ties", "dare_ties", grid={"density": [0.2, 0.5], "lambda": [0.6, 0.8, 1.0, 1.3]},
+        MethodSpec("dare_ties", "dare_ties", grid={"density": [0.2, 0.5], "lambda": [0.7, 1.0, 1.3]},
                    params={"seed": 0}),
     ]
 
