@@ -34,8 +34,9 @@ def _progress(quiet: bool):
     from tqdm.auto import tqdm
 
     def factory(desc: str, total: int):
-        return tqdm(total=total, desc=desc, disable=True if quiet else None, dynamic_ncols=True,
-                    leave=False, file=sys.stderr)
+        tty = sys.stderr.isatty()
+        return tqdm(total=total, desc=desc, disable=quiet, dynamic_ncols=True, leave=tty,
+                    mininterval=0.1 if tty else 10.0, file=sys.stderr)
     return factory
 
 
