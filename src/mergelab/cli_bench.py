@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -74,7 +75,12 @@ def run(args: argparse.Namespace) -> int:
     result = run_benchmark(s, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
                            threads=args.threads, user_models=user_models, base_path=args.base,
                            methods=methods, progress=_progress(args.quiet))
+    # keep the raw result until the report is written: a plotting failure must not cost the run
+    raw = out.with_name(out.name + ".result.json")
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps(result, default=str))
     folder = report.write_report(result, out, plots=not args.no_plots)
+    raw.unlink()
     print(report.markdown_table(result))
     print()
     print(report.order_text(report.order_check(result)))
