@@ -153,3 +153,14 @@ def test_suite_yaml(tmp_path):
     (tmp_path / "bad.yaml").write_text("tasks: [no_such_task]\n")
     with pytest.raises(MergelabError, match="unknown task"):
         load_suite_file(tmp_path / "bad.yaml")
+
+
+def test_cli_list_and_bad_arguments(capsys):
+    from mergelab import cli_bench
+    assert cli_bench.main(["bench", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "text6" in out and "wordnet_verb" in out and "dict-gcide" in out
+    assert cli_bench.main(["bench", "--suite", "demo", "--methods", "ties,nope"]) == 2
+    assert "unknown nope" in capsys.readouterr().err
+    assert cli_bench.main(["bench", "--suite", "demo", "--model", "gcide"]) == 2
+    assert cli_bench.main(["bench", "--suite", "no_such_suite"]) == 2
