@@ -152,6 +152,8 @@ def _plots(result: dict, folder: Path) -> list[str]:
         xs = [j + (i - (len(names) - 1) / 2) * w for j in range(len(tasks))]
         ax.bar(xs, [100 * rows[n]["per_task"][t] for t in tasks], w, label=n,
                yerr=[100 * rows[n]["per_task_se"][t] for t in tasks], capsize=2)
+    lowest = min(100 * rows[n]["per_task"][t] for n in names for t in tasks)
+    ax.set_ylim(max(0.0, lowest - 10), 100)
     ax.set_xticks(range(len(tasks)))
     ax.set_xticklabels(tasks, rotation=20)
     ax.set_ylabel("test accuracy (%)")

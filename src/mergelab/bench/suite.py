@@ -91,12 +91,12 @@ def default_methods() -> list[MethodSpec]:
     return [
         MethodSpec("average", "average"),
         MethodSpec("task_arithmetic", "task_arithmetic",
-                   grid={"lambda": [0.2, 0.3, 0.4, 0.5, 0.7, 1.0]}),
-        MethodSpec("ties", "ties", grid={"density": [0.1, 0.2], "lambda": [0.7, 1.0, 1.3]},
+                   grid={"lambda": [0.05, 0.1, 0.15, 0.2, 0.25]}),
+        MethodSpec("ties", "ties", grid={"density": [0.05, 0.1], "lambda": [0.3, 0.5, 0.7]},
                    params={"merge": "mean", "trim_scope": "global"}),
-        MethodSpec("breadcrumbs", "breadcrumbs", grid={"keep": [0.1], "lambda": [0.3, 0.5, 0.7, 1.0]},
+        MethodSpec("breadcrumbs", "breadcrumbs", grid={"keep": [0.1], "lambda": [0.5, 0.7, 0.85]},
                    params={"top_remove": 0.01}),
-        MethodSpec("dare_ties", "dare_ties", grid={"density": [0.3], "lambda": [0.7, 1.0, 1.3]},
+        MethodSpec("dare_ties", "dare_ties", grid={"density": [0.3], "lambda": [0.2, 0.35, 0.5]},
                    params={"seed": 0}),
     ]
 
