@@ -260,7 +260,7 @@ def test_tiny_bert_upscaled_end_to_end_and_save_load_round_trip(tmp_path):
     # fine-tunes given as BertForSequenceClassification state dicts: the "bert." prefix is resolved
     sds = [c.state_dict() for c in clfs]
     seen = []
-    m = upscale_to_smile(base, sds, k=4, gate_k=2, progress=lambda d, t, n: seen.append((d, t)))
+    m = upscale_to_smile(base, sds, k=4, gate_k=2, progress=lambda stage, d, t: seen.append((d, t)))
     n_lin = sum(isinstance(x, nn.Linear) for x in base.modules())
     smile_layers = [n for n, x in m.named_modules() if isinstance(x, SmileLinear)]
     assert len(smile_layers) == n_lin == 13 and seen[-1] == (n_lin, n_lin)
@@ -315,3 +315,61 @@ def test_load_rejects_foreign_or_broken_folders(tmp_path):
     assert torch.equal(again(x), m(x))
     with pytest.raises(MergelabError, match="does not exist in the architecture"):
         load_smile(path, model=nn.Sequential(nn.ReLU()).__class__())
+
+
+# ---------------------------------------------------------------- CLI
+def _run_cli(argv):
+    import argparse
+
+    from mergelab import cli_smile
+
+    parser = argparse.ArgumentParser(prog="mergelab")
+    cli_smile.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_upscale_smile_from_hf_folders(tmp_path, capsys):
+    import yaml
+
+    base, cfg = _tiny_bert()
+    base.save_pretrained(tmp_path / "base")
+    (tmp_path / "base" / "vocab.txt").write_text("[PAD]\n[UNK]\n")  # a tokenizer file travels along
+    paths = []
+    for s in (1, 2):
+        clf = _finetune(cfg, base.state_dict(), s)
+        clf.save_pretrained(tmp_path / f"ft{s}")  # keys carry the "bert." prefix
+        paths.append(str(tmp_path / f"ft{s}"))
+    recipe = {"base_model": str(tmp_path / "base"), "models": [{"model": p} for p in paths],
+              "merge_method": "smile", "parameters": {"k": 8, "gate_k": 4, "top_k": 2, "target_modules": ["query"]}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    assert _run_cli(["upscale", "smile", str(tmp_path / "r.yaml"), str(out), "--k", "3", "--svd", "full",
+                     "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "upscaled 2 Linear layers with 2 experts (k=3, gate_k=4, top_k=2, svd=full)" in printed
+    assert "separate models" in printed
+    assert (out / "vocab.txt").exists()
+    loaded = load_smile(out)
+    layers = [n for n, x in loaded.named_modules() if isinstance(x, SmileLinear)]
+    assert layers == ["encoder.layer.0.attention.self.query", "encoder.layer.1.attention.self.query"]
+    assert loaded.encoder.layer[0].attention.self.query.k == 3
+    # same model as the Python API on the in-memory fine-tunes
+    from transformers import BertForSequenceClassification
+
+    fts = [BertForSequenceClassification.from_pretrained(p).bert for p in paths]
+    ref = upscale_to_smile(base, fts, k=3, gate_k=4, top_k=2, target_modules=["query"], full_svd=True)
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).last_hidden_state, ref(input_ids=ids).last_hidden_state)
+
+    with pytest.raises(MergelabError, match="already exists"):
+        _run_cli(["upscale", "smile", str(tmp_path / "r.yaml"), str(out), "--quiet"])
+    for bad, msg in [({"parameters": {"rank": 3}}, "unknown SMILE parameter 'rank'"),
+                     ({"merge_method": "ties"}, "this command runs SMILE"),
+                     ({"parameters": {"k": "big"}}, "parameters.k must be an integer"),
+                     ({"models": [{"model": paths[0], "parameters": {"weight": 1.0}}]}, "no per-model parameters")]:
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**recipe, **bad}))
+        with pytest.raises(MergelabError, match=msg):
+            _run_cli(["upscale", "smile", str(tmp_path / "bad.yaml"), str(tmp_path / "o2"), "--quiet"])
+    assert not (tmp_path / "o2").exists()

@@ -22,7 +22,6 @@ import fnmatch
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -338,7 +337,7 @@ def upscale_to_smile(
     routing_use_diff: bool = True,
     full_svd: bool | str = "auto",
     inplace: bool = False,
-    progress: Callable[[int, int, str], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> nn.Module:
     """Upscale ``base_model`` with the fine-tuned models into a SMILE mixture (no data, no training).
 
@@ -348,7 +347,7 @@ def upscale_to_smile(
     ``target_modules``: glob patterns on module names (default: every nn.Linear).
     ``full_svd``: True = exact SVD, False = randomized ``torch.svd_lowrank``, "auto" = lowrank
     when 8 * max(k, gate_k) <= min(out, in).  Works on a deep copy unless ``inplace``.
-    ``progress(done, total, layer_name)`` is called after each layer.
+    ``progress(stage, done, total)`` is called after each layer (the CLI draws a tqdm bar).
     """
     if not finetuned:
         raise MergelabError("SMILE needs at least one fine-tuned model")
@@ -356,7 +355,7 @@ def upscale_to_smile(
         raise MergelabError(f"k must be a positive rank or -1 (dense experts), got {k}")
     if gate_k < 1 or top_k < 1:
         raise MergelabError(f"gate_k and top_k must be >= 1, got gate_k={gate_k}, top_k={top_k}")
-    svd = {True: "full", False: "lowrank"}.get(full_svd, full_svd) if isinstance(full_svd, bool) else full_svd
+    svd = ("full" if full_svd else "lowrank") if isinstance(full_svd, bool) else full_svd
     if svd not in ("auto", "full", "lowrank"):
         raise MergelabError(f"full_svd must be True, False or 'auto', got {full_svd!r}")
     model = base_model if inplace else copy.deepcopy(base_model)
@@ -379,7 +378,7 @@ def upscale_to_smile(
             _set_submodule(model, name, new)
             layers[name] = new.spec()
         if progress is not None:
-            progress(done, len(names), name)
+            progress("SMILE layers", done, len(names))
     if average_experts:
         upscaled = tuple(n + "." for n in layers)
         for pname, t in model.state_dict().items():
@@ -423,21 +422,18 @@ def _smile_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def save_smile(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool = False,
-               extra_files: Sequence[str | os.PathLike] = ()) -> str:
+               tokenizer_folder: str | os.PathLike | None = None) -> str:
     """Write ``config.json`` (transformers config, when the model has one), ``model.safetensors``
     and ``smile_config.json`` into ``out_dir`` atomically (temp folder beside it, then rename).
 
-    ``extra_files`` (e.g. tokenizer files) are copied alongside.  Returns the folder path.
+    Tokenizer files found in ``tokenizer_folder`` (e.g. the base model's folder) are copied
+    alongside, so that the output folder is self-contained.  Returns the folder path.
     """
     from safetensors.torch import save_model
 
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir) and not overwrite:
-        raise MergelabError(f"output folder '{out_dir}' already exists (use --force / overwrite=True)")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(out_dir) + ".tmp-", dir=parent)
-    try:
+    from mergelab.io import TOKENIZER_FILES, atomic_output_dir
+
+    with atomic_output_dir(out_dir, force=overwrite) as tmp:
         cfg = getattr(model, "config", None)
         if cfg is not None and hasattr(cfg, "save_pretrained"):
             cfg.save_pretrained(tmp)
@@ -453,19 +449,12 @@ def save_smile(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool = F
                 "options": info, "layers": _smile_layers(model)}
         with open(os.path.join(tmp, SMILE_CONFIG_NAME), "w") as f:
             json.dump(meta, f, indent=2)
-        for src in extra_files:
-            shutil.copy2(src, os.path.join(tmp, os.path.basename(src)))
-        if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix="." + os.path.basename(out_dir) + ".old-", dir=parent)
-            os.rename(out_dir, os.path.join(old, "x"))
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+        if tokenizer_folder is not None:
+            for name in TOKENIZER_FILES:
+                src = os.path.join(os.fspath(tokenizer_folder), name)
+                if os.path.isfile(src):
+                    shutil.copy2(src, os.path.join(tmp, name))
+    return os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
 
 
 def _build_architecture(out_dir: str, model_class: str | None, attn_implementation: str) -> nn.Module:
