@@ -373,3 +373,19 @@ def test_cli_upscale_smile_from_hf_folders(tmp_path, capsys):
         with pytest.raises(MergelabError, match=msg):
             _run_cli(["upscale", "smile", str(tmp_path / "bad.yaml"), str(tmp_path / "o2"), "--quiet"])
     assert not (tmp_path / "o2").exists()
+
+
+def test_bench_builder_upscales_the_pool_in_task_order():
+    from types import SimpleNamespace
+
+    from mergelab.smile import bench_builder
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 5))
+    fts = {n: {"0.weight": base[0].weight + torch.randn(5, 6), "0.bias": base[0].bias + 1.0} for n in "ab"}
+    m = bench_builder(SimpleNamespace(base=base, finetuned=fts), SimpleNamespace(names=["b", "a"]),
+                      {"k": -1, "gate_k": 2})
+    torch.testing.assert_close(m[0].expert_weight[0], fts["b"]["0.weight"] - base[0].weight)
+    assert not m.training
+    with pytest.raises(MergelabError, match="unknown parameter 'rank'"):
+        bench_builder(SimpleNamespace(base=base, finetuned=fts), SimpleNamespace(names=["a"]), {"rank": 3})

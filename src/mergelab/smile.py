@@ -40,6 +40,8 @@ __all__ = [
     "parameter_report",
     "truncated_svd",
     "smile_linear_from_weights",
+    "bench_builder",
+    "bench_methods",
 ]
 
 SMILE_CONFIG_NAME = "smile_config.json"
@@ -512,3 +514,36 @@ def load_smile(out_dir: str | os.PathLike, model: nn.Module | None = None,
         raise MergelabError(f"{wpath}: weights do not fit the architecture ({str(e).splitlines()[0]})") from e
     model.smile_info = dict(meta.get("options", {}), layers=meta["layers"])
     return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# benchmark hook (mergelab bench)
+# --------------------------------------------------------------------------------------------
+BENCH_SETTINGS = ((32, 16), (8, 4), (128, 16), (-1, 16))
+
+
+def bench_builder(models: Any, tasks: Any, params: dict[str, Any]) -> nn.Module:
+    """``mergelab bench`` model builder: one SMILE encoder from the pool's base and fine-tunes.
+
+    ``models`` is the bench ModelPool (``base`` encoder, ``finetuned`` task -> state dict);
+    ``params`` may hold k, gate_k, top_k, target_modules, average_experts, routing_use_diff,
+    full_svd.  The experts follow the order of ``tasks.names``; no task id is used at test time.
+    """
+    known = {"k", "gate_k", "top_k", "target_modules", "average_experts", "routing_use_diff", "full_svd"}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise MergelabError(f"SMILE bench builder: unknown parameter {unknown[0]!r}")
+    sds = [models.finetuned[n] for n in tasks.names]
+    model = upscale_to_smile(models.base, sds, **params)
+    return model.eval()
+
+
+def bench_methods(settings: Sequence[tuple[int, int]] = BENCH_SETTINGS, **fixed: Any) -> list:
+    """One ``MethodSpec`` row per (k, gate_k) setting, named ``smile_k{k}_g{gate_k}``.
+
+    Register with e.g. ``suite.methods += mergelab.smile.bench_methods()``.
+    """
+    from mergelab.bench.suite import MethodSpec
+
+    return [MethodSpec(f"smile_k{'dense' if k == -1 else k}_g{g}", builder=bench_builder,
+                       params={"k": k, "gate_k": g, **fixed}) for k, g in settings]
