@@ -456,6 +456,10 @@ def save_smile(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool = F
                 src = os.path.join(os.fspath(tokenizer_folder), name)
                 if os.path.isfile(src):
                     shutil.copy2(src, os.path.join(tmp, name))
+        umask = os.umask(0)
+        os.umask(umask)  # mkdtemp and safetensors create owner-only modes: apply the usual umask
+        os.chmod(tmp, 0o777 & ~umask)
+        os.chmod(os.path.join(tmp, WEIGHTS_NAME), 0o666 & ~umask)
     return os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
 
 
