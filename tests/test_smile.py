@@ -389,3 +389,15 @@ def test_bench_builder_upscales_the_pool_in_task_order():
     assert not m.training
     with pytest.raises(MergelabError, match="unknown parameter 'rank'"):
         bench_builder(SimpleNamespace(base=base, finetuned=fts), SimpleNamespace(names=["a"]), {"rank": 3})
+
+
+def test_dense_experts_round_trip_and_bfloat16_base(tmp_path):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 3, bias=False)).to(torch.bfloat16)
+    fts = [{k: v + 0.5 * torch.randn_like(v) for k, v in base.state_dict().items()} for _ in range(3)]
+    m = upscale_to_smile(base, fts, k=-1, gate_k=2, top_k=2)
+    assert m[0].expert_weight.dtype == torch.bfloat16 and m[1].expert_bias is None
+    x = torch.randn(5, 6, dtype=torch.bfloat16)
+    path = save_smile(m, tmp_path / "dense")
+    again = load_smile(path, model=nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 3, bias=False)).to(torch.bfloat16))
+    assert torch.equal(again(x), m(x)) and again[0].k == -1 and again[0].top_k == 2
