@@ -157,7 +157,7 @@ class SmileLinear(nn.Module):
 # --------------------------------------------------------------------------------------------
 # construction of one layer
 # --------------------------------------------------------------------------------------------
-def truncated_svd(m: Tensor, rank: int, method: str = "auto", niter: int = 4,
+def truncated_svd(m: Tensor, rank: int, method: str = "auto", niter: int = 6,
                   oversample: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Top-``rank`` SVD of a 2-D float tensor: (U [m, r], S [r], V [n, r]) with m ~= U diag(S) V^T.
 
