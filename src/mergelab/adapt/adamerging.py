@@ -36,7 +36,7 @@ def _evaluate(eval_fn, space, coeffs, mask):
     return float(eval_fn(space.state_dict(coeffs, mask)))
 
 
-def adamerge_loop(fm: FunctionalModel, cycles: Sequence[Cycle], heads, *, granularity: str, steps: int,
+def adamerge_loop(fm: FunctionalModel, space: MergeSpace, cycles: Sequence[Cycle], heads, *, granularity: str, steps: int,
                   lr: float, init: float, clamp: bool, batches_per_task: int,
                   mask: Mapping[str, torch.Tensor] | None = None, progress=None, eval_fn=None,
                   eval_every: int = 0, history: list | None = None, stage: str = "adamerging",
@@ -44,7 +44,6 @@ def adamerge_loop(fm: FunctionalModel, cycles: Sequence[Cycle], heads, *, granul
     """Adam on the coefficients (optionally clamped to [0, 1] in the forward pass, as the authors
     do); one optimizer step per iteration on the summed entropy. Returns the final (clamped)
     coefficients."""
-    space = fm.space
     raw = torch.full(space.coefficient_shape(granularity), float(init), device=next(iter(space.base.values())).device,
                      requires_grad=True)
     opt = torch.optim.Adam([raw], lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
@@ -102,7 +101,7 @@ def adamerging(model: torch.nn.Module, base_sd: Mapping[str, torch.Tensor],
     model.eval()  # entropy of the deterministic model: no dropout
     history: list[dict] = []
     try:
-        coeffs = adamerge_loop(fm, cycles, heads, granularity=granularity, steps=steps, lr=lr, init=init,
+        coeffs = adamerge_loop(fm, space, cycles, heads, granularity=granularity, steps=steps, lr=lr, init=init,
                                clamp=clamp, batches_per_task=batches_per_task, progress=progress,
                                eval_fn=eval_fn, eval_every=eval_every, history=history)
     finally:

@@ -133,7 +133,7 @@ def concrete_merge(model: torch.nn.Module, base_sd: Mapping[str, torch.Tensor],
                 progress(rec)
         fmask = final_mask(logits, mask, temperature, gen)
         if inner == "adamerging":
-            coeffs = adamerge_loop(fm, cycles, heads, granularity=granularity, steps=tta_steps, lr=tta_lr,
+            coeffs = adamerge_loop(fm, space, cycles, heads, granularity=granularity, steps=tta_steps, lr=tta_lr,
                                    init=lam, clamp=clamp, batches_per_task=batches_per_task, mask=fmask,
                                    progress=progress, eval_fn=eval_fn, eval_every=eval_every, history=history,
                                    stage="tta", step_offset=steps)

@@ -107,27 +107,31 @@ def _to(batch, device):
 
 
 class FunctionalModel:
-    """Runs `model` with given tensors in place of its own (`torch.func.functional_call`).
+    """Runs `model` with given tensors in place of its own (`torch.func.functional_call`); the
+    space's unmerged tensors (integer buffers) fill in what `params` lacks.
 
     A batch is a Tensor (one positional input), a tuple/list (positional inputs) or a dict
     (keyword inputs). `head`, if given, is applied to the model's output.
     """
 
-    def __init__(self, model: torch.nn.Module, space: MergeSpace, device=None):
+    def __init__(self, model: torch.nn.Module, space: MergeSpace | None = None, device=None):
         self.model = model
-        self.space = space
+        self.frozen = space.frozen if space is not None else {}
         self.device = device
         names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
-        all_names = ({n for n, _ in model.named_parameters(remove_duplicate=False)}
-                     | {n for n, _ in model.named_buffers(remove_duplicate=False)})
-        missing = [k for k in space.dtypes if k not in all_names]
-        if missing:
-            raise MergelabError(f"the model has no tensor named '{missing[0]}' (from the base state dict)")
+        if space is not None:
+            all_names = ({n for n, _ in model.named_parameters(remove_duplicate=False)}
+                         | {n for n, _ in model.named_buffers(remove_duplicate=False)})
+            missing = [k for k in space.dtypes if k not in all_names]
+            if missing:
+                raise MergelabError(f"the model has no tensor named '{missing[0]}' (from the base state dict)")
         self._names = names  # canonical names: tied aliases are not passed twice
 
     def __call__(self, params: Mapping[str, torch.Tensor], batch, head: Callable | None = None) -> torch.Tensor:
-        tensors = {k: v for k, v in self.space.frozen.items() if k in self._names}
+        tensors = {k: v for k, v in self.frozen.items() if k in self._names}
         tensors.update({k: v for k, v in params.items() if k in self._names})
+        if self.device is not None:
+            tensors = {k: v.to(self.device) for k, v in tensors.items()}
         batch = _to(batch, self.device)
         if isinstance(batch, Mapping):
             out = functional_call(self.model, tensors, args=(), kwargs=dict(batch))
