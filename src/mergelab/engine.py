@@ -1,0 +1,341 @@
+"""Orchestration of a merge: validate, plan, stream tensor by tensor, write atomically.
+
+Peak memory is bounded by the tensors in flight (``threads`` x the inputs of one tensor), never by
+model size. TIES with the paper's whole-model trim first finds each task's exact global threshold with
+two histogram passes (``kernels.RadixSelect``), then merges in a third pass.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+import yaml
+
+from mergelab import kernels as K
+from mergelab.errors import MergelabError
+from mergelab.io import (Checkpoint, ShardedWriter, atomic_output_dir, copy_model_files, model_folder,
+                         open_checkpoint, parse_dtype, parse_size)
+from mergelab.methods import Method, TensorJob, get_method, resolve_params
+from mergelab.recipe import Recipe, load_recipe
+
+Progress = Callable[[str, int, int], None]   # (stage, done, total)
+
+
+@dataclass
+class MergeSummary:
+    method: str
+    compat: str
+    tensors: int
+    merged: int
+    copied: int
+    parameters: int
+    seconds: float
+    out_dir: Path | None = None
+    bytes_written: int = 0
+    shards: int = 0
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["out_dir"] = str(self.out_dir) if self.out_dir else None
+        return d
+
+
+def _mergeable(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point
+
+
+def check_structure(reference: Checkpoint, others: Sequence[Checkpoint], ref_label: str,
+                    labels: Sequence[str], limit: int = 3) -> list[str]:
+    """Same tensor names, shapes and dtypes everywhere; else one error listing the first mismatches."""
+    names = reference.keys()
+    problems: list[str] = []
+    ref_set = set(names)
+    for ckpt, label in zip(others, labels):
+        keys = set(ckpt.keys())
+        for name in names:
+            if name not in keys:
+                problems.append(f"{label}: tensor {name!r} missing")
+            elif ckpt.shape(name) != reference.shape(name):
+                problems.append(f"{label}: tensor {name!r} has shape {list(ckpt.shape(name))}, "
+                                f"{ref_label} has {list(reference.shape(name))}")
+            elif ckpt.dtype(name) != reference.dtype(name):
+                problems.append(f"{label}: tensor {name!r} is {str(ckpt.dtype(name)).replace('torch.', '')}, "
+                                f"{ref_label} has {str(reference.dtype(name)).replace('torch.', '')}")
+            if len(problems) >= limit:
+                break
+        for name in sorted(keys - ref_set)[:limit]:
+            problems.append(f"{label}: tensor {name!r} not in {ref_label}")
+        if len(problems) >= limit:
+            break
+    if problems:
+        more = "" if len(problems) < limit else " ..."
+        raise MergelabError("inputs do not match: " + "; ".join(problems[:limit]) + more)
+    return names
+
+
+class _Inputs:
+    """Reads one tensor of every input as float32 on the compute device, checking for NaN/Inf."""
+
+    def __init__(self, base: Checkpoint | None, models: Sequence[Checkpoint], labels: Sequence[str],
+                 base_label: str, device: torch.device, compute_dtype: torch.dtype):
+        self.base, self.models, self.labels, self.base_label = base, list(models), list(labels), base_label
+        self.device, self.compute_dtype = device, compute_dtype
+
+    def _load(self, ckpt: Checkpoint, name: str, label: str) -> torch.Tensor:
+        t = ckpt.get(name).to(self.device, non_blocking=True).to(self.compute_dtype)
+        if not bool(torch.isfinite(t).all()):
+            raise MergelabError(f"{label}: tensor {name!r} contains NaN or Inf")
+        return t
+
+    def read(self, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        base = self._load(self.base, name, self.base_label) if self.base is not None else None
+        return base, [self._load(m, name, lbl) for m, lbl in zip(self.models, self.labels)]
+
+
+def _run_pool(names: Sequence[str], work: Callable[[str], object], threads: int,
+              on_done: Callable[[str, object], None], stage: str, progress: Progress | None) -> None:
+    """Run ``work`` over names on a thread pool with a bounded number in flight (bounded memory)."""
+    total = len(names)
+    if progress:
+        progress(stage, 0, total)
+    if threads <= 1:
+        for i, name in enumerate(names):
+            on_done(name, work(name))
+            if progress:
+                progress(stage, i + 1, total)
+        return
+    done = 0
+    pending: dict[Future, str] = {}
+    queue = list(names)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mergelab") as pool:
+        try:
+            while queue or pending:
+                while queue and len(pending) < threads + 1:
+                    name = queue.pop(0)
+                    pending[pool.submit(work, name)] = name
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    name = pending.pop(fut)
+                    on_done(name, fut.result())
+                    done += 1
+                    if progress:
+                        progress(stage, done, total)
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise
+
+
+def _largest_first(names: Iterable[str], ckpt: Checkpoint) -> list[str]:
+    def numel(n: str) -> int:
+        size = 1
+        for s in ckpt.shape(n):
+            size *= s
+        return size
+    return sorted(names, key=numel, reverse=True)
+
+
+def _global_thresholds(densities: list[float], inputs: _Inputs, names: list[str], weights: list[float],
+                       threads: int, progress: Progress | None) -> list[float | None]:
+    """Exact whole-model TIES thresholds per model: the paper's top-k over the flattened task vector."""
+    total = 0
+    for name in names:
+        n = 1
+        for s in inputs.base.shape(name):
+            n *= s
+        total += n
+    selectors: list[K.RadixSelect | None] = []
+    for density in densities:
+        selectors.append(None if density >= 1 or density <= 0 or total == 0
+                         else K.RadixSelect(K.keep_count(total, density)))
+    active = [i for i, s in enumerate(selectors) if s is not None]
+    if not active:
+        return [None] * len(densities)
+    lock = threading.Lock()
+
+    def deltas(name: str) -> list[torch.Tensor]:
+        base, models = inputs.read(name)
+        return [(models[i] - base) * weights[i] for i in active]
+
+    def high(name: str):
+        return [selectors[i].high_histogram(d) for i, d in zip(active, deltas(name))]
+
+    def low(name: str):
+        return [selectors[i].low_histogram(d) for i, d in zip(active, deltas(name))]
+
+    def add(kind: str):
+        def on_done(name: str, hists) -> None:
+            with lock:
+                for i, h in zip(active, hists):
+                    getattr(selectors[i], f"add_{kind}")(histogram=h)
+        return on_done
+
+    _run_pool(names, high, threads, add("high"), "trim pass 1/2", progress)
+    for i in active:
+        selectors[i].finish_high()
+    _run_pool(names, low, threads, add("low"), "trim pass 2/2", progress)
+    return [s.finish_low() if s is not None else None for s in selectors]
+
+
+def _default_threads() -> int:
+    return max(1, min(4, torch.get_num_threads()))
+
+
+def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoint], params: dict,
+              model_params: list[dict], compat: str, sink: Callable[[str, torch.Tensor], None],
+              out_dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+              compute_dtype: torch.dtype = torch.float32, threads: int | None = None,
+              progress: Progress | None = None, labels: Sequence[str] | None = None,
+              base_label: str = "base") -> dict[str, float]:
+    """Merge every tensor and hand each result to ``sink(name, tensor)``; returns seconds per stage."""
+    labels = list(labels or [f"model {i}" for i in range(len(models))])
+    if method.needs_base and base is None:
+        raise MergelabError(f"method {method.name!r} needs a base model")
+    reference, ref_label = (base, base_label) if base is not None else (models[0], labels[0])
+    others = [m for m in models if m is not reference]
+    other_labels = [l for m, l in zip(models, labels) if m is not reference]
+    names = check_structure(reference, others, ref_label, other_labels)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MergelabError("device cuda requested but no CUDA GPU is available")
+    threads = threads or _default_threads()
+    inputs = _Inputs(base if method.needs_base else None, models, labels, base_label, device, compute_dtype)
+    mergeable = [n for n in names if _mergeable(reference.dtype(n))]
+    stages: dict[str, float] = {}
+
+    thresholds = None
+    densities = method.global_trim(params, model_params, compat) if method.global_trim else None
+    if densities is not None:
+        t0 = time.perf_counter()
+        weights = [p.get("weight", 1.0) for p in model_params]
+        thresholds = _global_thresholds(densities, inputs, _largest_first(mergeable, reference), weights,
+                                        threads, progress)
+        stages["global trim thresholds"] = time.perf_counter() - t0
+
+    def work(name: str) -> torch.Tensor:
+        if not _mergeable(reference.dtype(name)):
+            return reference.get(name).clone()
+        b, ms = inputs.read(name)
+        job = TensorJob(name, b, ms, params, model_params, compat, thresholds)
+        try:
+            merged = method.merge_tensor(job)
+        except MergelabError:
+            raise
+        except (RuntimeError, ValueError) as e:
+            raise MergelabError(f"{name}: {method.name} failed: {str(e).splitlines()[0]}") from e
+        return merged.to(out_dtype or reference.dtype(name))
+
+    t0 = time.perf_counter()
+    _run_pool(_largest_first(names, reference), work, threads, sink, "merge", progress)
+    stages["merge"] = time.perf_counter() - t0
+    return stages
+
+
+def merge_state_dicts(base: Mapping[str, torch.Tensor] | None, models: Sequence[Mapping[str, torch.Tensor]],
+                      method: str, params: dict | None = None, model_params: Sequence[dict | None] | None = None,
+                      compat: str = "paper", device: str = "cpu", threads: int | None = 1,
+                      out_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Merge in-memory state dicts; the result keeps the base's tensor order and dtypes."""
+    m = get_method(method)
+    model_params = list(model_params or [{} for _ in models])
+    if len(model_params) != len(models):
+        raise MergelabError(f"model_params has {len(model_params)} entries for {len(models)} models")
+    g, per = resolve_params(m, params, model_params, compat, where=f"{method}")
+    base_ckpt = open_checkpoint(base) if base is not None else None
+    ckpts = [open_checkpoint(sd) for sd in models]
+    result: dict[str, torch.Tensor] = {}
+    lock = threading.Lock()
+
+    def sink(name: str, tensor: torch.Tensor) -> None:
+        with lock:
+            result[name] = tensor.cpu()
+    run_merge(m, base_ckpt, ckpts, g, per, compat, sink, out_dtype=out_dtype, device=device, threads=threads,
+              labels=[f"models[{i}]" for i in range(len(models))])
+    order = (base_ckpt or ckpts[0]).keys()
+    return {k: result[k] for k in order}
+
+
+def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: bool = False,
+          compat: str | None = None, device: str | None = None, threads: int | None = None,
+          progress: Progress | None = None, shard_size: str | int | None = None) -> MergeSummary:
+    """Merge the checkpoints a recipe names into ``out_dir`` (a Hugging Face folder), streaming."""
+    started = time.perf_counter()
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, compat=compat)
+    elif compat is not None and compat != recipe.compat:
+        recipe.compat = compat
+    method = get_method(recipe.method)
+    g, per = recipe.resolved()
+    out_dtype = parse_dtype(recipe.out_dtype or recipe.dtype)
+    compute_dtype = parse_dtype(recipe.compute_dtype) or torch.float32
+    max_shard = parse_size(shard_size if shard_size is not None else recipe.shard_size)
+
+    base = open_checkpoint(recipe.base_model) if recipe.base_model else None
+    models = [open_checkpoint(m.path) for m in recipe.models]
+    labels = [m.path for m in recipe.models]
+    reference = base if base is not None else models[0]
+    try:
+        check_structure(reference, [m for m in models if m is not reference],
+                        recipe.base_model or labels[0], [l for m, l in zip(models, labels) if m is not reference])
+        names = reference.keys()
+
+        def dtype_of(name: str) -> torch.dtype:
+            d = reference.dtype(name)
+            return out_dtype if out_dtype is not None and _mergeable(d) else d
+        layout = [(n, dtype_of(n), reference.shape(n)) for n in names]
+        with atomic_output_dir(out_dir, force=force) as tmp:
+            writer = ShardedWriter(tmp, layout, max_shard, metadata={"mergelab_method": method.name})
+            try:
+                stages = run_merge(method, base, models, g, per, recipe.compat, writer.write, out_dtype=out_dtype,
+                                   device=device or "cpu", compute_dtype=compute_dtype, threads=threads,
+                                   progress=progress, labels=labels, base_label=recipe.base_model or "base")
+            except BaseException:
+                writer.abort()
+                raise
+            writer.close()
+            src_folder = model_folder(recipe.base_model or labels[0])
+            tok_src = recipe.tokenizer_source
+            tok_folder = model_folder(tok_src) if tok_src and tok_src != "base" else None
+            copy_model_files(src_folder, tmp, tok_folder)
+            _set_config_dtype(tmp / "config.json", out_dtype)
+            (tmp / "mergelab_recipe.yaml").write_text(yaml.safe_dump(
+                {**recipe.raw, "compat": recipe.compat, "resolved_parameters": g,
+                 "resolved_model_parameters": per}, sort_keys=False))
+        parameters = 0
+        for _, _, shape in layout:
+            n = 1
+            for s in shape:
+                n *= s
+            parameters += n
+        merged = sum(1 for n in names if _mergeable(reference.dtype(n)))
+        return MergeSummary(method=method.name, compat=recipe.compat, tensors=len(names), merged=merged,
+                            copied=len(names) - merged, parameters=parameters,
+                            seconds=time.perf_counter() - started, out_dir=Path(out_dir).expanduser().resolve(),
+                            bytes_written=writer.total_bytes, shards=len(writer.filenames), stages=stages)
+    finally:
+        for c in [base, *models]:
+            if c is not None:
+                c.close()
+
+
+def _set_config_dtype(config_path: Path, dtype: torch.dtype | None) -> None:
+    """Keep config.json's dtype in step with the written weights."""
+    import json
+    if dtype is None or not config_path.exists():
+        return
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError:
+        return
+    name = str(dtype).replace("torch.", "")
+    for key in ("torch_dtype", "dtype"):
+        if key in config:
+            config[key] = name
+    config_path.write_text(json.dumps(config, indent=2))

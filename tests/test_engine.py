@@ -1,0 +1,196 @@
+"""Streaming merges of real checkpoint folders, loading with transformers, and every bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel
+
+from mergelab import load_state_dict, merge, merge_state_dicts
+from mergelab.cli import main
+from mergelab.io import ShardedWriter, open_checkpoint
+from tests.helpers import make_model_folders, write_recipe
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return make_model_folders(root)
+
+
+def run_cli(*args):
+    return main([str(a) for a in args])
+
+
+def test_merge_folder_round_trip_and_transformers_load(folders, tmp_path):
+    base, models = folders
+    recipe = write_recipe(tmp_path / "r.yaml", base, models, "ties", {"density": 0.3, "lambda": 0.9})
+    out = tmp_path / "out"
+    summary = merge(recipe, out, shard_size="20KB")
+    assert summary.shards > 1 and (out / "model.safetensors.index.json").exists()
+    assert (out / "config.json").exists() and (out / "vocab.txt").exists() and (out / "mergelab_recipe.yaml").exists()
+    merged = load_state_dict(out)
+    expected = merge_state_dicts(load_state_dict(base), [load_state_dict(m) for m in models], "ties",
+                                 {"density": 0.3, "lambda": 0.9})
+    assert merged.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(merged[k], expected[k]), k
+    model = AutoModel.from_pretrained(out, attn_implementation="eager")
+    for k, v in model.state_dict().items():
+        if k in merged:
+            assert torch.equal(v, merged[k]), k
+    assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_cli_merge_every_method_and_summary(folders, tmp_path, capsys):
+    base, models = folders
+    for method in ("average", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties",
+                   "dare_linear", "model_stock"):
+        recipe = write_recipe(tmp_path / f"{method}.yaml", base, models, method)
+        assert run_cli("merge", recipe, tmp_path / method, "--quiet") == 0, method
+    assert "merged" in capsys.readouterr().out
+
+
+def test_sharded_and_bin_inputs_and_bf16_output(tmp_path):
+    base, models = make_model_folders(tmp_path / "m", n=2, shard="20KB")
+    assert (base / "model.safetensors.index.json").exists()
+    sd = load_state_dict(models[1])
+    binfile = tmp_path / "ft.bin"
+    torch.save(sd, binfile)
+    recipe = write_recipe(tmp_path / "r.yaml", base, [models[0], binfile], "task_arithmetic", {"lambda": 0.5},
+                          out_dtype="bfloat16")
+    merge(recipe, tmp_path / "out")
+    merged = load_state_dict(tmp_path / "out")
+    b, m0 = load_state_dict(base), load_state_dict(models[0])
+    k = "encoder.layer.0.attention.self.query.weight"
+    assert merged[k].dtype == torch.bfloat16
+    assert torch.equal(merged[k], (b[k] + 0.5 * ((m0[k] - b[k]) + (sd[k] - b[k]))).to(torch.bfloat16))
+    assert json.loads((tmp_path / "out" / "config.json").read_text()).get("torch_dtype", "bfloat16") == "bfloat16"
+
+
+def test_fp16_inputs_written_in_input_dtype(tmp_path):
+    base, models = make_model_folders(tmp_path / "m", n=2, dtype=torch.float16)
+    merge(write_recipe(tmp_path / "r.yaml", base, models, "ties"), tmp_path / "out")
+    merged = load_state_dict(tmp_path / "out")
+    assert merged["pooler.dense.weight"].dtype == torch.float16
+
+
+def test_writer_layout_is_valid_safetensors(tmp_path):
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7), "c": torch.randn(2).to(torch.bfloat16),
+               "empty": torch.zeros(0, 4)}
+    writer = ShardedWriter(tmp_path, [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()])
+    for k in reversed(list(tensors)):
+        writer.write(k, tensors[k])
+    writer.close()
+    loaded = load_file(tmp_path / "model.safetensors")
+    for k, v in tensors.items():
+        assert torch.equal(loaded[k], v)
+
+
+# ------------------------------------------------------------------ bad input: one line, exit 2, no output
+
+def expect_error(capsys, args, pattern, out_dir=None):
+    code = run_cli(*args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.count("\n") == 0 and err.startswith("mergelab: error:"), err
+    assert pattern in err, err
+    if out_dir is not None:
+        assert not Path(out_dir).exists()
+        assert not list(Path(out_dir).parent.glob(f".{Path(out_dir).name}.tmp-*"))
+
+
+def test_missing_recipe_and_model(folders, tmp_path, capsys):
+    base, models = folders
+    expect_error(capsys, ["merge", tmp_path / "nope.yaml", tmp_path / "o"], "recipe file not found")
+    recipe = write_recipe(tmp_path / "r.yaml", base, [models[0], tmp_path / "missing"], "ties")
+    expect_error(capsys, ["merge", recipe, tmp_path / "o"], "missing: no such file", tmp_path / "o")
+
+
+def test_unknown_method_and_parameter(folders, tmp_path, capsys):
+    base, models = folders
+    expect_error(capsys, ["merge", write_recipe(tmp_path / "a.yaml", base, models, "tiez"), tmp_path / "o"],
+                 "unknown merge method 'tiez'")
+    expect_error(capsys, ["merge", write_recipe(tmp_path / "b.yaml", base, models, "ties", {"lamda": 1}),
+                          tmp_path / "o"], "unknown parameter 'lamda'")
+    expect_error(capsys, ["merge", write_recipe(tmp_path / "c.yaml", base, models, "ties", None,
+                                                [{"density": 1.2}, {}, {}]), tmp_path / "o"],
+                 "models[0].parameters: 'density' must be in [0.0, 1.0]")
+
+
+def test_mismatched_shapes(folders, tmp_path, capsys):
+    base, models = folders
+    sd = load_state_dict(models[0])
+    sd["pooler.dense.weight"] = torch.zeros(16, 32)
+    save_file(sd, tmp_path / "bad.safetensors")
+    recipe = write_recipe(tmp_path / "r.yaml", base, [tmp_path / "bad.safetensors", models[1]], "ties")
+    expect_error(capsys, ["merge", recipe, tmp_path / "o"], "'pooler.dense.weight' has shape [16, 32]", tmp_path / "o")
+
+
+def test_nan_input_leaves_no_output(folders, tmp_path, capsys):
+    base, models = folders
+    sd = load_state_dict(models[0])
+    sd["encoder.layer.1.output.dense.bias"][3] = float("nan")
+    save_file(sd, tmp_path / "nan.safetensors")
+    recipe = write_recipe(tmp_path / "r.yaml", base, [tmp_path / "nan.safetensors", models[1]], "task_arithmetic")
+    expect_error(capsys, ["merge", recipe, tmp_path / "o"], "'encoder.layer.1.output.dense.bias' contains NaN or Inf",
+                 tmp_path / "o")
+
+
+def test_existing_out_dir_needs_force(folders, tmp_path, capsys):
+    base, models = folders
+    recipe = write_recipe(tmp_path / "r.yaml", base, models, "task_arithmetic")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    expect_error(capsys, ["merge", recipe, out], "already exists (use --force")
+    assert (out / "keep.txt").exists()
+    assert run_cli("merge", recipe, out, "--force", "--quiet") == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_corrupt_safetensors_header(folders, tmp_path, capsys):
+    base, models = folders
+    bad = tmp_path / "corrupt.safetensors"
+    bad.write_bytes((10**9).to_bytes(8, "little") + b"{not json")
+    recipe = write_recipe(tmp_path / "r.yaml", base, [bad, models[1]], "ties")
+    expect_error(capsys, ["merge", recipe, tmp_path / "o"], "corrupt safetensors header", tmp_path / "o")
+    truncated = tmp_path / "trunc.safetensors"
+    raw = (models[0] / "model.safetensors").read_bytes()
+    truncated.write_bytes(raw[: len(raw) // 2])
+    recipe = write_recipe(tmp_path / "r2.yaml", base, [truncated, models[1]], "ties")
+    expect_error(capsys, ["merge", recipe, tmp_path / "o"], "truncated or corrupt", tmp_path / "o")
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("owned",))
+
+
+def test_bin_with_arbitrary_objects_is_refused(folders, tmp_path, capsys):
+    base, models = folders
+    sd = load_state_dict(models[0])
+    sd["extra"] = Evil()
+    torch.save(sd, tmp_path / "evil.bin")
+    recipe = write_recipe(tmp_path / "r.yaml", base, [tmp_path / "evil.bin", models[1]], "ties")
+    expect_error(capsys, ["merge", recipe, tmp_path / "o"], "refused", tmp_path / "o")
+    assert "owned" not in capsys.readouterr().out
+
+
+def test_bad_yaml_and_unsupported_slices(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("models: [\n")
+    expect_error(capsys, ["merge", tmp_path / "bad.yaml", tmp_path / "o"], "invalid YAML at line")
+    (tmp_path / "sl.yaml").write_text("slices: []\nmerge_method: ties\n")
+    expect_error(capsys, ["merge", tmp_path / "sl.yaml", tmp_path / "o"], "slices are not supported")
+
+
+def test_console_script_entry_point(folders, tmp_path):
+    base, models = folders
+    recipe = write_recipe(tmp_path / "r.yaml", base, models, "ties", {"density": 2})
+    proc = subprocess.run([sys.executable, "-m", "mergelab", "merge", str(recipe), str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "density" in proc.stderr

@@ -1,0 +1,148 @@
+"""Kernels against the hand-computed examples of ALGORITHMS.md section 12 and edge cases."""
+
+import pytest
+import torch
+
+from mergelab import kernels as K
+
+TV = torch.tensor([[0.9, -0.1, 0.3, -0.6, 0.05],
+                   [-0.4, 0.2, 0.8, 0.7, -0.02],
+                   [0.5, -0.3, -0.1, 0.2, 0.01]])
+
+
+def ties_global(tv, k, mode):
+    trimmed = torch.stack([K.ties_trim(row, k) for row in tv])
+    sign = K.elect_sign(trimmed)
+    return trimmed, sign, K.disjoint_merge(trimmed, sign, mode)
+
+
+def test_ties_worked_example_k04():
+    trimmed, sign, mean = ties_global(TV, 0.4, "mean")
+    assert torch.equal(trimmed, torch.tensor([[0.9, 0, 0.3, -0.6, 0], [-0.4, 0, 0.8, 0.7, 0],
+                                              [0.5, -0.3, 0, 0.2, 0]]))
+    assert sign.tolist() == [1, -1, 1, 1, 1]
+    assert torch.allclose(mean, torch.tensor([0.7, -0.3, 0.55, 0.45, 0.0]))
+    assert torch.allclose(ties_global(TV, 0.4, "sum")[2], torch.tensor([1.4, -0.3, 1.1, 0.9, 0.0]))
+
+
+def test_ties_worked_example_k06():
+    assert torch.allclose(ties_global(TV, 0.6, "mean")[2], torch.tensor([0.7, -0.2, 0.55, 0.45, 0.0]))
+    assert torch.allclose(ties_global(TV, 0.6, "sum")[2], torch.tensor([1.4, -0.4, 1.1, 0.9, 0.0]))
+
+
+def test_ties_max_mode():
+    _, sign, out = ties_global(TV, 0.4, "max")
+    assert torch.allclose(out, torch.tensor([0.9, -0.3, 0.8, 0.7, 0.0]))
+
+
+def test_ties_trim_density_edges():
+    x = torch.tensor([0.3, -0.2, 0.1])
+    assert torch.equal(K.ties_trim(x, 1.0), x)
+    assert torch.equal(K.ties_trim(x, 0.0), torch.zeros(3))
+    one = torch.tensor([-0.5])
+    assert torch.equal(K.ties_trim(one, 0.2), one)           # 1 element: kthvalue(1) keeps it
+    assert torch.equal(K.ties_trim(torch.zeros(4), 0.5), torch.zeros(4))
+
+
+def test_ties_trim_keeps_ties_at_threshold():
+    x = torch.tensor([0.5, -0.5, 0.5, 0.1])
+    # k_small = 4 - int(4*0.25) = 3 -> threshold 0.5: all three tied magnitudes kept
+    assert torch.equal(K.ties_trim(x, 0.25), torch.tensor([0.5, -0.5, 0.5, 0.0]))
+
+
+def test_elect_sign_zero_takes_majority_and_positive():
+    stacked = torch.tensor([[0.5, 0.2, -0.1], [-0.5, 0.3, 0.4]])
+    # column 0 sums to 0 -> majority of elected signs (+1, +1) = +1
+    assert K.elect_sign(stacked).tolist() == [1, 1, 1]
+    neg = torch.tensor([[0.5, -0.2, -0.1], [-0.5, -0.3, -0.4]])
+    assert K.elect_sign(neg).tolist() == [-1, -1, -1]
+    assert K.elect_sign(neg, zero="positive").tolist() == [1, -1, -1]
+
+
+def test_disjoint_mean_all_zero_is_zero():
+    z = torch.zeros(3, 4)
+    assert torch.equal(K.disjoint_merge(z, K.elect_sign(z), "mean"), torch.zeros(4))
+
+
+def test_breadcrumbs_worked_example():
+    W = torch.tensor([[0.9, -0.1, 0.3, -0.6], [-0.4, 0.2, 0.8, 0.05]])
+    out = K.breadcrumbs_rows(W, keep=0.5, top_remove=0.25)
+    assert torch.equal(out, torch.tensor([[0.0, 0.0, 0.3, -0.6], [-0.4, 0.2, 0.0, 0.0]]))
+
+
+def test_breadcrumbs_edges():
+    x = torch.tensor(0.7)
+    assert torch.equal(K.breadcrumbs_rows(x, 0.1, 0.01), x)            # 0-D untouched
+    v = torch.arange(1.0, 11.0)
+    assert torch.equal(K.breadcrumbs_rows(v, 1.0, 0.0), v)             # keep all
+    assert torch.equal(K.breadcrumbs_rows(v, 0.0, 0.0), torch.zeros(10))
+    assert torch.equal(K.breadcrumbs_rows(v, 0.3, 0.2), torch.tensor([0, 0, 0, 0, 0, 6, 7, 8, 0, 0.0]))
+
+
+def test_magnitude_band_matches_mergekit_slice():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 13, generator=g)
+    n = x.numel()
+    for density, gamma in [(0.3, 0.05), (0.9, 0.2), (0.5, 0.0), (0.01, 0.01)]:
+        target, n_top = int(density * n), int(gamma * n)
+        n_bot = max(0, n - target - n_top)
+        idx = torch.sort(x.abs().reshape(-1)).indices[n_bot:n_bot + target]
+        mask = torch.zeros(n)
+        mask[idx] = 1
+        assert torch.equal(K.magnitude_band(x, density, gamma), x * mask.reshape(x.shape))
+
+
+def test_topk_exact_matches_argsort():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(11, 5, generator=g)
+    for density in (0.01, 0.2, 0.5, 0.99):
+        k = max(1, int(density * x.numel()))
+        mask = torch.zeros(x.numel())
+        mask[torch.argsort(x.abs().reshape(-1), descending=True)[:k]] = 1
+        assert torch.equal(K.topk_exact(x, density), x * mask.reshape(x.shape))
+    assert torch.equal(K.topk_exact(x, 0.0), torch.zeros_like(x))
+
+
+def test_dare_rescales_and_is_seeded():
+    x = torch.ones(10000)
+    a = K.dare(x, 0.3, torch.Generator().manual_seed(5))
+    b = K.dare(x, 0.3, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    kept = a != 0
+    assert torch.allclose(a[kept], torch.full_like(a[kept], 1 / 0.7))
+    assert abs(kept.float().mean().item() - 0.7) < 0.02
+    assert torch.equal(K.dare(x, 0.0), x) and torch.equal(K.dare(x, 1.0), torch.zeros_like(x))
+    l1 = K.dare(x, 0.5, torch.Generator().manual_seed(1), rescale="l1")
+    assert torch.isclose(l1.abs().sum(), x.abs().sum())
+
+
+@pytest.mark.parametrize("n,cos,expected", [(2, 0.5, 2 / 3), (2, 0.2, 1 / 3), (8, 0.2, 2 / 3)])
+def test_model_stock_t_worked_examples(n, cos, expected):
+    # build n unit deltas with pairwise cosine `cos`: common part sqrt(cos) + orthogonal parts
+    d = n + 1
+    deltas = []
+    for i in range(n):
+        v = torch.zeros(d, dtype=torch.float64)
+        v[0] = cos ** 0.5
+        v[i + 1] = (1 - cos) ** 0.5
+        deltas.append(v)
+    base = torch.zeros(d, dtype=torch.float64)
+    out = K.model_stock(base, [base + v for v in deltas])
+    average = sum(deltas) / n
+    assert torch.allclose(out, expected * average, atol=1e-9)
+
+
+def test_radix_select_equals_kthvalue():
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(37, 11, generator=g) * 10 ** i for i in range(-3, 2)]
+    tensors.append(torch.zeros(20))
+    tensors.append(torch.tensor([1e-30, -1e30]))
+    flat = torch.cat([t.reshape(-1) for t in tensors]).abs()
+    for k in (1, 2, 100, flat.numel() // 2, flat.numel() - 1, flat.numel()):
+        sel = K.RadixSelect(k)
+        for t in tensors:
+            sel.add_high(t)
+        sel.finish_high()
+        for t in tensors:
+            sel.add_low(t)
+        assert sel.finish_low() == torch.kthvalue(flat, k).values.item()

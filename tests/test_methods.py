@@ -1,0 +1,238 @@
+"""Every method against a naive whole-model reference, and mergekit semantics against a port of
+mergekit 0.1.5's merge_group (argsort-based sparsification, weighted sign vote, weighted mean)."""
+
+import pytest
+import torch
+
+from mergelab import MergelabError, merge_state_dicts
+from mergelab.methods import get_method, list_methods
+
+
+def tiny_models(n=3, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    base = {"emb.weight": torch.randn(10, 6, generator=g), "lin.weight": torch.randn(6, 6, generator=g),
+            "lin.bias": torch.randn(6, generator=g), "scale": torch.randn((), generator=g),
+            "pos_ids": torch.arange(5)}
+    models = []
+    for _ in range(n):
+        models.append({k: (v + 0.1 * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v.clone()
+                       for k, v in base.items()})
+    cast = lambda sd: {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    return cast(base), [cast(m) for m in models]
+
+
+FLOAT_KEYS = ["emb.weight", "lin.weight", "lin.bias", "scale"]
+
+
+def flat(sd):
+    return torch.cat([sd[k].float().reshape(-1) for k in sorted(FLOAT_KEYS)])
+
+
+def unflat(vec, like):
+    out, i = {}, 0
+    for k in sorted(FLOAT_KEYS):
+        n = like[k].numel()
+        out[k] = vec[i:i + n].reshape(like[k].shape)
+        i += n
+    return out
+
+
+def naive_ties_global(base, models, k, lam, mode="mean"):
+    """The TIES authors' code: flatten the whole model (sorted keys), top-k per task row."""
+    tv = torch.stack([flat(m) - flat(base) for m in models])
+    d = tv.shape[1]
+    thr = torch.kthvalue(tv.abs(), d - int(d * k), dim=1, keepdim=True).values
+    tv = tv * (tv.abs() >= thr)
+    s = torch.sign(tv.sum(0))
+    s[s == 0] = torch.sign(s.sum())
+    sel = torch.where(s > 0, tv > 0, tv < 0) * tv
+    merged = sel.sum(0) / (sel != 0).sum(0).clamp(min=1) if mode == "mean" else sel.sum(0)
+    return unflat(flat(base) + lam * merged, base)
+
+
+def check_close(out, ref, atol=1e-6):
+    for k, v in ref.items():
+        assert torch.allclose(out[k].float(), v.float(), atol=atol), k
+
+
+@pytest.mark.parametrize("k,mode", [(0.2, "mean"), (0.5, "sum"), (0.05, "mean")])
+def test_ties_global_matches_whole_model_reference(k, mode):
+    base, models = tiny_models()
+    out = merge_state_dicts(base, models, "ties", {"density": k, "lambda": 0.7, "merge": mode})
+    check_close(out, naive_ties_global(base, models, k, 0.7, mode))
+    assert torch.equal(out["pos_ids"], base["pos_ids"])
+
+
+def test_ties_global_threads_give_same_result():
+    base, models = tiny_models(seed=4)
+    a = merge_state_dicts(base, models, "ties", {"density": 0.3}, threads=1)
+    b = merge_state_dicts(base, models, "ties", {"density": 0.3}, threads=3)
+    for key in a:
+        assert torch.equal(a[key], b[key])
+
+
+def test_task_arithmetic_and_average_reference():
+    base, models = tiny_models()
+    out = merge_state_dicts(base, models, "task_arithmetic", {"lambda": 0.4},
+                            model_params=[{"weight": 2.0}, {}, {}])
+    for k in FLOAT_KEYS:
+        ref = base[k] + 0.4 * (2 * (models[0][k] - base[k]) + (models[1][k] - base[k]) + (models[2][k] - base[k]))
+        assert torch.allclose(out[k], ref, atol=1e-6)
+    avg = merge_state_dicts(None, models, "average", model_params=[{"weight": 1.0}, {"weight": 3.0}, {}])
+    for k in FLOAT_KEYS:
+        assert torch.allclose(avg[k], (models[0][k] + 3 * models[1][k] + models[2][k]) / 5, atol=1e-6)
+
+
+def test_breadcrumbs_reference():
+    base, models = tiny_models()
+    out = merge_state_dicts(base, models, "breadcrumbs", {"keep": 0.5, "top_remove": 0.2, "lambda": 0.5})
+    for k in FLOAT_KEYS:
+        total = torch.zeros_like(base[k])
+        for m in models:
+            tau = m[k] - base[k]
+            if tau.dim() == 0:
+                total += tau
+                continue
+            n = tau.shape[-1]
+            order = torch.argsort(tau.abs(), dim=-1, descending=True)
+            ranks = torch.argsort(order, dim=-1)
+            keep = (ranks >= int(n * 0.2)) & (ranks < int(n * 0.2) + int(n * 0.5))
+            total += tau * keep
+        assert torch.allclose(out[k], base[k] + 0.5 * total, atol=1e-6), k
+
+
+def test_dare_is_seeded_and_unbiased():
+    base, models = tiny_models(n=2)
+    a = merge_state_dicts(base, models, "dare_linear", {"density": 0.5, "seed": 3})
+    b = merge_state_dicts(base, models, "dare_linear", {"density": 0.5, "seed": 3}, threads=2)
+    c = merge_state_dicts(base, models, "dare_linear", {"density": 0.5, "seed": 4})
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["emb.weight"], c["emb.weight"])
+    full = merge_state_dicts(base, models, "dare_linear", {"density": 1.0})
+    ta = merge_state_dicts(base, models, "task_arithmetic", {"lambda": 1.0})
+    check_close(full, ta)
+    ties = merge_state_dicts(base, models, "dare_ties", {"density": 1.0, "merge": "sum"})
+    ref = merge_state_dicts(base, models, "ties", {"density": 1.0, "merge": "sum"})
+    check_close(ties, ref)
+
+
+def test_model_stock_needs_two_models():
+    base, models = tiny_models(n=2)
+    out = merge_state_dicts(base, models, "model_stock")
+    assert out["lin.weight"].shape == (6, 6)
+    with pytest.raises(MergelabError, match="at least 2"):
+        merge_state_dicts(base, models[:1], "model_stock")
+
+
+# ------------------------------------------------------------------ mergekit 0.1.5 port
+
+def mk_magnitude(t, density):
+    if density >= 1:
+        return t
+    if density <= 0:
+        return torch.zeros_like(t)
+    k = max(1, int(density * t.numel()))
+    mask = torch.zeros(t.numel())
+    mask[torch.argsort(t.abs().reshape(-1), descending=True)[:k]] = 1
+    return t * mask.reshape(t.shape)
+
+
+def mk_outliers(t, density, gamma):
+    if density >= 1:
+        return t
+    n = t.numel()
+    target, n_top = int(density * n), int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    mask = torch.zeros(n)
+    mask[torch.sort(t.abs().reshape(-1)).indices[n_bot:n_bot + target]] = 1
+    return t * mask.reshape(t.shape)
+
+
+def mk_merge_group(base, tensors, weights, sparsify, consensus, normalize, lam):
+    deltas = torch.stack([sparsify(t - base) for t in tensors])
+    w = torch.tensor(weights).reshape(-1, *([1] * base.dim()))
+    deltas = deltas * w
+    if consensus:
+        sign = deltas.sign()
+        majority = (deltas.sum(0) >= 0).float() * 2 - 1
+        mask = (sign == majority).float()
+        mixed = (deltas * mask).sum(0)
+        divisor = (w * mask).sum(0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(0)
+        divisor = w.sum(0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed = mixed / divisor
+    if lam != 1:
+        mixed = mixed * lam
+    return base + mixed
+
+
+MK_CASES = [
+    ("task_arithmetic", {"lambda": 0.8}, lambda t, d: t, False, False),
+    ("ties", {"lambda": 1.0}, lambda t, d: mk_magnitude(t, d["density"]), True, True),
+    ("breadcrumbs", {}, lambda t, d: mk_outliers(t, d["density"], d["gamma"]), False, False),
+    ("breadcrumbs_ties", {"lambda": 0.9}, lambda t, d: mk_outliers(t, d["density"], d["gamma"]), True, False),
+]
+
+
+@pytest.mark.parametrize("name,params,sparsify,consensus,normalize", MK_CASES)
+def test_mergekit_compat_matches_port(name, params, sparsify, consensus, normalize):
+    base, models = tiny_models(seed=7)
+    per = [{"weight": 0.5, "density": 0.3, "gamma": 0.05}, {"weight": 1.0, "density": 0.6, "gamma": 0.1},
+           {"weight": 0.7, "density": 0.5, "gamma": 0.0}]
+    keys = {"task_arithmetic": ("weight",), "ties": ("weight", "density")}.get(name, ("weight", "density", "gamma"))
+    out = merge_state_dicts(base, models, name, params, [{k: p[k] for k in keys} for p in per], compat="mergekit")
+    lam = params.get("lambda", 1.0)
+    for k in FLOAT_KEYS:
+        ref = mk_merge_group(base[k], [m[k] for m in models], [p["weight"] for p in per],
+                             lambda t, _i=iter(per): sparsify(t, next(_i)), consensus, normalize, lam)
+        assert torch.allclose(out[k], ref, atol=1e-6), k
+
+
+def test_mergekit_mode_rejects_paper_only_params():
+    base, models = tiny_models()
+    with pytest.raises(MergelabError, match="trim_scope.*mergekit"):
+        merge_state_dicts(base, models, "ties", {"trim_scope": "global"}, compat="mergekit")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_computed_in_float32(dtype):
+    base, models = tiny_models(dtype=dtype)
+    out = merge_state_dicts(base, models, "ties", {"density": 0.5})
+    assert out["lin.weight"].dtype == dtype
+    ref = naive_ties_global({k: v.float() if v.is_floating_point() else v for k, v in base.items()},
+                            [{k: v.float() if v.is_floating_point() else v for k, v in m.items()} for m in models],
+                            0.5, 1.0)
+    for k in FLOAT_KEYS:
+        assert torch.equal(out[k], ref[k].to(dtype)), k
+
+
+def test_all_zero_deltas_give_base():
+    base, _ = tiny_models()
+    same = [dict(base), dict(base)]
+    for m in list_methods():
+        if m.name == "average":
+            continue
+        out = merge_state_dicts(base, same, m.name)
+        for k in FLOAT_KEYS:
+            assert torch.allclose(out[k], base[k]), (m.name, k)
+
+
+@pytest.mark.parametrize("params,match", [
+    ({"density": 1.5}, r"density.*\[0.0, 1.0\]"),
+    ({"densty": 0.5}, "unknown parameter 'densty'"),
+    ({"merge": "median"}, "must be one of"),
+    ({"lambda": "big"}, "must be a number"),
+])
+def test_bad_parameters(params, match):
+    base, models = tiny_models()
+    with pytest.raises(MergelabError, match=match):
+        merge_state_dicts(base, models, "ties", params)
+
+
+def test_unknown_method_lists_available():
+    with pytest.raises(MergelabError, match="available: .*ties"):
+        get_method("tie")
