@@ -258,3 +258,161 @@ def test_bad_inputs_are_reported():
 def test_entropy_matches_definition():
     z = torch.tensor([[0.0, 0.0], [10.0, -10.0]])
     torch.testing.assert_close(entropy(z), torch.tensor(0.6931472 / 2), atol=1e-6, rtol=0)
+
+
+def test_ties_select_matches_worked_example():
+    from mergelab.adapt.tiesprep import ties_select
+    tv = torch.tensor([[0.9, -0.1, 0.3, -0.6, 0.05], [-0.4, 0.2, 0.8, 0.7, -0.02], [0.5, -0.3, -0.1, 0.2, 0.01]])
+    out = ties_select([{"a": r[:2].clone(), "b": r[2:].clone()} for r in tv], 0.4)
+    got = torch.stack([torch.cat([o["a"], o["b"]]) for o in out])
+    want = torch.tensor([[0.9, 0, 0.3, 0, 0], [0, 0, 0.8, 0.7, 0], [0.5, -0.3, 0, 0.2, 0]])
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got.sum(0), torch.tensor([1.4, -0.3, 1.1, 0.9, 0]))  # TIES dis-sum
+
+
+# ---------------------------------------------------------------- CLI end to end
+WORDS = [f"w{i}" for i in range(95)]
+
+
+def _cli(argv):
+    import argparse
+    from mergelab.cli_adapt import add_parser
+    parser = argparse.ArgumentParser(prog="mergelab")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MergelabError as exc:
+        return f"error: {exc}"
+
+
+@pytest.fixture(scope="module")
+def cli_world(tmp_path_factory):
+    """A tiny BERT base with its tokenizer, two fine-tunes trained for a few real steps on two toy
+    tasks through frozen linear heads, and a --data folder with inputs, heads and labelled val."""
+    from safetensors.torch import save_file
+    from transformers import BertTokenizer
+    root = tmp_path_factory.mktemp("adapt_cli")
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    tok = BertTokenizer(vocab_file=str(vocab))
+    base = tiny_bert(0)
+    base.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    g = torch.Generator().manual_seed(0)
+    rng = torch.Generator().manual_seed(1)
+
+    def make(task, n):  # task 0: label = first word in w0..w47 ; task 1: 3 classes by word id mod 3
+        texts, labels = [], []
+        for _ in range(n):
+            ids = torch.randint(0, 95, (6,), generator=rng).tolist()
+            texts.append(" ".join(WORDS[i] for i in ids))
+            labels.append(int(ids[0] < 47) if task == 0 else ids[0] % 3)
+        return texts, labels
+
+    recipe_models, data = [], root / "data"
+    for t, ncls in enumerate((2, 3)):
+        head = torch.nn.Linear(32, ncls)
+        torch.nn.init.normal_(head.weight, std=0.3, generator=g)
+        head.requires_grad_(False)
+        model = tiny_bert(0)
+        from mergelab.adapt.text import PooledEncoder, pad_batch, tokenize
+        pm = PooledEncoder(model)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        texts, labels = make(t, 64)
+        seqs = tokenize(tok, texts, 16)
+        for step in range(4):
+            b = pad_batch(seqs[step * 16:(step + 1) * 16])
+            loss = torch.nn.functional.cross_entropy(head(pm(**b)), torch.tensor(labels[step * 16:(step + 1) * 16]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.save_pretrained(root / f"ft{t}")
+        recipe_models.append(str(root / f"ft{t}"))
+        d = data / f"task{t}"
+        d.mkdir(parents=True)
+        (d / "inputs.txt").write_text("\n".join(make(t, 24)[0]) + "\n")
+        save_file({"weight": head.weight.contiguous(), "bias": head.bias.contiguous()}, str(d / "head.safetensors"))
+        vt, vl = make(t, 20)
+        (d / "val.tsv").write_text("".join(f"{lab}\t{txt}\n" for txt, lab in zip(vt, vl)))
+    (data / "tasks.txt").write_text("task0\ntask1\n")
+    import yaml
+    recipe = root / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"base_model": str(root / "base"),
+                                      "models": [{"model": m} for m in recipe_models],
+                                      "parameters": {"batch_size": 8, "max_length": 16}}))
+    return root, recipe, data, tok
+
+
+def _merged_from_side(root, out, res_mask=None):
+    from mergelab.io import load_state_dict
+    base = load_state_dict(root / "base")
+    fts = [load_state_dict(root / f"ft{t}") for t in range(2)]
+    side = load_file(str(out / "adapt_result.safetensors"))
+    doc = json.loads((out / "adapt_result.json").read_text())
+    c = side["coefficients"]
+    merged = {}
+    for i, k in enumerate(doc["keys"]):
+        ci = c if c.dim() == 1 else c[i]
+        delta = sum(ci[t] * (fts[t][k] - base[k]) for t in range(2))
+        if f"mask.{k}" in side:
+            delta = delta * side[f"mask.{k}"]
+        merged[k] = base[k] + delta
+    return merged, side, doc
+
+
+def test_cli_adamerging_writes_checkpoint_that_reproduces_outputs(cli_world, capsys):
+    from transformers import AutoModel
+    from mergelab.adapt.text import PooledEncoder, pad_batch, tokenize
+    from mergelab.io import load_state_dict
+    root, recipe, data, tok = cli_world
+    out = root / "out_am"
+    assert _cli(["adapt", "adamerging", str(recipe), str(out), "--data", str(data), "--steps", "6",
+                 "--lr", "0.05", "--granularity", "layer", "--eval-every", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "seconds per step" in printed and "average validation accuracy" in printed
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "adapt_result.safetensors", "adapt_result.json", "history.png"):
+        assert (out / f).is_file(), f
+    assert not [p for p in root.iterdir() if p.name.startswith(".out_am")]  # no temp folder left
+    merged, side, doc = _merged_from_side(root, out)
+    assert side["coefficients"].shape == (len(doc["keys"]), 2)
+    assert [h["step"] for h in doc["history"]] == list(range(7))  # step 0 = validation before adapting
+    assert [h["step"] for h in doc["history"] if "val_accuracy" in h] == [0, 3, 6]
+    saved = load_state_dict(out)
+    for k, v in merged.items():
+        torch.testing.assert_close(saved[k], v, rtol=1e-5, atol=1e-6)
+    # the checkpoint loads with transformers and gives the adapted model's outputs
+    model = AutoModel.from_pretrained(out, attn_implementation="eager").eval()
+    ref = tiny_bert(3)
+    ref.load_state_dict(merged, strict=False)
+    ref.eval()
+    b = pad_batch(tokenize(tok, ["w1 w2 w3", "w40 w41 w50 w60"], 16))
+    with torch.no_grad():
+        torch.testing.assert_close(PooledEncoder(model)(**b), PooledEncoder(ref)(**b), rtol=1e-5, atol=1e-5)
+    # an existing OUT_DIR is refused without --force
+    msg = _cli(["adapt", "adamerging", str(recipe), str(out), "--data", str(data), "--steps", "1"])
+    assert isinstance(msg, str) and "already exists" in msg
+
+
+def test_cli_concrete_adamerging_and_errors(cli_world):
+    from mergelab.io import load_state_dict
+    root, recipe, data, tok = cli_world
+    out = root / "out_cc"
+    assert _cli(["adapt", "concrete", str(recipe), str(out), "--data", str(data), "--inner", "adamerging",
+                 "--steps", "3", "--tta-steps", "3", "--lr", "0.05", "--mask", "threshold",
+                 "--granularity", "task", "--batches-per-task", "1"]) == 0
+    merged, side, doc = _merged_from_side(root, out)
+    assert doc["config"]["method"] == "concrete_adamerging" and side["coefficients"].shape == (2,)
+    for k in doc["keys"]:  # a thresholded mask is binary, rescaled by 1/mean: values {0, c}, mean 1
+        m = side[f"mask.{k}"]
+        assert len(m[m != 0].unique()) == 1 and abs(float(m.mean()) - 1) < 1e-4, k
+    saved = load_state_dict(out)
+    for k, v in merged.items():
+        torch.testing.assert_close(saved[k], v, rtol=1e-5, atol=1e-6)
+    bad = root / "bad_recipe.yaml"
+    bad.write_text(recipe.read_text().replace("batch_size: 8", "batch_sise: 8"))
+    msg = _cli(["adapt", "concrete", str(bad), str(root / "x"), "--data", str(data), "--steps", "1"])
+    assert "batch_sise" in msg
+    msg = _cli(["adapt", "adamerging", str(recipe), str(root / "x"), "--data", str(data / "task0"), "--steps", "1"])
+    assert "task folders for 2 models" in msg
+    assert not (root / "x").exists()

@@ -5,15 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 from mergelab.errors import MergelabError
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".onnx", ".ckpt", ".index.json")
 
 COMMON = {"steps": int, "lr": float, "batch_size": int, "batches_per_task": int, "max_length": int,
           "eval_every": int, "seed": int, "granularity": str, "clamp": bool}
@@ -69,6 +65,7 @@ def _options(args, recipe_params: dict) -> dict:
     kinds = args.adapt_kinds
     opts = dict(DEFAULTS[method])
     for k, v in recipe_params.items():
+        k = {"lambda": "lam", "scaling_factor": "lam"}.get(k, k) if method == "concrete" else k
         if k not in kinds:
             raise MergelabError(f"recipe parameter '{k}' is not an option of 'adapt {method}' "
                                 f"(known: {', '.join(sorted(kinds))})")
@@ -89,9 +86,9 @@ def _options(args, recipe_params: dict) -> dict:
 
 
 def _read_recipe(path: str):
-    """(base path, [model paths], parameters) from a mergekit-layout recipe."""
+    """(base path, [model paths], parameters) from a mergekit-layout recipe (merge_method is ignored)."""
     from mergelab.recipe import load_recipe
-    r = load_recipe(path)
+    r = load_recipe(path, method_required=False, validate=False)
     if not r.base_model:
         raise MergelabError(f"{path}: adapt needs base_model")
     if not r.models:
@@ -110,9 +107,23 @@ def _load_encoder(path: str):
         raise MergelabError(f"{path}: cannot load as a Hugging Face encoder ({type(exc).__name__}: {exc})") from exc
 
 
+def _stored(model_sd: dict, path: str) -> dict:
+    """The model's tensors that the checkpoint really stores (transformers initialises the others
+    at random, e.g. a pooler the checkpoint lacks: those must be neither merged nor written)."""
+    from mergelab.io import open_checkpoint
+    with open_checkpoint(path) as ck:
+        disk = set(ck.keys())
+    ends = {d.split(".", 1)[1] for d in disk if "." in d}  # "bert.encoder..." stored for "encoder..."
+    kept = {k: v for k, v in model_sd.items() if k in disk or k in ends}
+    if not kept:
+        raise MergelabError(f"{path}: none of the checkpoint's tensor names match the loaded model's")
+    return kept
+
+
 def run(args) -> int:
     import torch
     from tqdm import tqdm
+    from mergelab.io import atomic_output_dir, copy_model_files, save_state_dict
     from mergelab.adapt import adamerging, concrete_merge, plot_history, task_vectors_from
     from mergelab.adapt.functional import FunctionalModel
     from mergelab.adapt.text import (PooledEncoder, ShuffledBatches, accuracy_fn, prefixed, read_data_dir, tokenize,
@@ -121,9 +132,9 @@ def run(args) -> int:
     t_start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out_dir)
+    out = Path(args.out_dir).expanduser().resolve()
     if out.exists() and not args.force:
-        raise MergelabError(f"{out}: exists (use --force to replace it)")
+        raise MergelabError(f"{out}: already exists (use --force to replace it)")
     base_path, model_paths, rparams = _read_recipe(args.recipe)
     opts = _options(args, rparams)
     method = args.adapt_method
@@ -137,10 +148,10 @@ def run(args) -> int:
     pad_id = tok.pad_token_id or 0
     hidden = getattr(base.config, "hidden_size", None)
     tasks = read_data_dir(args.data, len(model_paths), hidden)
-    base_sd = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    base_sd = {k: v.detach().clone() for k, v in _stored(base.state_dict(), base_path).items()}
     tvs = []
     for p in tqdm(model_paths, desc="task vectors", unit="model", leave=False):
-        ft = _load_encoder(p).state_dict()
+        ft = _stored(_load_encoder(p).state_dict(), p)
         try:
             tvs.append(prefixed(task_vectors_from(base_sd, [ft])[0]))
         except MergelabError as exc:
@@ -187,23 +198,11 @@ def run(args) -> int:
     if res.mask is not None:
         res.mask = unprefixed(res.mask)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        base.load_state_dict(unprefixed(res.merged_state_dict))
-        base.save_pretrained(str(tmp), safe_serialization=True)
-        src = Path(base_path)
-        for f in src.iterdir():
-            if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not (tmp / f.name).exists():
-                shutil.copy2(f, tmp / f.name)
+    with atomic_output_dir(out, force=args.force) as tmp:
+        save_state_dict(unprefixed(res.merged_state_dict), tmp)
+        copy_model_files(Path(base_path), tmp)
         res.save_side_files(tmp)
-        plot_history(res.history, tmp / "history.png", title=f"{method} ({res.config['method']})")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        plot_history(res.history, tmp / "history.png", title=res.config["method"])
     secs = [h["seconds"] for h in res.history if "seconds" in h]
     ent = [h["entropy"] for h in res.history if "entropy" in h]
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
