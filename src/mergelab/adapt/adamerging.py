@@ -19,16 +19,29 @@ def check_inputs(space: MergeSpace, task_loaders: Sequence[Iterable], heads: Seq
         raise MergelabError(f"{space.num_tasks} task vectors but {len(heads)} heads")
 
 
-def entropy_loss(fm: FunctionalModel, params: Mapping[str, torch.Tensor], cycles: Sequence[Cycle],
-                 heads: Sequence[Callable] | None, batches_per_task: int) -> tuple[torch.Tensor, list[float]]:
-    """Sum over tasks (and batches) of the batch-mean entropy; also the per-task means."""
+def entropy_backward(fm: FunctionalModel, params: Mapping[str, torch.Tensor], cycles: Sequence[Cycle],
+                     heads: Sequence[Callable] | None, batches_per_task: int) -> tuple[float, list[float]]:
+    """Backpropagate the summed (over tasks and batches) batch-mean entropy into whatever `params`
+    depends on (coefficients, mask logits). Returns the loss and the per-task mean entropies.
+
+    Each batch is run and backpropagated on its own into detached copies of the merged tensors;
+    their accumulated gradient then flows once through the merge. Same gradient as one backward of
+    the summed loss, but only one batch's activations are held at a time.
+    """
+    leaves = {k: v.detach().requires_grad_(v.requires_grad) for k, v in params.items()}
     total, per_task = 0.0, []
     for t, cyc in enumerate(cycles):
         task_loss = 0.0
         for _ in range(batches_per_task):
-            task_loss = task_loss + entropy(as_logits(fm(params, next(cyc), None if heads is None else heads[t])))
-        total = total + task_loss
-        per_task.append(float(task_loss.detach()) / batches_per_task)
+            loss = entropy(as_logits(fm(leaves, next(cyc), None if heads is None else heads[t])))
+            if loss.requires_grad:
+                loss.backward()
+            task_loss += float(loss.detach())
+        total += task_loss
+        per_task.append(task_loss / batches_per_task)
+    outs = [(params[k], leaves[k].grad) for k in params if leaves[k].grad is not None]
+    if outs:
+        torch.autograd.backward([o for o, _ in outs], [g for _, g in outs])
     return total, per_task
 
 
@@ -56,11 +69,10 @@ def adamerge_loop(fm: FunctionalModel, space: MergeSpace, cycles: Sequence[Cycle
         history.append({"step": step_offset, "stage": stage, "val_accuracy": _evaluate(eval_fn, space, coeffs(), mask)})
     for i in range(steps):
         t0 = time.perf_counter()
-        loss, per_task = entropy_loss(fm, space.params(coeffs(), mask), cycles, heads, batches_per_task)
         opt.zero_grad()
-        loss.backward()
+        loss, per_task = entropy_backward(fm, space.params(coeffs(), mask), cycles, heads, batches_per_task)
         opt.step()
-        rec = {"step": step_offset + i + 1, "stage": stage, "loss": float(loss.detach()),
+        rec = {"step": step_offset + i + 1, "stage": stage, "loss": loss,
                "entropy": sum(per_task) / len(per_task), "entropy_per_task": per_task,
                "seconds": time.perf_counter() - t0}
         if eval_fn is not None and eval_every and ((i + 1) % eval_every == 0 or i + 1 == steps):

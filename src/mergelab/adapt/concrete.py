@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from mergelab.adapt.adamerging import adamerge_loop, check_inputs, entropy_loss
+from mergelab.adapt.adamerging import adamerge_loop, check_inputs, entropy_backward
 from mergelab.adapt.functional import Cycle, FunctionalModel, MergeSpace
 from mergelab.adapt.result import AdaptResult
 from mergelab.errors import MergelabError
@@ -106,22 +106,22 @@ def concrete_merge(model: torch.nn.Module, base_sd: Mapping[str, torch.Tensor],
             rec = {"step": i + 1, "stage": "mask"}
             if inner == "task_arithmetic":
                 m = sample_mask(logits, temperature, gen)
-                loss, per_task = entropy_loss(fm, space.params(coeffs, m), cycles, heads, batches_per_task)
+                meta_opt.zero_grad()
+                loss, per_task = entropy_backward(fm, space.params(coeffs, m), cycles, heads, batches_per_task)
             else:
                 with torch.no_grad():
                     w.fill_(float(lam))
                 m = {k: v.detach() for k, v in sample_mask(logits, temperature, gen).items()}
-                loss_in, per_in = entropy_loss(fm, space.params(w_eff(), m), cycles, heads, batches_per_task)
                 inner_opt.zero_grad()
-                loss_in.backward()
+                _, per_in = entropy_backward(fm, space.params(w_eff(), m), cycles, heads, batches_per_task)
                 inner_opt.step()
                 rec["inner_entropy"] = sum(per_in) / len(per_in)
                 m = sample_mask(logits, temperature, gen)
-                loss, per_task = entropy_loss(fm, space.params(w_eff().detach(), m), cycles, heads, batches_per_task)
-            meta_opt.zero_grad()
-            loss.backward()
+                meta_opt.zero_grad()
+                loss, per_task = entropy_backward(fm, space.params(w_eff().detach(), m), cycles, heads,
+                                                  batches_per_task)
             meta_opt.step()
-            rec.update({"loss": float(loss.detach()), "entropy": sum(per_task) / len(per_task),
+            rec.update({"loss": loss, "entropy": sum(per_task) / len(per_task),
                         "entropy_per_task": per_task, "seconds": time.perf_counter() - t0})
             if eval_fn is not None and eval_every and ((i + 1) % eval_every == 0 or i + 1 == steps):
                 with torch.no_grad():
