@@ -11,7 +11,7 @@ from mergelab.adapt.adamerging import entropy_backward
 from mergelab.adapt.functional import Cycle
 from mergelab.errors import MergelabError
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny ops: a second thread only waits for a busy core
 
 
 # ---------------------------------------------------------------- tiny BERT helpers
@@ -147,7 +147,7 @@ def test_layer_wise_recovers_known_coefficients():
         i = int(h.argmin())
         assert abs(float(A.flatten()[i]) - alpha[t]) < 1e-9 and abs(float(B.flatten()[i]) - beta[t]) < 1e-9
     base, tvs, loaders = known_problem(alpha, beta)
-    res = adamerging(TwoBranch(d=2), base, tvs, loaders, granularity="layer", steps=300, lr=0.01,
+    res = adamerging(TwoBranch(d=2), base, tvs, loaders, granularity="layer", steps=100, lr=0.03,
                      batches_per_task=1)
     assert res.keys == ["w1", "w2"]
     torch.testing.assert_close(res.coefficients, torch.tensor([alpha, beta]), atol=0.02, rtol=0)
@@ -162,16 +162,16 @@ def test_task_wise_recovers_grid_optimum_and_clamps():
     base, tvs, loaders = known_problem(alpha, beta)
     g = torch.linspace(0, 1, 2001, dtype=torch.float64)
     want = [float(g[grid_entropy(g, g, alpha[t], beta[t]).argmin()]) for t in range(2)]
-    res = adamerging(TwoBranch(d=2), base, tvs, loaders, granularity="task", steps=300, lr=0.01,
+    res = adamerging(TwoBranch(d=2), base, tvs, loaders, granularity="task", steps=100, lr=0.03,
                      batches_per_task=1)
     torch.testing.assert_close(res.coefficients, torch.tensor(want, dtype=torch.float32), atol=0.02, rtol=0)
     # a task vector that only raises a competitor: the optimum is lambda = 0, reached only by clamping
     base2, tvs2, loaders2 = known_problem([0.5], [0.5])
     tvs2 = [{"w1": torch.zeros(5, 1), "w2": torch.tensor([[0.0], [3.0], [0], [0], [0]])}]
-    res = adamerging(TwoBranch(d=1), base2, tvs2, loaders2, granularity="task", steps=200, lr=0.01,
+    res = adamerging(TwoBranch(d=1), base2, tvs2, loaders2, granularity="task", steps=60, lr=0.03,
                      batches_per_task=1, clamp=True)
     assert float(res.coefficients[0]) == 0.0
-    res = adamerging(TwoBranch(d=1), base2, tvs2, loaders2, granularity="task", steps=200, lr=0.01,
+    res = adamerging(TwoBranch(d=1), base2, tvs2, loaders2, granularity="task", steps=60, lr=0.03,
                      batches_per_task=1, clamp=False)
     assert float(res.coefficients[0]) < -0.5
 
@@ -188,7 +188,7 @@ def test_concrete_ta_learns_the_known_mask():
     tvs = [tv, {k: v.clone() for k, v in tv.items()}]
     loaders = [[torch.eye(T)[t].repeat(4, 1)] for t in range(T)]
     model = TwoBranch(c=C, d=T)
-    res = concrete_merge(model, base, tvs, loaders, inner="task_arithmetic", steps=150, lr=0.05,
+    res = concrete_merge(model, base, tvs, loaders, inner="task_arithmetic", steps=120, lr=0.05,
                          mask="threshold", lam=0.3)
     want = {"w1": torch.zeros(C, T), "w2": torch.zeros(C, T)}
     want["w1"][0, 0] = want["w2"][1, 1] = float(C * T)  # one kept entry, rescaled by 1/mean
@@ -203,12 +203,12 @@ def test_concrete_ta_learns_the_known_mask():
 def test_adamerging_bert_entropy_decreases_and_result_reproduces_outputs(tmp_path):
     model, base, tvs, heads, loaders = bert_setup()
     seen = []
-    res = adamerging(model, base, tvs, loaders, heads, granularity="layer", steps=25, lr=0.05,
-                     progress=seen.append, eval_fn=lambda sd: 0.5, eval_every=10)
-    assert len(seen) == 25 and seen[-1]["step"] == 25
+    res = adamerging(model, base, tvs, loaders, heads, granularity="layer", steps=12, lr=0.05,
+                     progress=seen.append, eval_fn=lambda sd: 0.5, eval_every=5)
+    assert len(seen) == 12 and seen[-1]["step"] == 12
     ent = [h["entropy"] for h in res.history if "entropy" in h]
-    assert sum(ent[-5:]) / 5 < sum(ent[:5]) / 5
-    assert [h["step"] for h in res.history if "val_accuracy" in h] == [0, 10, 20, 25]
+    assert sum(ent[-4:]) / 4 < sum(ent[:4]) / 4
+    assert [h["step"] for h in res.history if "val_accuracy" in h] == [0, 5, 10, 12]
     # save, reload into a fresh model: outputs equal the functional model's with the final coefficients
     from safetensors.torch import save_file
     save_file(res.merged_state_dict, str(tmp_path / "model.safetensors"))
