@@ -421,3 +421,37 @@ def test_cli_concrete_adamerging_and_errors(cli_world):
     msg = _cli(["adapt", "adamerging", str(recipe), str(root / "x"), "--data", str(data / "task0"), "--steps", "1"])
     assert "task folders for 2 models" in msg
     assert not (root / "x").exists()
+
+
+def test_bench_builder_returns_adapted_encoder(tmp_path):
+    """The builder protocol of mergelab.bench (ModelPool / TaskPool duck-typed here)."""
+    import copy
+    from types import SimpleNamespace
+    from mergelab.adapt.bench_builders import STATS, adapt_builder
+    model, base, tvs, heads, loaders = bert_setup()
+    names = ["a", "b"]
+    g = torch.Generator().manual_seed(3)
+    seqs = {n: [torch.randint(1, 100, (int(L),), generator=g).tolist() for L in torch.randint(3, 9, (10,), generator=g)]
+            for n in names}
+
+    def encoder(sd=None):
+        enc = copy.deepcopy(model)
+        if sd is not None:
+            enc.load_state_dict(sd, strict=False)
+        return enc.eval()
+
+    lin = [torch.nn.Linear(32, 3).requires_grad_(False) for _ in names]
+    models = SimpleNamespace(base=model, base_sd=base, pad_id=0, encoder=encoder,
+                             finetuned={n: {k: base[k] + tvs[i].get(k, 0) for k in base} for i, n in enumerate(names)},
+                             heads=dict(zip(names, lin)))
+    tasks = SimpleNamespace(names=names, inputs=lambda n, split: seqs[n], labels=lambda n, split: [0] * 10)
+    enc = adapt_builder(models, tasks, {"kind": "adamerging", "granularity": "task", "steps": 3, "lr": 0.05,
+                                        "batches_per_task": 1, "batch_size": 4, "label": "am", "track_val": True,
+                                        "plot_dir": str(tmp_path)})
+    st = STATS[-1]
+    c = torch.tensor(st["coefficients"])
+    want = {k: base[k] + c[0] * tvs[0][k] + c[1] * tvs[1][k] if k in tvs[0] else base[k] for k in base}
+    for k, v in enc.state_dict().items():
+        torch.testing.assert_close(v, want[k], rtol=1e-5, atol=1e-6)
+    assert st["steps_run"] == 3 and st["seconds_per_step"] > 0 and len(st["val_accuracy"]) >= 2
+    assert (tmp_path / "am.png").is_file()
