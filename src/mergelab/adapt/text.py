@@ -84,10 +84,12 @@ class TaskFolder:
     val_labels: list[int] | None = None
 
 
-def read_data_dir(path: str | Path, num_tasks: int, hidden_size: int | None = None) -> list[TaskFolder]:
+def read_data_dir(path: str | Path, num_tasks: int, hidden_size: int | None = None,
+                  model_paths: Sequence[str] | None = None) -> list[TaskFolder]:
     """`--data` folder: one sub-folder per task, in the order of the recipe's models (the order of
     `tasks.txt` if present, else sorted names), each with `inputs.txt` (one unlabelled text per
-    line), `head.safetensors` (`weight` [C, H], optional `bias` [C]) and optionally `val.tsv`
+    line), `head.safetensors` (`weight` [C, H], optional `bias` [C]; if absent, the one in the
+    task's model folder, as `mergelab bench` saves its fine-tunes) and optionally `val.tsv`
     (`label<TAB>text` per line, integer labels) for the validation-accuracy curve."""
     from safetensors.torch import load_file
     root = Path(path)
@@ -100,9 +102,11 @@ def read_data_dir(path: str | Path, num_tasks: int, hidden_size: int | None = No
     if len(names) != num_tasks:
         raise MergelabError(f"--data {root}: {len(names)} task folders for {num_tasks} models")
     tasks = []
-    for name in names:
+    for i, name in enumerate(names):
         d = root / name
         inp, hp = d / "inputs.txt", d / "head.safetensors"
+        if not hp.is_file() and model_paths is not None and (Path(model_paths[i]) / "head.safetensors").is_file():
+            hp = Path(model_paths[i]) / "head.safetensors"
         if not inp.is_file():
             raise MergelabError(f"{inp}: missing (one unlabelled text per line)")
         if not hp.is_file():
