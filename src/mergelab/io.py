@@ -1,7 +1,7 @@
 """The one place that reads and writes checkpoints.
 
-Reading is lazy: safetensors files are memory-mapped and each tensor is a zero-copy view until it is
-converted, so a merge holds a few tensors at a time, never a whole model. ``.bin`` files are read with
+Reading is lazy: a safetensors header is parsed up front and each tensor is read on demand with
+``pread``, so a merge holds a few tensors at a time, never a whole model. ``.bin`` files are read with
 ``torch.load(weights_only=True)`` only. Output shards are planned up front (names, shapes, dtypes are
 known from the base), their headers written first, and every tensor is written at its own offset as
 soon as it is merged: nothing waits in memory for a shard to fill, and workers may finish in any order.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import mmap
 import os
 import re
 import shutil
@@ -118,29 +117,30 @@ class SafetensorsFile:
                                     "size (truncated or corrupt file)")
             self.infos[name] = TensorInfo(dtype, shape)
             self.offsets[name] = (begin, end)
-        self._mmap: mmap.mmap | None = None
-
-    def _buffer(self) -> mmap.mmap:
-        if self._mmap is None:
-            with open(self.path, "rb") as f:
-                # copy-on-write mapping: writable for torch.frombuffer, never writes to the file
-                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        return self._mmap
+        self._fd: int | None = None
 
     def get(self, name: str) -> torch.Tensor:
+        """Read one tensor with ``pread`` into fresh memory: thread-safe, releases the GIL, and the
+        memory is freed with the tensor (a memory map would keep every page it touched resident)."""
         info = self.infos[name]
         begin, end = self.offsets[name]
-        if end == begin:
-            return torch.empty(info.shape, dtype=info.dtype)
-        flat = torch.frombuffer(self._buffer(), dtype=info.dtype, count=(end - begin) // _itemsize(info.dtype),
-                                offset=self.data_start + begin)
-        return flat.reshape(info.shape)
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        if end > begin:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            view = memoryview(buf.numpy())
+            done = 0
+            while done < end - begin:
+                n = os.preadv(self._fd, [view[done:]], self.data_start + begin + done)
+                if n <= 0:
+                    raise MergelabError(f"{self.path}: unexpected end of file reading tensor {name!r}")
+                done += n
+        return buf.view(info.dtype).reshape(info.shape)
 
     def close(self) -> None:
-        if self._mmap is not None:
-            with contextlib.suppress(BufferError):
-                self._mmap.close()
-            self._mmap = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -204,6 +204,11 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         f = self._files[self._where[name]]
         return f[name] if isinstance(f, dict) else f.get(name)
+
+    @property
+    def fresh_tensors(self) -> bool:
+        """True when ``get`` returns new memory (safetensors reads), so callers may modify it in place."""
+        return all(isinstance(f, SafetensorsFile) for f in self._files.values())
 
     def file_of(self, name: str) -> str:
         return self._where[name]

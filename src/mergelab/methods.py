@@ -191,31 +191,49 @@ def _normalize(default: bool):
 _DENSITY_HELP = "fraction of each task vector kept"
 
 
+def _stacked_deltas(job: TensorJob, sparsify: Callable[[torch.Tensor, dict, int], torch.Tensor],
+                    weighted: bool = True) -> torch.Tensor:
+    """``[T, *shape]`` of ``weight * sparsify(delta)`` (weights applied first: what the paper's trim sees)."""
+    out = torch.empty((len(job.models), *job.base.shape), dtype=job.base.dtype, device=job.base.device)
+    for i, (model, p) in enumerate(zip(job.models, job.model_params)):
+        row = torch.sub(model, job.base, out=out[i])
+        w = p.get("weight", 1.0)
+        if weighted and w != 1.0:
+            row.mul_(w)
+        result = sparsify(row, p, i)
+        if result is not row:
+            row.copy_(result)
+    return out
+
+
 def _stack_weighted(job: TensorJob, sparsify: Callable[[torch.Tensor, dict, int], torch.Tensor]) -> torch.Tensor:
-    """Stack ``weight * sparsify(delta)`` of every model: the paper semantics' task vectors."""
-    rows = []
-    for i, (delta, p) in enumerate(zip(job.deltas(), job.model_params)):
-        rows.append(sparsify(delta * p.get("weight", 1.0), p, i))
-    return torch.stack(rows)
+    return _stacked_deltas(job, sparsify, weighted=True)
 
 
 def _mergekit_mix(job: TensorJob, sparsify: Callable[[torch.Tensor, dict, int], torch.Tensor],
                   consensus: bool) -> torch.Tensor:
-    """mergekit 0.1.5 ``GeneralizedTaskArithmeticMerge.merge_group`` on float32 tensors."""
-    deltas = torch.stack([sparsify(d, p, i) for i, (d, p) in enumerate(zip(job.deltas(), job.model_params))])
+    """mergekit 0.1.5 ``GeneralizedTaskArithmeticMerge.merge_group`` on float32 tensors.
+
+    Sparsify each delta, multiply by its weight, then (with consensus) keep entries whose sign equals
+    the sign of the weighted sum (0 -> +1); mix = sum, divided by the sum of the kept weights if
+    ``normalize``; times ``lambda``.
+    """
+    deltas = _stacked_deltas(job, sparsify, weighted=False)
     weights = torch.tensor(job.weights(), dtype=deltas.dtype, device=deltas.device)
-    weights = weights.reshape(-1, *([1] * (deltas.dim() - 1)))
-    deltas.mul_(weights)
+    if bool((weights != 1).any()):
+        deltas.mul_(weights.reshape(-1, *([1] * (deltas.dim() - 1))))
     if consensus:
         sign = K.elect_sign(deltas, zero="positive")
-        mask = (deltas.sign() == sign).to(deltas.dtype)
-        mixed = (deltas * mask).sum(dim=0)
-        divisor = (weights * mask).sum(dim=0)
+        agreeing = deltas.mul_(sign).clamp_(min=0)          # |w delta| where signs agree, else 0
+        mixed = agreeing.sum(dim=0).mul_(sign)
+        mask = (agreeing > 0).to(deltas.dtype)
+        divisor = torch.tensordot(weights, mask, dims=1)
         divisor[divisor == 0] = 1
     else:
         mixed = deltas.sum(dim=0)
-        divisor = weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
+        divisor = weights.sum()
+        if divisor.abs() < 1e-8:
+            divisor = torch.ones_like(divisor)
     if job.params["normalize"]:
         mixed = mixed / divisor
     if job.params["lambda"] != 1:
