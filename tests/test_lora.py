@@ -13,7 +13,7 @@ from mergelab.engine import merge, merge_state_dicts
 from mergelab.errors import MergelabError
 from mergelab.io import load_state_dict, open_checkpoint
 from mergelab.lora import (LoraCheckpoint, is_adapter, load_adapter, lora_experts, merge_to_adapter,
-                           open_model)
+                           open_model, smile_expert_from_lora)
 
 from tests.helpers import VOCAB, tiny_bert_config, write_recipe
 
@@ -255,3 +255,16 @@ def test_cli_lora_merge(lora_world, tmp_path, capsys):
     assert args.func(args) == 0
     assert "rank 8" in capsys.readouterr().out
     assert is_adapter(tmp_path / "m")
+
+
+def test_smile_expert_from_lora_matches_dense_svd(lora_world):
+    root, base_dir, adapters, full = lora_world
+    (a, b, scaling), = [v for k, v in lora_experts(adapters[0], base_dir).items()
+                        if k == "encoder.layer.0.attention.self.query"]
+    dense = scaling * b @ a
+    u, s, vh = torch.linalg.svd(dense, full_matrices=False)
+    gate, ea, eb = smile_expert_from_lora(a, b, scaling, k=3, gate_k=2)
+    assert torch.allclose(eb @ ea, (u[:, :3] * s[:3]) @ vh[:3], atol=1e-5)        # rank-3 expert
+    assert torch.allclose(gate.abs(), vh[:2].abs(), atol=1e-4)                     # router rows up to sign
+    gate, ea, eb = smile_expert_from_lora(a, b, scaling, k=6, gate_k=6)           # beyond rank 4: zeros
+    assert torch.allclose(eb @ ea, dense, atol=1e-5) and not gate[4:].any() and not ea[4:].any()

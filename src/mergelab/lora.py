@@ -227,6 +227,11 @@ class LoraCheckpoint(Checkpoint):
     def file_of(self, name: str) -> str:
         return str(self.adapter.path)
 
+    @property
+    def fresh_tensors(self) -> bool:
+        """Adapted tensors are new memory; the others are the base's or the adapter file's."""
+        return self.base.fresh_tensors and self.adapter.weights.fresh_tensors
+
     def get(self, name: str) -> torch.Tensor:
         ad = self.adapter
         if name in ad.modules:
@@ -284,6 +289,27 @@ def lora_experts(adapter: str | Path | LoraAdapter, base: Checkpoint | str | Pat
     finally:
         if own:
             ad.close()
+
+
+def smile_expert_from_lora(a: torch.Tensor, b: torch.Tensor, scaling: float, k: int, gate_k: int
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SMILE's expert and router for ``dW = scaling * B @ A``, from the factors (no dense SVD).
+
+    Returns ``(gate [gate_k, d_in], expert_A [k, d_in], expert_B [d_out, k])`` as SMILE builds them from
+    ``svd(dW) = U S V^T`` (ALGORITHMS.md 5.1): gate = V[:, :gate_k]^T, expert_A = (S[:k] V[:, :k])^T,
+    expert_B = U[:, :k]. Beyond the adapter's rank the singular values are zero: those rows/columns are
+    zero here (a dense SVD would fill them with arbitrary null-space vectors).
+    """
+    u, s, vh = SK.factored_svd(b, a, scaling)
+    j = s.numel()
+    d_out, d_in = b.shape[0], a.shape[1]
+    gate = a.new_zeros(gate_k, d_in)
+    gate[: min(j, gate_k)] = vh[:gate_k]
+    expert_a = a.new_zeros(k, d_in)
+    expert_a[: min(j, k)] = (s[:, None] * vh)[:k]
+    expert_b = b.new_zeros(d_out, k)
+    expert_b[:, : min(j, k)] = u[:, :k]
+    return gate, expert_a, expert_b
 
 
 class _AnyBase(Checkpoint):
