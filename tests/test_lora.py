@@ -116,17 +116,17 @@ def _expected_merged(base_dir, full, method, params):
     return merge_state_dicts(load_state_dict(base_dir), full, method, params=params)
 
 
-def test_full_rank_adapter_reproduces_merged_model_through_peft(lora_world, tmp_path):
+@pytest.mark.parametrize("method,params", [("ties", {"density": 0.5}), ("tsv", {"alpha": 1.0})])
+def test_full_rank_adapter_reproduces_merged_model_through_peft(lora_world, tmp_path, method, params):
     root, base_dir, adapters, full = lora_world
-    params = {"density": 0.5}
-    recipe = write_recipe(tmp_path / "r.yaml", base_dir, adapters, "ties", params)
+    recipe = write_recipe(tmp_path / "r.yaml", base_dir, adapters, method, params)
     summary = merge_to_adapter(recipe, tmp_path / "merged", rank=32)
     assert summary.max_relative_error < 1e-6 and summary.modules == 2 * 3 + 1   # q, k, v per layer + embeddings
     config = json.loads((tmp_path / "merged" / "adapter_config.json").read_text())
     assert config["r"] == 32 and config["lora_alpha"] == 32
     peft_model = PeftModel.from_pretrained(BertModel.from_pretrained(base_dir, attn_implementation="eager"),
                                            tmp_path / "merged").eval()
-    expected_sd = _expected_merged(base_dir, full, "ties", params)
+    expected_sd = _expected_merged(base_dir, full, method, params)
     reference = BertModel(tiny_bert_config()).eval()
     reference.load_state_dict(expected_sd)
     with torch.no_grad():

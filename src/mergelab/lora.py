@@ -352,6 +352,33 @@ class _AnyBase(Checkpoint):
         return TensorInfo(torch.float32, self._shapes[name])
 
 
+class _Subset(Checkpoint):
+    """A view of a checkpoint restricted to some tensor names."""
+
+    def __init__(self, inner: Checkpoint, names: list[str]):
+        super().__init__(inner.path, {}, {})
+        self.inner, self.names = inner, [n for n in inner.keys() if n in set(names)]
+
+    def keys(self) -> list[str]:
+        return list(self.names)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+    def info(self, name: str) -> TensorInfo:
+        return self.inner.info(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.inner.get(name)
+
+    @property
+    def fresh_tensors(self) -> bool:
+        return self.inner.fresh_tensors
+
+    def close(self) -> None:
+        pass
+
+
 # ---------------------------------------------------------------- merged adapter of a chosen rank
 
 @dataclass
@@ -430,8 +457,13 @@ def merge_to_adapter(recipe, out_dir: str | Path, rank: int, *, force: bool = Fa
                 if prev.transpose != lm.transpose or prev.embedding != lm.embedding:
                     raise MergelabError(f"{ad.path}: module {lm.module!r} has a different layout than in "
                                         f"{adapters[0].path}")
-        models = [LoraCheckpoint(ad, base) for ad in adapters]
+        models: list[Checkpoint] = [LoraCheckpoint(ad, base) for ad in adapters]
         check_structure(base, models, recipe.base_model, [m.path for m in recipe.models])
+        merge_base: Checkpoint = base
+        if method.global_trim is None or method.global_trim(g, per, recipe.compat) is None:
+            # every tensor no adapter touches merges to the base: only a whole-model trim (TIES) needs them
+            merge_base = _Subset(base, list(targets))
+            models = [_Subset(m, list(targets)) for m in models]
 
         factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         lock = threading.Lock()
@@ -465,7 +497,7 @@ def merge_to_adapter(recipe, out_dir: str | Path, rank: int, *, force: bool = Fa
             return merged
 
         wrapped = dataclasses.replace(method, merge_tensor=merge_tensor)
-        run_merge(wrapped, base, models, g, per, recipe.compat, lambda name, t: None, out_dtype=torch.float32,
+        run_merge(wrapped, merge_base, models, g, per, recipe.compat, lambda name, t: None, out_dtype=torch.float32,
                   device=device or "cpu", threads=threads, progress=progress,
                   labels=[m.path for m in recipe.models], base_label=recipe.base_model)
         if changed:
