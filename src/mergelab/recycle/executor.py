@@ -62,6 +62,9 @@ class RayExecutor:
                 if address:
                     ray.init(address=address, runtime_env={"env_vars": env}, **kwargs)
                 else:
+                    # Ray nices its workers (15) by default; here they do all the work, so keep them
+                    # at the priority of the command that started them
+                    env["RAY_worker_niceness"] = "0"
                     old = {k: os.environ.get(k) for k in env}
                     os.environ.update(env)          # inherited by the local workers
                     try:
