@@ -216,7 +216,7 @@ def test_resume_after_killed_run(tiny, tmp_path):
             "from mergelab.recycle import load_config, run_recycle;"
             "run_recycle(load_config(%r), %r)") % (SRC, str(root / "recipe.yaml"), str(out))
     proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.time() + 60
+    deadline = time.time() + 180
     try:
         while time.time() < deadline and proc.poll() is None:
             if len(list(work.glob("runs/t*/done.json"))) >= 1:
