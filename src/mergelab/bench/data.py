@@ -281,20 +281,26 @@ def split_balanced(examples: Sequence[tuple[str, str]], classes: Sequence[str],
                    sizes: Sequence[int], seed: int = 0) -> list[list[tuple[str, int]]]:
     """Deterministic, disjoint, class-balanced splits.
 
-    Texts are de-duplicated first (so no text can be in two splits), each class is shuffled with
+    Texts are de-duplicated first, case-insensitively (so no text can be in two splits; a text
+    found under two labels is dropped), each class is shuffled with
     ``seed``, and every split (in the order given: put test first so that it is filled first) draws
     round-robin over the classes' remaining examples: balanced where the data allows, filled from
     the larger classes when a class runs out.  Returns one list of ``(text, class_index)`` per split.
     """
     index = {c: i for i, c in enumerate(classes)}
     pools: dict[int, list[str]] = {i: [] for i in range(len(classes))}
-    seen: set[str] = set()
+    labels_of: dict[str, set[str]] = {}
+    first: dict[str, str] = {}
     for text, label in examples:
         key = text.casefold()
-        if label not in index or key in seen:
-            continue
-        seen.add(key)
-        pools[index[label]].append(text)
+        labels_of.setdefault(key, set()).add(label)
+        if key not in first or text < first[key]:
+            first[key] = text  # the same representative whatever the input order
+    for key, labels in labels_of.items():
+        if len(labels) == 1:  # a text listed under two labels is ambiguous: dropped
+            (label,) = labels
+            if label in index:
+                pools[index[label]].append(first[key])
     rng = random.Random(seed)
     for i in pools:
         pools[i].sort()  # independent of file order

@@ -91,8 +91,9 @@ def order_text(checks: list[dict[str, Any]]) -> str:
 
 
 def timings_table(result: dict) -> str:
-    lines = ["| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in result["timings"].items()]
+    cpu = result.get("cpu_timings", {})
+    lines = ["| stage | wall s | CPU s (this process) |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.1f} | {cpu.get(k, float('nan')):.1f} |" for k, v in result["timings"].items()]
     return "\n".join(lines)
 
 

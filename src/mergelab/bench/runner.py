@@ -25,6 +25,22 @@ from mergelab.bench.suite import MethodSpec, Protocol, Suite
 from mergelab.errors import MergelabError
 
 
+class _Timer(dict):
+    """Wall-clock seconds per stage, plus this process's CPU seconds under ``cpu/<stage>``
+    (CPU time does not grow when other processes share the cores)."""
+
+    def start(self) -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
+
+    def stop(self, name: str, t0: tuple[float, float]) -> None:
+        self[name] = time.perf_counter() - t0[0]
+        self.cpu[name] = time.process_time() - t0[1]
+
+    def __init__(self):
+        super().__init__()
+        self.cpu: dict[str, float] = {}
+
+
 class _NullBar:
     def update(self, n: int = 1) -> None:
         pass
@@ -175,7 +191,7 @@ def prepare_models(suite: Suite, tasks: TaskPool, cache_dir: Path | None = None,
     ``head.safetensors``); those are used as they are.  Everything else is trained with the suite's
     protocol and cached under ``cache_dir/<task>-<key>/``: a second run does not retrain.
     """
-    timings = timings if timings is not None else {}
+    timings = timings if timings is not None else _Timer()
     p = suite.protocol
     encoder, tokenizer = base if base is not None else train.load_base_encoder()
     encoder.eval()
@@ -188,32 +204,32 @@ def prepare_models(suite: Suite, tasks: TaskPool, cache_dir: Path | None = None,
     for name in tasks.names:
         if name in user_models:
             folder = Path(user_models[name])
-            t0 = time.perf_counter()
+            t0 = timings.start()
             heads[name] = load_head(folder)
             finetuned[name] = load_finetuned_state(folder)
             paths[name] = str(folder)
-            timings[f"load fine-tune {name}"] = time.perf_counter() - t0
+            timings.stop(f"load fine-tune {name}", t0)
             continue
         folder = cache_dir / f"{name}-{finetune_cache_key(tasks.tasks[name], p, base_id)}"
         paths[name] = str(folder)
         if (folder / "meta.json").exists():
-            t0 = time.perf_counter()
+            t0 = timings.start()
             heads[name] = load_head(folder)
             finetuned[name] = load_finetuned_state(folder)
-            timings[f"load cached fine-tune {name}"] = time.perf_counter() - t0
+            timings.stop(f"load cached fine-tune {name}", t0)
         else:
             todo.append(name)
     for name in todo:
         td, seqs = tasks.tasks[name], tasks.seqs[name]
         folder = Path(paths[name])
-        t0 = time.perf_counter()
+        t0 = timings.start()
         bar = progress(f"probe {name}", len(seqs["train"]))
         z = train.embed(encoder, seqs["train"], pad_id=pad, progress=bar.update)
         bar.close()
         head = train.train_linear_probe(z, td.train.labels, len(td.classes),
                                         weight_decay=p.probe_weight_decay, seed=p.seed)
-        timings[f"probe {name}"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        timings.stop(f"probe {name}", t0)
+        t0 = timings.start()
         work = copy.deepcopy(encoder)
         epochs = p.steps / max(1, -(-len(seqs["train"]) // p.batch_size))
         bar = progress(f"fine-tune {name}", p.steps)
@@ -221,8 +237,8 @@ def prepare_models(suite: Suite, tasks: TaskPool, cache_dir: Path | None = None,
                        batch_size=p.batch_size, weight_decay=p.weight_decay, warmup=p.warmup,
                        seed=p.seed, pad_id=pad, progress=bar.update)
         bar.close()
-        dt = time.perf_counter() - t0
-        timings[f"fine-tune {name}"] = dt
+        timings.stop(f"fine-tune {name}", t0)
+        dt = timings[f"fine-tune {name}"]
         save_finetuned(folder, work, tokenizer, head,
                        {"task": name, "classes": td.classes, "protocol": asdict(p),
                         "sizes": td.sizes(), "base": base_id, "train_seconds": round(dt, 1)})
@@ -291,16 +307,44 @@ def _summary(results: Mapping[str, EvalResult], individual: Mapping[str, EvalRes
     return row
 
 
-def build_method(spec: MethodSpec, models: ModelPool, tasks: TaskPool, params: dict) -> Built:
-    """Turn one method setting into an evaluable model (a registry merge or a builder call)."""
-    if spec.builder is not None:
-        return spec.builder(models, tasks, dict(params))
+# Registry methods whose result is theta0 + lambda * tau(other params): a lambda grid needs one merge.
+LAMBDA_LINEAR = {"task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear"}
+
+
+def merge_encoder_state(spec: MethodSpec, models: ModelPool, names: Sequence[str],
+                        params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Merged encoder state dict of a registry method (paper semantics)."""
     from mergelab import merge_state_dicts  # the core; imported here so data/training work without it
 
-    sds = [models.finetuned[n] for n in tasks.names]
-    merged = merge_state_dicts(models.base_sd, sds, method=spec.method, params=dict(params),
-                               compat="paper")
-    return models.encoder(merged)
+    sds = [models.finetuned[n] for n in names]
+    return merge_state_dicts(models.base_sd, sds, method=spec.method, params=dict(params),
+                             compat="paper")
+
+
+def rescale_lambda(base_sd: Mapping[str, torch.Tensor], merged_at_1: Mapping[str, torch.Tensor],
+                   lam: float) -> dict[str, torch.Tensor]:
+    """theta0 + lam * (merged(lambda=1) - theta0): exact for the LAMBDA_LINEAR methods."""
+    return {k: (base_sd[k] + lam * (v - base_sd[k])) if v.is_floating_point() else v
+            for k, v in merged_at_1.items()}
+
+
+def build_method(spec: MethodSpec, models: ModelPool, tasks: TaskPool, params: dict,
+                 _memo: dict | None = None) -> Built:
+    """Turn one method setting into an evaluable model (a registry merge or a builder call).
+
+    For LAMBDA_LINEAR methods the merge at lambda = 1 is memoised in ``_memo`` per setting of the
+    other parameters, so a lambda sweep costs one merge.
+    """
+    if spec.builder is not None:
+        return spec.builder(models, tasks, dict(params))
+    if spec.method in LAMBDA_LINEAR and "lambda" in params and _memo is not None:
+        rest = {k: v for k, v in params.items() if k != "lambda"}
+        key = json.dumps(rest, sort_keys=True, default=str)
+        if key not in _memo:
+            _memo.clear()  # keep one merged state dict in memory at a time
+            _memo[key] = merge_encoder_state(spec, models, tasks.names, {**rest, "lambda": 1.0})
+        return models.encoder(rescale_lambda(models.base_sd, _memo[key], float(params["lambda"])))
+    return models.encoder(merge_encoder_state(spec, models, tasks.names, params))
 
 
 def run_benchmark(suite: Suite, cache_dir: Path | None = None, threads: int | None = 2,
@@ -311,28 +355,28 @@ def run_benchmark(suite: Suite, cache_dir: Path | None = None, threads: int | No
     """Run the whole benchmark and return a JSON-ready result dict (see report.write_report)."""
     if threads:
         torch.set_num_threads(threads)
-    timings: dict[str, float] = {}
-    t_all = time.perf_counter()
+    timings = _Timer()
+    t_all = timings.start()
     methods = list(methods if methods is not None else suite.methods)
 
-    t0 = time.perf_counter()
+    t0 = timings.start()
     if base is None:
         base = train.load_base_encoder(base_path)
     base_id = base_path or "all-MiniLM-L6-v2"
-    timings["load base model"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    timings.stop("load base model", t0)
+    t0 = timings.start()
     tasks = prepare_tasks(suite.tasks, suite.protocol, base[1], progress)
-    timings["load + tokenize data"] = time.perf_counter() - t0
+    timings.stop("load + tokenize data", t0)
     models = prepare_models(suite, tasks, cache_dir, base=base, base_id=base_id,
                             user_models=user_models, progress=progress, timings=timings)
 
     rows: dict[str, dict] = {}
     n_base = count_params(models.base)
-    t0 = time.perf_counter()
+    t0 = timings.start()
     base_test = evaluate_built(models.base, models, tasks, "test", progress=progress,
                                desc="test: base")
-    timings["test base"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    timings.stop("test base", t0)
+    t0 = timings.start()
     individual: dict[str, EvalResult] = {}
     bar_desc = "test: individual"
     for n in tasks.names:
@@ -340,7 +384,7 @@ def run_benchmark(suite: Suite, cache_dir: Path | None = None, threads: int | No
         individual.update(evaluate_built(enc, models, tasks, "test", [n], progress=progress,
                                          desc=f"{bar_desc} {n}"))
         del enc
-    timings["test individual"] = time.perf_counter() - t0
+    timings.stop("test individual", t0)
     rows["base"] = {**_summary(base_test, individual), "params": n_base, "kind": "reference"}
     rows["individual"] = {**_summary(individual, individual), "params": n_base * len(tasks.names),
                           "kind": "reference"}
@@ -351,11 +395,12 @@ def run_benchmark(suite: Suite, cache_dir: Path | None = None, threads: int | No
         settings = spec.settings()
         search = []
         best, best_score, best_model = None, -1.0, None
-        t0 = time.perf_counter()
+        memo: dict = {}
+        t0 = timings.start()
         bar = progress(f"search {spec.name} (val, {len(settings)} settings)", len(settings))
         for params in settings:
             t1 = time.perf_counter()
-            model = build_method(spec, models, tasks, params)
+            model = build_method(spec, models, tasks, params, memo)
             t_build = time.perf_counter() - t1
             if len(settings) == 1:
                 score, per_task = float("nan"), {}
@@ -371,18 +416,19 @@ def run_benchmark(suite: Suite, cache_dir: Path | None = None, threads: int | No
                 del model
             bar.update(1)
         bar.close()
-        timings[f"search {spec.name}"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        memo.clear()
+        timings.stop(f"search {spec.name}", t0)
+        t0 = timings.start()
         test = evaluate_built(best_model, models, tasks, "test", progress=progress,
                               desc=f"test: {spec.name}")
-        timings[f"test {spec.name}"] = time.perf_counter() - t0
+        timings.stop(f"test {spec.name}", t0)
         rows[spec.name] = {**_summary(test, individual), "params": count_params(best_model),
                            "kind": "method", "method": spec.method or "builder",
                            "chosen": best, "grid": spec.grid, "fixed": spec.params,
                            "search": search}
         correct[spec.name] = {n: r.correct for n, r in test.items()}
         del best_model
-    timings["total"] = time.perf_counter() - t_all
+    timings.stop("total", t_all)
     return {
         "suite": suite.name, "description": suite.description, "tasks": tasks.names,
         "task_info": {n: {"classes": td.classes, "sizes": td.sizes(), "available": td.available,
@@ -390,4 +436,5 @@ def run_benchmark(suite: Suite, cache_dir: Path | None = None, threads: int | No
         "protocol": asdict(suite.protocol), "threads": threads, "base": base_id,
         "finetuned_paths": models.paths, "rows": rows, "correct": correct,
         "timings": {k: round(v, 2) for k, v in timings.items()},
+        "cpu_timings": {k: round(v, 2) for k, v in timings.cpu.items()},
     }

@@ -27,12 +27,12 @@ class Protocol:
     """
 
     n_train: int = 2000
-    n_val: int = 300
-    n_test: int = 1000
-    max_len: int = 64
+    n_val: int = 200
+    n_test: int = 600
+    max_len: int = 40
     batch_size: int = 32
-    steps: int = 150
-    lr: float = 2e-4
+    steps: int = 60
+    lr: float = 3e-4
     weight_decay: float = 0.01
     warmup: float = 0.1
     probe_weight_decay: float = 1e-4
@@ -84,17 +84,19 @@ class Suite:
 
 
 def default_methods() -> list[MethodSpec]:
-    """The literature's data-free merges with small validation grids around their defaults."""
+    """The literature's data-free merges with small validation grids around their defaults.
+
+    Lambda grids cost one merge per setting of the other parameters (see runner.LAMBDA_LINEAR).
+    """
     return [
         MethodSpec("average", "average"),
         MethodSpec("task_arithmetic", "task_arithmetic",
-                   grid={"lambda": [0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0]}),
-        MethodSpec("ties", "ties", grid={"density": [0.1, 0.2, 0.4], "lambda": [0.6, 0.8, 1.0, 1.3]},
+                   grid={"lambda": [0.2, 0.3, 0.4, 0.5, 0.7, 1.0]}),
+        MethodSpec("ties", "ties", grid={"density": [0.1, 0.2], "lambda": [0.7, 1.0, 1.3]},
                    params={"merge": "mean", "trim_scope": "global"}),
-        MethodSpec("breadcrumbs", "breadcrumbs",
-                   grid={"keep": [0.1, 0.2], "lambda": [0.3, 0.5, 0.7, 1.0]},
+        MethodSpec("breadcrumbs", "breadcrumbs", grid={"keep": [0.1], "lambda": [0.3, 0.5, 0.7, 1.0]},
                    params={"top_remove": 0.01}),
-        MethodSpec("dare_ties", "dare_ties", grid={"density": [0.2, 0.5], "lambda": [0.6, 0.8, 1.0, 1.3]},
+        MethodSpec("dare_ties", "dare_ties", grid={"density": [0.3], "lambda": [0.7, 1.0, 1.3]},
                    params={"seed": 0}),
     ]
 
@@ -106,7 +108,7 @@ SUITES: dict[str, Callable[[], Suite]] = {
                            "six Debian-corpus text tasks on all-MiniLM-L6-v2"),
     "demo": lambda: Suite(
         "demo", ["fortune_lang", "gcide", "wordnet_verb"],
-        Protocol(n_train=640, n_val=150, n_test=400, steps=60, max_len=48),
+        Protocol(n_train=640, n_val=120, n_test=300, steps=30, max_len=40),
         [MethodSpec("average", "average"),
          MethodSpec("task_arithmetic", "task_arithmetic", grid={"lambda": [0.3, 0.5, 0.8]}),
          MethodSpec("ties", "ties", grid={"density": [0.2], "lambda": [0.8, 1.0, 1.3]},
