@@ -89,7 +89,8 @@ def prepare_data(cfg: RecycleConfig, base: str, work: Path, bundle: Mapping | No
         except (OSError, ValueError) as e:
             raise MergelabError(f"{cfg.data}: cannot read the data bundle: {e}") from None
     if bundle is None:
-        recipe = {"target": cfg.target, "aux": cfg.aux_tasks, "aux_n_train": cfg.aux_n_train,
+        from mergelab.recycle.text import BUILDER_VERSION
+        recipe = {"builder": BUILDER_VERSION, "target": cfg.target, "aux": cfg.aux_tasks, "aux_n_train": cfg.aux_n_train,
                   "aux_n_val": cfg.aux_n_val, "max_length": cfg.max_length, "base": base}
         if path.is_file():
             try:

@@ -26,6 +26,7 @@ WORDNET_DOMAIN_ROOTS = {
     "medicine": ["06043075", "00612160"],
     "music": ["07020895", "00543233", "05718935", "05718556"],
 }
+BUILDER_VERSION = 1   # bump when the splits built from the same recipe change
 TARGET_CLASSES = ["law", "military", "chemistry", "medicine", "music"]
 DESCRIPTION = ("subject domain of a definition: GCIDE (Webster 1913) senses in distribution, "
                "WordNet 3.0 glosses with the same topic domain out of distribution")

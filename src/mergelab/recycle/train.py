@@ -155,7 +155,7 @@ def train_classifier(model: Classifier, train: Split, val: Split, hp: Mapping, s
             step = step0 + i + 1
             if progress:
                 progress(step, total)
-            if evaluate and (step % eval_every == 0 or i == n - 1):
+            if evaluate and ((i + 1) % eval_every == 0 or i == n - 1):
                 acc, _ = accuracy(model, val, pad_id)
                 history.append({"step": step, "loss": loss.item(), "val_acc": acc,
                                 "seconds": round(time.perf_counter() - t0, 2)})
