@@ -240,16 +240,22 @@ def test_resume_after_killed_run(tiny, tmp_path):
     assert [m["members"] for m in results["methods"]] == [m["members"] for m in local["methods"]]
 
 
-def test_cli_recycle(tiny, tmp_path, capsys):
+def test_cli_recycle(tiny, local_run, tmp_path, capsys):
     import argparse
+    import shutil
     from mergelab.cli_recycle import add_parser
     root, _ = tiny
+    # an interrupted earlier attempt left finished runs in the work folder: the CLI reuses them all
+    shutil.copytree(local_run[0] / "runs", tmp_path / ".o.work" / "runs")
+    (tmp_path / ".o.work" / "runs" / "probe" / "done.json").unlink()     # ... but not the probe
     parser = argparse.ArgumentParser(prog="mergelab")
     add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["recycle", str(root / "recipe.yaml"), str(tmp_path / "o"), "--executor", "local",
                               "--quiet"])
     assert args.func(args) == 0
-    assert "| Ratatouille | greedy |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| Ratatouille | greedy |" in out and "(0 trained now)" in out
+    assert (tmp_path / "o" / "report.md").read_text() .count("(resumed)") == 6
     args = parser.parse_args(["recycle", str(root / "recipe.yaml"), str(tmp_path / "o"), "--quiet"])
     with pytest.raises(MergelabError, match="already exists"):
         args.func(args)
