@@ -8,7 +8,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
