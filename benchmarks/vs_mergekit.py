@@ -364,11 +364,20 @@ def find_py_spy(venv: Path) -> str | None:
     return None
 
 
+IDLE_FRAMES = ("Condition.wait ", "Event.wait ", "Thread.join ", "_worker (concurrent/futures/thread.py",
+               "wait (concurrent/futures/_base.py", "select ", "sleep ")
+
+
 def summarize_profile(raw: Path, top: int = 20) -> str:
-    """Self and inclusive time per Python function from py-spy's collapsed-stack output."""
+    """Self and inclusive time per Python function from py-spy's collapsed-stack output.
+
+    Percentages are of busy samples: stacks whose innermost frame is a thread waiting for work
+    (thread-pool queue, futures, conditions) are counted apart as idle. Native code called from a
+    Python line (torch ops, pread) is charged to that line.
+    """
     self_t: dict[str, int] = {}
     incl: dict[str, int] = {}
-    total = 0
+    busy = idle = 0
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, n = line.rpartition(" ")
         if not stack or not n.isdigit():
@@ -377,18 +386,24 @@ def summarize_profile(raw: Path, top: int = 20) -> str:
         frames = [f.strip() for f in stack.split(";")[1:]]   # first entry is the thread/process
         if not frames:
             continue
-        total += n
+        if frames[-1].startswith(IDLE_FRAMES):
+            idle += n
+            continue
+        busy += n
         self_t[frames[-1]] = self_t.get(frames[-1], 0) + n
         for f in set(frames):
             incl[f] = incl.get(f, 0) + n
-    if not total:
-        return "(no samples)"
-    out = [f"{total} samples (all threads, idle included)", "", "self %  function"]
+    if not busy:
+        return "(no busy samples)"
+    out = [f"{busy} busy samples at 50 Hz over all threads ({idle} idle samples not shown)", "",
+           "self %  function (file:line)"]
     for f, n in sorted(self_t.items(), key=lambda kv: -kv[1])[:top]:
-        out.append(f"{100 * n / total:6.1f}  {f}")
-    out += ["", "incl %  function"]
-    for f, n in sorted(incl.items(), key=lambda kv: -kv[1])[:top]:
-        out.append(f"{100 * n / total:6.1f}  {f}")
+        out.append(f"{100 * n / busy:6.1f}  {f}")
+    out += ["", "incl %  function (file:line)"]
+    skip = ("Thread.", "_bootstrap", "<module>", "_run_module", "run (threading", "_worker ")
+    rows = [(f, n) for f, n in incl.items() if not f.startswith(skip)]
+    for f, n in sorted(rows, key=lambda kv: -kv[1])[:top]:
+        out.append(f"{100 * n / busy:6.1f}  {f}")
     return "\n".join(out)
 
 
@@ -415,16 +430,23 @@ def compare_exact(a_dir: Path, b_dir: Path) -> dict:
     a, b = Ckpt(a_dir), Ckpt(b_dir)
     ka, kb = set(a.keys()), set(b.keys())
     per, worst, worst_name, dtypes = {}, 0.0, None, set()
+    n_diff, n_total, n_diff_tensors = 0, 0, 0
     for k in sorted(ka & kb):
         x, y = a.get(k), b.get(k)
         dtypes.add((str(x.dtype), str(y.dtype)))
         if x.shape != y.shape:
             per[k] = float("inf")
         else:
-            per[k] = float((x.float() - y.float()).abs().max()) if x.numel() else 0.0
+            diff = (x.float() - y.float()).abs()
+            per[k] = float(diff.max()) if x.numel() else 0.0
+            nd = int((diff > 1e-6).sum())
+            n_diff += nd
+            n_diff_tensors += nd > 0
+            n_total += x.numel()
         if per[k] > worst or worst_name is None:
             worst, worst_name = per[k], k
     return {"max_abs_diff": worst, "worst_tensor": worst_name, "n_tensors": len(ka & kb),
+            "entries_over_1e-6": n_diff, "tensors_over_1e-6": n_diff_tensors, "n_entries": n_total,
             "only_in_mergekit": sorted(ka - kb), "only_in_mergelab": sorted(kb - ka),
             "dtypes": sorted(map(list, dtypes)), "per_tensor": per}
 
@@ -477,6 +499,9 @@ def make_table(rows: list[dict]) -> str:
         agr = r.get("agreement") or {}
         if "max_abs_diff" in agr:
             a = f"max abs diff {agr['max_abs_diff']:.2e}"
+            if agr.get("entries_over_1e-6"):
+                a += (f" ({agr['entries_over_1e-6']} of {agr['n_entries']:,} entries > 1e-6, in "
+                      f"{agr['tensors_over_1e-6']} of {agr['n_tensors']} tensors)")
             if agr.get("only_in_mergekit") or agr.get("only_in_mergelab"):
                 a += " (key sets differ)"
         elif "delta_norm_ratio" in agr:
@@ -537,7 +562,7 @@ def parse_args(argv=None):
     ap.add_argument("--mergekit-args", default="--lazy-unpickle --no-copy-tokenizer "
                     "--no-write-model-card --quiet",
                     help="extra mergekit-yaml options (besides -j THREADS and --random-seed)")
-    ap.add_argument("--mergelab-args", default="", help="extra options for mergelab merge")
+    ap.add_argument("--mergelab-args", default="--quiet", help="extra options for mergelab merge")
     ap.add_argument("--no-install", action="store_true",
                     help="fail instead of installing mergekit when its venv is missing")
     ap.add_argument("--keep-outputs", action="store_true",
