@@ -164,20 +164,25 @@ def write_checkpoint(path: Path, cfg, layout, make_tensor, dtype, n_shards: int 
 def generate(workdir: Path, size: str, n_models: int, delta: str, delta_scale: float,
              delta_density: float, dtype: str, seed: int, log) -> dict:
     """Generate (or reuse) base + fine-tunes; returns {'dir', 'base', 'models', 'n_params'}."""
-    import torch
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    cfg, layout = llama_layout(size)
-    n_params = sum(math.prod(s) for _, s in layout)
     spec = dict(size=size, config=llama_shape_for(size), n_models=n_models, delta=delta,
                 delta_scale=delta_scale, delta_density=delta_density if delta == "sparse" else None,
-                dtype=dtype, seed=seed, n_params=n_params, generator=1)
+                dtype=dtype, seed=seed, generator=1)
     tag = f"{size}-{dtype}-{delta}-s{seed}"
     d = workdir / "ckpt" / tag
     marker = d / "spec.json"
     names = ["base"] + [f"ft{m + 1}" for m in range(n_models)]
-    if marker.exists() and json.loads(marker.read_text()) == spec:
+    prev = json.loads(marker.read_text()) if marker.exists() else {}
+    if "spec" not in prev:   # first format: the spec with n_params inside
+        prev = {"spec": {k: v for k, v in prev.items() if k != "n_params"},
+                "n_params": prev.get("n_params")}
+    if prev["spec"] == spec and prev["n_params"]:
+        n_params = prev["n_params"]
         log(f"checkpoints: reusing {d}")
     else:
+        import torch
+        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+        cfg, layout = llama_layout(size)
+        n_params = sum(math.prod(s) for _, s in layout)
         d.mkdir(parents=True, exist_ok=True)
         marker.unlink(missing_ok=True)
         t0 = time.perf_counter()
@@ -191,7 +196,7 @@ def generate(workdir: Path, size: str, n_models: int, delta: str, delta_scale: f
                     return b.add_(_delta_tensor(seed, m, i, s, delta, delta_scale, delta_density))
             write_checkpoint(d / name, cfg, layout, make, dtype)
             log(f"checkpoints: wrote {d / name} ({time.perf_counter() - t0:.1f}s)")
-        marker.write_text(json.dumps(spec, indent=2))
+        marker.write_text(json.dumps({"spec": spec, "n_params": n_params}, indent=2))
     return dict(dir=d, base=d / "base", models=[d / n for n in names[1:]], n_params=n_params,
                 spec=spec)
 
