@@ -21,6 +21,7 @@ The benchmark is not part of the test suite; tests/test_vs_mergekit_smoke.py run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -302,54 +303,85 @@ def warm_read(paths) -> float:
     return time.perf_counter() - t0
 
 
-def _rss_sampler(pid: int, out: dict, stop: threading.Event, period: float = 0.02):
-    peak_anon = peak_rss = 0
-    status = f"/proc/{pid}/status"
+# A small wrapper process spawns the measured command and reports its rusage. Measuring a child of
+# this (large) Python process directly would be wrong: on Linux a child's ru_maxrss starts from the
+# parent's peak RSS (vfork/exec carries the old mm's high-water mark), e.g. 800 MB for `sleep`.
+_WRAPPER = r"""
+import json, os, sys, time
+t0 = time.perf_counter()
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+_, st, ru = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump({"rc": os.waitstatus_to_exitcode(st), "wall_s": time.perf_counter() - t0,
+               "maxrss_kb": ru.ru_maxrss, "user_s": ru.ru_utime, "sys_s": ru.ru_stime}, f)
+"""
+
+
+def _child_pid(pid: int) -> int | None:
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return int(kids[0]) if kids else None
+    except (OSError, ValueError):
+        return None
+
+
+def _rss_sampler(wrapper_pid: int, out: dict, stop: threading.Event, period: float = 0.02):
+    """Peak RssAnon and VmHWM of the measured process (the wrapper's child), every ``period`` s."""
+    peak_anon = hwm = 0
+    pid = None
     while not stop.is_set():
-        try:
-            with open(status) as f:
-                for line in f:
-                    if line.startswith("RssAnon:"):
-                        peak_anon = max(peak_anon, int(line.split()[1]))
-                    elif line.startswith("VmRSS:"):
-                        peak_rss = max(peak_rss, int(line.split()[1]))
-        except (FileNotFoundError, ProcessLookupError, ValueError):
-            pass
+        if pid is None:
+            pid = _child_pid(wrapper_pid)
+            out["pid"] = pid
+        if pid is not None:
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith("RssAnon:"):
+                            peak_anon = max(peak_anon, int(line.split()[1]))
+                        elif line.startswith("VmHWM:"):
+                            hwm = max(hwm, int(line.split()[1]))
+            except (OSError, ValueError):
+                pass
         stop.wait(period)
     out["peak_anon_kb"] = peak_anon
-    out["sampled_rss_kb"] = peak_rss
+    out["sampled_hwm_kb"] = hwm
 
 
 def run_measured(cmd, env, log_path: Path, timeout: float | None = None) -> dict:
-    """Run cmd as a child process; wall time, CPU time and peak memory of that process."""
+    """Run cmd in a fresh process; its wall time, CPU time and peak memory (see _WRAPPER)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    res_path = log_path.with_suffix(".rusage.json")
+    res_path.unlink(missing_ok=True)
     with open(log_path, "w") as logf:
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT,
+        p = subprocess.Popen([sys.executable, "-S", "-c", _WRAPPER, str(res_path), *map(str, cmd)],
+                             env=env, stdout=logf, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL)
         samp, stop = {}, threading.Event()
         th = threading.Thread(target=_rss_sampler, args=(p.pid, samp, stop), daemon=True)
         th.start()
-        deadline = None if timeout is None else t0 + timeout
-        while True:
-            pid, status, ru = os.wait4(p.pid, os.WNOHANG)
-            if pid:
-                break
-            if deadline and time.perf_counter() > deadline:
-                p.kill()
-                pid, status, ru = os.wait4(p.pid, 0)
-                break
-            time.sleep(0.01)
-        wall = time.perf_counter() - t0
-        p.returncode = os.waitstatus_to_exitcode(status)
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            if samp.get("pid"):
+                with contextlib.suppress(OSError):
+                    os.kill(samp["pid"], 9)
+            p.wait()
+        outer = time.perf_counter() - t0
         stop.set()
         th.join()
+    try:
+        r = json.loads(res_path.read_text())
+    except (OSError, ValueError):
+        r = {"rc": p.returncode or -1, "wall_s": outer, "maxrss_kb": 0, "user_s": 0.0, "sys_s": 0.0}
     return {
-        "rc": p.returncode,
-        "wall_s": wall,
-        "user_s": ru.ru_utime,
-        "sys_s": ru.ru_stime,
-        "peak_rss_mb": ru.ru_maxrss / 1024,      # kB on Linux
+        "rc": r["rc"],
+        "wall_s": r["wall_s"],
+        "user_s": r["user_s"],
+        "sys_s": r["sys_s"],
+        "cpu_s": r["user_s"] + r["sys_s"],
+        "peak_rss_mb": r["maxrss_kb"] / 1024,       # ru_maxrss is in kB on Linux
         "peak_anon_mb": samp.get("peak_anon_kb", 0) / 1024,
         "log": str(log_path),
     }
@@ -498,7 +530,7 @@ def make_table(rows: list[dict]) -> str:
         speed = mk["wall_s"] / ml["wall_s"] if mk_ok and ml_ok else None
         mem = ml["peak_rss_mb"] / mk["peak_rss_mb"] if mk_ok and ml_ok else None
         for res in (mk, ml):
-            if res and "cpu_s" not in res:
+            if res and "cpu_s" not in res and "user_s" in res:
                 res["cpu_s"] = res["user_s"] + res["sys_s"]
         cpu = mk["cpu_s"] / ml["cpu_s"] if mk_ok and ml_ok and ml["cpu_s"] > 0 else None
         agr = r.get("agreement") or {}

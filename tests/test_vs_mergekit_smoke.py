@@ -71,6 +71,12 @@ def test_run_measured_reports_peak_memory(tmp_path):
     assert res["rc"] == 0
     assert res["peak_rss_mb"] > 300 and res["peak_anon_mb"] > 250
     assert res["wall_s"] >= 0.3
+    # the parent's own peak must not leak into the child's figure (Linux ru_maxrss after vfork/exec)
+    big = bytearray(400 * 2**20)
+    big[::4096] = b"y" * len(big[::4096])
+    small = vs.run_measured([sys.executable, "-c", "pass"], None, tmp_path / "l1.txt")
+    del big
+    assert small["peak_rss_mb"] < 100
     bad = vs.run_measured([sys.executable, "-c", "raise SystemExit(3)"], None, tmp_path / "l2.txt")
     assert bad["rc"] == 3
 
