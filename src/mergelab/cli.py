@@ -41,8 +41,22 @@ class TqdmProgress:
             bar.close()
 
 
+def _return_freed_memory_to_os() -> None:
+    """Large blocks from mmap and freed at once: glibc otherwise keeps freed tensor buffers of every
+    worker thread's arena, and the merge's peak memory would grow with the number of blocks merged."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)   # M_MMAP_THRESHOLD: 1 MiB
+        libc.mallopt(-1, 1 << 20)   # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from mergelab.engine import merge
+    _return_freed_memory_to_os()
     progress = TqdmProgress(args.quiet)
     try:
         summary = merge(args.recipe, args.out_dir, force=args.force, compat=args.compat, device=args.device,

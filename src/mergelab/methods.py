@@ -71,6 +71,11 @@ class TensorJob:
     model_params: list[dict[str, Any]]     # per model, with global values and defaults filled in
     compat: str = "paper"
     thresholds: list[float | None] | None = None   # whole-model trim thresholds per model (ties global)
+    # per-tensor magnitude thresholds per model, computed by the engine from ``Method.select`` over the
+    # WHOLE tensor, so that a block of rows can be merged on its own
+    selections: list[list[float | None]] | None = None
+    rows: tuple[int, int] | None = None            # the block of rows of the tensor this job holds
+    numel: int = 0                                 # elements of the whole tensor
 
     def deltas(self) -> list[torch.Tensor]:
         return [m - self.base for m in self.models]
@@ -81,7 +86,8 @@ class TensorJob:
     def generator(self, index: int) -> torch.Generator:
         """Per (seed, tensor, model) generator: DARE masks do not depend on thread order."""
         seed = int(self.params.get("seed", 0))
-        mixed = (seed * 1_000_003 + zlib.crc32(self.name.encode()) * 31 + index) % (2**63)
+        block = self.rows[0] if self.rows else 0
+        mixed = (seed * 1_000_003 + zlib.crc32(self.name.encode()) * 31 + index + block * 7919) % (2**63)
         return torch.Generator().manual_seed(mixed)
 
 
@@ -98,6 +104,13 @@ class Method:
     # densities per model for a whole-model trim, or None when no global pre-pass is needed
     global_trim: Callable[[dict, list[dict], str], list[float] | None] | None = None
     prepare: Callable[[dict, list[dict], str], None] | None = None
+    # per-tensor selections: for a tensor of n elements, the ranks k (1-based, k-th smallest magnitude
+    # of each model's delta; None = not needed) whose values the kernel needs as thresholds
+    select: Callable[[dict, list[dict], str, int], list[list[int | None]] | None] | None = None
+    # rank |weight * delta| (the paper semantics, which weight task vectors first) or |delta| (mergekit)
+    select_weighted: Callable[[str], bool] = lambda compat: compat != "mergekit"
+    # False when a kernel needs whole-tensor statistics the engine does not provide (merged unsplit)
+    chunkable: Callable[[dict, str], bool] = lambda params, compat: True
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
@@ -288,26 +301,36 @@ register(Method(
 
 # ---------------------------------------------------------------- TIES
 
+def _keep_band(delta: torch.Tensor, low: float | None, high: float | None) -> torch.Tensor:
+    if low is None and high is None:
+        return delta
+    mag = delta.abs()
+    keep = mag >= low if low is not None else mag <= high
+    if low is not None and high is not None:
+        keep &= mag <= high
+    return delta * keep
+
+
 def _ties_trimmer(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.Tensor]:
-    scope = job.params.get("trim_scope", "global")
+    """TIES trim of one (weighted) delta with the threshold of its scope (model, tensor or row)."""
+    scope = "per_tensor" if job.compat == "mergekit" else job.params.get("trim_scope", "global")
 
     def trim(delta: torch.Tensor, p: dict, i: int) -> torch.Tensor:
         density = p["density"]
-        if scope == "per_tensor":
-            return K.ties_trim(delta, density)
         if scope == "per_row":
             return K.ties_trim_rows(delta, density)
-        if density >= 1:
+        if density >= 1 or delta.numel() == 0:
             return delta
         if density <= 0:
             return torch.zeros_like(delta)
-        return K.trim_by_threshold(delta, job.thresholds[i])
+        threshold = job.thresholds[i] if scope == "global" else job.selections[i][0]
+        return K.trim_by_threshold(delta, threshold)
     return trim
 
 
 def _ties(job: TensorJob) -> torch.Tensor:
     if job.compat == "mergekit":
-        return _mergekit_mix(job, lambda d, p, i: K.topk_exact(d, p["density"]), consensus=True)
+        return _mergekit_mix(job, _ties_trimmer(job), consensus=True)
     trimmed = _stack_weighted(job, _ties_trimmer(job))
     sign = K.elect_sign(trimmed)
     return job.base + job.params["lambda"] * K.disjoint_merge(trimmed, sign, job.params["merge"])
@@ -317,6 +340,22 @@ def _ties_global_trim(params: dict, model_params: list[dict], compat: str) -> li
     if compat == "mergekit" or params.get("trim_scope") != "global":
         return None
     return [p["density"] for p in model_params]
+
+
+def _ties_select(params: dict, model_params: list[dict], compat: str, n: int) -> list[list[int | None]] | None:
+    """Per-tensor trim ranks: TIES code (kthvalue of n - int(n*d)) or mergekit (exactly max(1, int(d*n)) kept)."""
+    if compat != "mergekit" and params.get("trim_scope") != "per_tensor":
+        return None
+    ranks = []
+    for p in model_params:
+        d = p["density"]
+        if n == 0 or d >= 1 or d <= 0:
+            ranks.append([None])
+        elif compat == "mergekit":
+            ranks.append([n - max(1, int(d * n)) + 1])
+        else:
+            ranks.append([K.keep_count(n, d)])
+    return ranks
 
 
 _MERGE_MODE = Param("merge", str, "mean", "disjoint merge: mean (TIES paper), sum (FusionBench), max",
@@ -336,7 +375,7 @@ register(Method(
               choices=("global", "per_tensor", "per_row"), modes=("paper",)),
         _normalize(True),
     ),
-    merge_tensor=_ties, global_trim=_ties_global_trim,
+    merge_tensor=_ties, global_trim=_ties_global_trim, select=_ties_select,
 ))
 
 
@@ -344,7 +383,15 @@ register(Method(
 
 def _breadcrumbs_sparsify(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.Tensor]:
     if job.compat == "mergekit":
-        return lambda d, p, i: K.magnitude_band(d, p["keep"], p["top_remove"])
+        def band(delta: torch.Tensor, p: dict, i: int) -> torch.Tensor:
+            """mergekit's magnitude_outliers with the tensor's band limits from the engine."""
+            if p["keep"] >= 1:
+                return delta
+            if int(p["keep"] * job.numel) <= 0:
+                return torch.zeros_like(delta)
+            low, high = job.selections[i]
+            return _keep_band(delta, low, high)
+        return band
     return lambda d, p, i: K.breadcrumbs_rows(d, p["keep"], p["top_remove"])
 
 
@@ -361,6 +408,22 @@ def _breadcrumbs_ties(job: TensorJob) -> torch.Tensor:
     masked = _stack_weighted(job, _breadcrumbs_sparsify(job))
     sign = K.elect_sign(masked)
     return job.base + job.params["lambda"] * K.disjoint_merge(masked, sign, job.params["merge"])
+
+
+def _breadcrumbs_select(params: dict, model_params: list[dict], compat: str,
+                        n: int) -> list[list[int | None]] | None:
+    """mergekit's band over the whole tensor: ranks of the smallest kept and largest kept magnitude."""
+    if compat != "mergekit":
+        return None
+    ranks = []
+    for p in model_params:
+        target = int(p["keep"] * n)
+        if p["keep"] >= 1 or target <= 0:
+            ranks.append([None, None])
+            continue
+        n_bot = max(0, n - target - int(p["top_remove"] * n))
+        ranks.append([n_bot + 1 if n_bot > 0 else None, n_bot + target if n_bot + target < n else None])
+    return ranks
 
 
 def _check_band(params: dict, model_params: list[dict], compat: str) -> None:
@@ -390,13 +453,14 @@ register(Method(
     name="breadcrumbs",
     summary="per row, drop the largest outliers and the small deltas, add the rest",
     reference="Davari & Belilovsky ECCV 2024, arXiv 2312.06795",
-    params=_breadcrumbs_params(False), merge_tensor=_breadcrumbs, prepare=_check_band,
+    params=_breadcrumbs_params(False), merge_tensor=_breadcrumbs, prepare=_check_band, select=_breadcrumbs_select,
 ))
 register(Method(
     name="breadcrumbs_ties",
     summary="breadcrumbs masks, then TIES sign election and disjoint merge",
     reference="mergekit; Davari & Belilovsky 2024 + Yadav et al. 2023",
     params=_breadcrumbs_params(True), merge_tensor=_breadcrumbs_ties, prepare=_check_band,
+    select=_breadcrumbs_select,
 ))
 
 
@@ -429,6 +493,10 @@ def _dare_ties(job: TensorJob) -> torch.Tensor:
     return job.base + job.params["lambda"] * K.disjoint_merge(dropped, sign, job.params["merge"])
 
 
+def _dare_chunkable(params: dict, compat: str) -> bool:
+    return not (compat == "mergekit" and params.get("rescale"))   # L1 rescale needs whole-tensor norms
+
+
 def _dare_params(merge_mode: bool) -> tuple[Param, ...]:
     params = (
         _weight(),
@@ -446,13 +514,13 @@ register(Method(
     name="dare_linear", aliases=("dare",),
     summary="drop delta entries with probability p, rescale by 1/(1-p), task arithmetic",
     reference="Yu et al. ICML 2024, arXiv 2311.03099",
-    params=_dare_params(False), merge_tensor=_dare_linear,
+    params=_dare_params(False), merge_tensor=_dare_linear, chunkable=_dare_chunkable,
 ))
 register(Method(
     name="dare_ties",
     summary="DARE drop and rescale, then TIES sign election and disjoint merge",
     reference="Yu et al. ICML 2024 + Yadav et al. NeurIPS 2023",
-    params=_dare_params(True), merge_tensor=_dare_ties,
+    params=_dare_params(True), merge_tensor=_dare_ties, chunkable=_dare_chunkable,
 ))
 
 
@@ -468,4 +536,5 @@ register(Method(
     reference="Jang, Yun & Han ECCV 2024, arXiv 2403.19522",
     params=(Param("filter_wise", bool, False, "one interpolation ratio per row instead of per tensor"),),
     merge_tensor=_model_stock, min_models=2,
+    chunkable=lambda params, compat: False,          # the angle between fine-tunings needs whole tensors
 ))
