@@ -21,6 +21,7 @@ The benchmark is not part of the test suite; tests/test_vs_mergekit_smoke.py run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -164,20 +165,25 @@ def write_checkpoint(path: Path, cfg, layout, make_tensor, dtype, n_shards: int 
 def generate(workdir: Path, size: str, n_models: int, delta: str, delta_scale: float,
              delta_density: float, dtype: str, seed: int, log) -> dict:
     """Generate (or reuse) base + fine-tunes; returns {'dir', 'base', 'models', 'n_params'}."""
-    import torch
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    cfg, layout = llama_layout(size)
-    n_params = sum(math.prod(s) for _, s in layout)
     spec = dict(size=size, config=llama_shape_for(size), n_models=n_models, delta=delta,
                 delta_scale=delta_scale, delta_density=delta_density if delta == "sparse" else None,
-                dtype=dtype, seed=seed, n_params=n_params, generator=1)
+                dtype=dtype, seed=seed, generator=1)
     tag = f"{size}-{dtype}-{delta}-s{seed}"
     d = workdir / "ckpt" / tag
     marker = d / "spec.json"
     names = ["base"] + [f"ft{m + 1}" for m in range(n_models)]
-    if marker.exists() and json.loads(marker.read_text()) == spec:
+    prev = json.loads(marker.read_text()) if marker.exists() else {}
+    if "spec" not in prev:   # first format: the spec with n_params inside
+        prev = {"spec": {k: v for k, v in prev.items() if k != "n_params"},
+                "n_params": prev.get("n_params")}
+    if prev["spec"] == spec and prev["n_params"]:
+        n_params = prev["n_params"]
         log(f"checkpoints: reusing {d}")
     else:
+        import torch
+        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+        cfg, layout = llama_layout(size)
+        n_params = sum(math.prod(s) for _, s in layout)
         d.mkdir(parents=True, exist_ok=True)
         marker.unlink(missing_ok=True)
         t0 = time.perf_counter()
@@ -191,7 +197,7 @@ def generate(workdir: Path, size: str, n_models: int, delta: str, delta_scale: f
                     return b.add_(_delta_tensor(seed, m, i, s, delta, delta_scale, delta_density))
             write_checkpoint(d / name, cfg, layout, make, dtype)
             log(f"checkpoints: wrote {d / name} ({time.perf_counter() - t0:.1f}s)")
-        marker.write_text(json.dumps(spec, indent=2))
+        marker.write_text(json.dumps({"spec": spec, "n_params": n_params}, indent=2))
     return dict(dir=d, base=d / "base", models=[d / n for n in names[1:]], n_params=n_params,
                 spec=spec)
 
@@ -297,54 +303,85 @@ def warm_read(paths) -> float:
     return time.perf_counter() - t0
 
 
-def _rss_sampler(pid: int, out: dict, stop: threading.Event, period: float = 0.02):
-    peak_anon = peak_rss = 0
-    status = f"/proc/{pid}/status"
+# A small wrapper process spawns the measured command and reports its rusage. Measuring a child of
+# this (large) Python process directly would be wrong: on Linux a child's ru_maxrss starts from the
+# parent's peak RSS (vfork/exec carries the old mm's high-water mark), e.g. 800 MB for `sleep`.
+_WRAPPER = r"""
+import json, os, sys, time
+t0 = time.perf_counter()
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+_, st, ru = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump({"rc": os.waitstatus_to_exitcode(st), "wall_s": time.perf_counter() - t0,
+               "maxrss_kb": ru.ru_maxrss, "user_s": ru.ru_utime, "sys_s": ru.ru_stime}, f)
+"""
+
+
+def _child_pid(pid: int) -> int | None:
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return int(kids[0]) if kids else None
+    except (OSError, ValueError):
+        return None
+
+
+def _rss_sampler(wrapper_pid: int, out: dict, stop: threading.Event, period: float = 0.02):
+    """Peak RssAnon and VmHWM of the measured process (the wrapper's child), every ``period`` s."""
+    peak_anon = hwm = 0
+    pid = None
     while not stop.is_set():
-        try:
-            with open(status) as f:
-                for line in f:
-                    if line.startswith("RssAnon:"):
-                        peak_anon = max(peak_anon, int(line.split()[1]))
-                    elif line.startswith("VmRSS:"):
-                        peak_rss = max(peak_rss, int(line.split()[1]))
-        except (FileNotFoundError, ProcessLookupError, ValueError):
-            pass
+        if pid is None:
+            pid = _child_pid(wrapper_pid)
+            out["pid"] = pid
+        if pid is not None:
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith("RssAnon:"):
+                            peak_anon = max(peak_anon, int(line.split()[1]))
+                        elif line.startswith("VmHWM:"):
+                            hwm = max(hwm, int(line.split()[1]))
+            except (OSError, ValueError):
+                pass
         stop.wait(period)
     out["peak_anon_kb"] = peak_anon
-    out["sampled_rss_kb"] = peak_rss
+    out["sampled_hwm_kb"] = hwm
 
 
 def run_measured(cmd, env, log_path: Path, timeout: float | None = None) -> dict:
-    """Run cmd as a child process; wall time, CPU time and peak memory of that process."""
+    """Run cmd in a fresh process; its wall time, CPU time and peak memory (see _WRAPPER)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    res_path = log_path.with_suffix(".rusage.json")
+    res_path.unlink(missing_ok=True)
     with open(log_path, "w") as logf:
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT,
+        p = subprocess.Popen([sys.executable, "-S", "-c", _WRAPPER, str(res_path), *map(str, cmd)],
+                             env=env, stdout=logf, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL)
         samp, stop = {}, threading.Event()
         th = threading.Thread(target=_rss_sampler, args=(p.pid, samp, stop), daemon=True)
         th.start()
-        deadline = None if timeout is None else t0 + timeout
-        while True:
-            pid, status, ru = os.wait4(p.pid, os.WNOHANG)
-            if pid:
-                break
-            if deadline and time.perf_counter() > deadline:
-                p.kill()
-                pid, status, ru = os.wait4(p.pid, 0)
-                break
-            time.sleep(0.01)
-        wall = time.perf_counter() - t0
-        p.returncode = os.waitstatus_to_exitcode(status)
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            if samp.get("pid"):
+                with contextlib.suppress(OSError):
+                    os.kill(samp["pid"], 9)
+            p.wait()
+        outer = time.perf_counter() - t0
         stop.set()
         th.join()
+    try:
+        r = json.loads(res_path.read_text())
+    except (OSError, ValueError):
+        r = {"rc": p.returncode or -1, "wall_s": outer, "maxrss_kb": 0, "user_s": 0.0, "sys_s": 0.0}
     return {
-        "rc": p.returncode,
-        "wall_s": wall,
-        "user_s": ru.ru_utime,
-        "sys_s": ru.ru_stime,
-        "peak_rss_mb": ru.ru_maxrss / 1024,      # kB on Linux
+        "rc": r["rc"],
+        "wall_s": r["wall_s"],
+        "user_s": r["user_s"],
+        "sys_s": r["sys_s"],
+        "cpu_s": r["user_s"] + r["sys_s"],
+        "peak_rss_mb": r["maxrss_kb"] / 1024,       # ru_maxrss is in kB on Linux
         "peak_anon_mb": samp.get("peak_anon_kb", 0) / 1024,
         "log": str(log_path),
     }
@@ -364,11 +401,20 @@ def find_py_spy(venv: Path) -> str | None:
     return None
 
 
+IDLE_FRAMES = ("Condition.wait ", "Event.wait ", "Thread.join ", "_worker (concurrent/futures/thread.py",
+               "wait (concurrent/futures/_base.py", "select ", "sleep ")
+
+
 def summarize_profile(raw: Path, top: int = 20) -> str:
-    """Self and inclusive time per Python function from py-spy's collapsed-stack output."""
+    """Self and inclusive time per Python function from py-spy's collapsed-stack output.
+
+    Percentages are of busy samples: stacks whose innermost frame is a thread waiting for work
+    (thread-pool queue, futures, conditions) are counted apart as idle. Native code called from a
+    Python line (torch ops, pread) is charged to that line.
+    """
     self_t: dict[str, int] = {}
     incl: dict[str, int] = {}
-    total = 0
+    busy = idle = 0
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, n = line.rpartition(" ")
         if not stack or not n.isdigit():
@@ -377,18 +423,24 @@ def summarize_profile(raw: Path, top: int = 20) -> str:
         frames = [f.strip() for f in stack.split(";")[1:]]   # first entry is the thread/process
         if not frames:
             continue
-        total += n
+        if frames[-1].startswith(IDLE_FRAMES):
+            idle += n
+            continue
+        busy += n
         self_t[frames[-1]] = self_t.get(frames[-1], 0) + n
         for f in set(frames):
             incl[f] = incl.get(f, 0) + n
-    if not total:
-        return "(no samples)"
-    out = [f"{total} samples (all threads, idle included)", "", "self %  function"]
+    if not busy:
+        return "(no busy samples)"
+    out = [f"{busy} busy samples at 50 Hz over all threads ({idle} idle samples not shown)", "",
+           "self %  function (file:line)"]
     for f, n in sorted(self_t.items(), key=lambda kv: -kv[1])[:top]:
-        out.append(f"{100 * n / total:6.1f}  {f}")
-    out += ["", "incl %  function"]
-    for f, n in sorted(incl.items(), key=lambda kv: -kv[1])[:top]:
-        out.append(f"{100 * n / total:6.1f}  {f}")
+        out.append(f"{100 * n / busy:6.1f}  {f}")
+    out += ["", "incl %  function (file:line)"]
+    skip = ("Thread.", "_bootstrap", "<module>", "_run_module", "run (threading", "_worker ")
+    rows = [(f, n) for f, n in incl.items() if not f.startswith(skip)]
+    for f, n in sorted(rows, key=lambda kv: -kv[1])[:top]:
+        out.append(f"{100 * n / busy:6.1f}  {f}")
     return "\n".join(out)
 
 
@@ -415,16 +467,23 @@ def compare_exact(a_dir: Path, b_dir: Path) -> dict:
     a, b = Ckpt(a_dir), Ckpt(b_dir)
     ka, kb = set(a.keys()), set(b.keys())
     per, worst, worst_name, dtypes = {}, 0.0, None, set()
+    n_diff, n_total, n_diff_tensors = 0, 0, 0
     for k in sorted(ka & kb):
         x, y = a.get(k), b.get(k)
         dtypes.add((str(x.dtype), str(y.dtype)))
         if x.shape != y.shape:
             per[k] = float("inf")
         else:
-            per[k] = float((x.float() - y.float()).abs().max()) if x.numel() else 0.0
+            diff = (x.float() - y.float()).abs()
+            per[k] = float(diff.max()) if x.numel() else 0.0
+            nd = int((diff > 1e-6).sum())
+            n_diff += nd
+            n_diff_tensors += nd > 0
+            n_total += x.numel()
         if per[k] > worst or worst_name is None:
             worst, worst_name = per[k], k
     return {"max_abs_diff": worst, "worst_tensor": worst_name, "n_tensors": len(ka & kb),
+            "entries_over_1e-6": n_diff, "tensors_over_1e-6": n_diff_tensors, "n_entries": n_total,
             "only_in_mergekit": sorted(ka - kb), "only_in_mergelab": sorted(kb - ka),
             "dtypes": sorted(map(list, dtypes)), "per_tensor": per}
 
@@ -471,12 +530,15 @@ def make_table(rows: list[dict]) -> str:
         speed = mk["wall_s"] / ml["wall_s"] if mk_ok and ml_ok else None
         mem = ml["peak_rss_mb"] / mk["peak_rss_mb"] if mk_ok and ml_ok else None
         for res in (mk, ml):
-            if res and "cpu_s" not in res:
+            if res and "cpu_s" not in res and "user_s" in res:
                 res["cpu_s"] = res["user_s"] + res["sys_s"]
         cpu = mk["cpu_s"] / ml["cpu_s"] if mk_ok and ml_ok and ml["cpu_s"] > 0 else None
         agr = r.get("agreement") or {}
         if "max_abs_diff" in agr:
             a = f"max abs diff {agr['max_abs_diff']:.2e}"
+            if agr.get("entries_over_1e-6"):
+                a += (f" ({agr['entries_over_1e-6']} of {agr['n_entries']:,} entries > 1e-6, in "
+                      f"{agr['tensors_over_1e-6']} of {agr['n_tensors']} tensors)")
             if agr.get("only_in_mergekit") or agr.get("only_in_mergelab"):
                 a += " (key sets differ)"
         elif "delta_norm_ratio" in agr:
@@ -537,7 +599,7 @@ def parse_args(argv=None):
     ap.add_argument("--mergekit-args", default="--lazy-unpickle --no-copy-tokenizer "
                     "--no-write-model-card --quiet",
                     help="extra mergekit-yaml options (besides -j THREADS and --random-seed)")
-    ap.add_argument("--mergelab-args", default="", help="extra options for mergelab merge")
+    ap.add_argument("--mergelab-args", default="--quiet", help="extra options for mergelab merge")
     ap.add_argument("--no-install", action="store_true",
                     help="fail instead of installing mergekit when its venv is missing")
     ap.add_argument("--keep-outputs", action="store_true",
