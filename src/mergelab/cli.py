@@ -10,7 +10,8 @@ from typing import Callable, Sequence
 from mergelab.errors import MergelabError
 
 # command groups living in their own modules; each exposes add_parser(subparsers)
-PLUGIN_COMMANDS: tuple[str, ...] = ()
+PLUGIN_COMMANDS: tuple[str, ...] = ("mergelab.cli_smile", "mergelab.cli_adapt", "mergelab.cli_recycle",
+                                     "mergelab.cli_lora", "mergelab.cli_bench")
 
 
 class TqdmProgress:

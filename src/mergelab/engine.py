@@ -357,8 +357,9 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
     compute_dtype = parse_dtype(recipe.compute_dtype) or torch.float32
     max_shard = parse_size(shard_size if shard_size is not None else recipe.shard_size)
 
+    from mergelab.lora import open_model   # PEFT LoRA adapter folders read as base + B @ A
     base = open_checkpoint(recipe.base_model) if recipe.base_model else None
-    models = [open_checkpoint(m.path) for m in recipe.models]
+    models = [open_model(m.path, base) for m in recipe.models]
     labels = [m.path for m in recipe.models]
     reference = base if base is not None else models[0]
     try:

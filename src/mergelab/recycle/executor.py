@@ -68,7 +68,8 @@ class RayExecutor:
                     old = {k: os.environ.get(k) for k in env}
                     os.environ.update(env)          # inherited by the local workers
                     try:
-                        ray.init(num_cpus=num_cpus or min(2, os.cpu_count() or 1), **kwargs)
+                        # address="local": a private runtime even if another Ray cluster runs here
+                        ray.init(address="local", num_cpus=num_cpus or min(2, os.cpu_count() or 1), **kwargs)
                     finally:
                         for k, v in old.items():
                             if v is None:
