@@ -36,3 +36,20 @@ def test_cuda_streaming_merge_of_folders(tmp_path):
     a, b = load_state_dict(tmp_path / "cpu"), load_state_dict(tmp_path / "gpu")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_smile_on_cuda_matches_cpu(tmp_path):
+    """SMILE built from CUDA modules (SVD on the GPU) routes and computes like the CPU build."""
+    from transformers import AutoModel
+
+    from mergelab.smile import upscale_to_smile
+    base_dir, model_dirs = make_model_folders(tmp_path / "m", scale=0.05)
+    load = lambda p, dev: AutoModel.from_pretrained(p, attn_implementation="eager").to(dev).eval()  # noqa: E731
+    x = torch.randint(5, 100, (2, 12))
+    outputs = {}
+    for dev in ("cpu", "cuda"):
+        model = upscale_to_smile(load(base_dir, dev), [load(p, dev) for p in model_dirs], k=8, gate_k=4,
+                                 full_svd=True)
+        with torch.no_grad():
+            outputs[dev] = model(input_ids=x.to(dev)).last_hidden_state.cpu()
+    assert torch.allclose(outputs["cpu"], outputs["cuda"], atol=1e-4)
