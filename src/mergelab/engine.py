@@ -291,10 +291,19 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
         blocks = row_blocks(shape, block_elements) if chunkable else None
         ranks = method.select(params, model_params, compat, _numel(shape)) if method.select else None
         selections = _tensor_selections(ranks, inputs, name, blocks, select_weights) if ranks else None
+        stats = None
+        if method.stats is not None:
+            for rows in blocks or [None]:
+                b, ms = inputs.read(name, rows, check=False)
+                part = method.stats(TensorJob(name, b, ms, params, model_params, compat, thresholds,
+                                              selections, rows, _numel(shape)))
+                if part is None:
+                    break
+                stats = part if stats is None else stats + part
         for rows in blocks or [None]:
             b, ms = inputs.read(name, rows)
             job = TensorJob(name, b, ms, params, model_params, compat, thresholds, selections, rows,
-                            _numel(shape))
+                            _numel(shape), stats)
             try:
                 merged = method.merge_tensor(job)
             except MergelabError:

@@ -76,6 +76,7 @@ class TensorJob:
     selections: list[list[float | None]] | None = None
     rows: tuple[int, int] | None = None            # the block of rows of the tensor this job holds
     numel: int = 0                                 # elements of the whole tensor
+    stats: torch.Tensor | None = None              # ``Method.stats`` summed over the whole tensor
 
     def deltas(self) -> list[torch.Tensor]:
         return [m - self.base for m in self.models]
@@ -111,6 +112,10 @@ class Method:
     select_weighted: Callable[[str], bool] = lambda compat: compat != "mergekit"
     # False when a kernel needs whole-tensor statistics the engine does not provide (merged unsplit)
     chunkable: Callable[[dict, str], bool] = lambda params, compat: True
+    # whole-tensor sums a kernel needs (norms, dot products): partial sums of one block of rows as a
+    # float64 vector, or None when these parameters need none; the engine adds them over all blocks
+    # in a first pass and hands the total to the merge pass as ``TensorJob.stats``
+    stats: Callable[[TensorJob], torch.Tensor | None] | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
@@ -467,15 +472,29 @@ register(Method(
 # ---------------------------------------------------------------- DARE
 
 def _dare_sparsify(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.Tensor]:
-    if job.compat == "mergekit":
-        rescale = "l1" if job.params["rescale"] else "none"
-    else:
-        rescale = "inverse"
+    l1 = job.compat == "mergekit" and job.params["rescale"]
 
     def drop(delta: torch.Tensor, p: dict, i: int) -> torch.Tensor:
-        out = K.dare(delta.cpu(), 1.0 - p["density"], job.generator(i), rescale=rescale)
-        return out.to(delta.device)
+        if l1:   # mergekit: match the L1 norm of the whole tensor's delta (sums from the stats pass)
+            kept = K.dare(delta.cpu(), 1.0 - p["density"], job.generator(i), rescale="none")
+            before, after = float(job.stats[2 * i]), float(job.stats[2 * i + 1])
+            if 0 < p["density"] < 1 and before >= 1e-7 and after >= 1e-7:
+                kept.mul_(before / after)
+        else:
+            kept = K.dare(delta.cpu(), 1.0 - p["density"], job.generator(i), rescale="inverse")
+        return kept.to(delta.device)
     return drop
+
+
+def _dare_stats(job: TensorJob) -> torch.Tensor | None:
+    """L1 norms of each delta before and after the drop (same seeded masks as the merge pass)."""
+    if job.compat != "mergekit" or not job.params["rescale"]:
+        return None
+    sums = []
+    for i, (delta, p) in enumerate(zip(job.deltas(), job.model_params)):
+        kept = K.dare(delta.cpu(), 1.0 - p["density"], job.generator(i), rescale="none")
+        sums += [delta.abs().sum(dtype=torch.float64).cpu(), kept.abs().sum(dtype=torch.float64)]
+    return torch.stack(sums)
 
 
 def _dare_linear(job: TensorJob) -> torch.Tensor:
@@ -491,10 +510,6 @@ def _dare_ties(job: TensorJob) -> torch.Tensor:
     dropped = _stack_weighted(job, _dare_sparsify(job))
     sign = K.elect_sign(dropped)
     return job.base + job.params["lambda"] * K.disjoint_merge(dropped, sign, job.params["merge"])
-
-
-def _dare_chunkable(params: dict, compat: str) -> bool:
-    return not (compat == "mergekit" and params.get("rescale"))   # L1 rescale needs whole-tensor norms
 
 
 def _dare_params(merge_mode: bool) -> tuple[Param, ...]:
@@ -514,20 +529,37 @@ register(Method(
     name="dare_linear", aliases=("dare",),
     summary="drop delta entries with probability p, rescale by 1/(1-p), task arithmetic",
     reference="Yu et al. ICML 2024, arXiv 2311.03099",
-    params=_dare_params(False), merge_tensor=_dare_linear, chunkable=_dare_chunkable,
+    params=_dare_params(False), merge_tensor=_dare_linear, stats=_dare_stats,
 ))
 register(Method(
     name="dare_ties",
     summary="DARE drop and rescale, then TIES sign election and disjoint merge",
     reference="Yu et al. ICML 2024 + Yadav et al. NeurIPS 2023",
-    params=_dare_params(True), merge_tensor=_dare_ties, chunkable=_dare_chunkable,
+    params=_dare_params(True), merge_tensor=_dare_ties, stats=_dare_stats,
 ))
 
 
 # ---------------------------------------------------------------- Model Stock
 
 def _model_stock(job: TensorJob) -> torch.Tensor:
-    return K.model_stock(job.base, job.models, filter_wise=job.params["filter_wise"])
+    cos = None
+    if job.stats is not None:        # whole-tensor angle from the stats pass
+        n = len(job.models)
+        dots, squares = job.stats[: n * (n - 1) // 2], job.stats[n * (n - 1) // 2:]
+        norms = squares.sqrt()
+        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+        cos = torch.stack([(dots[k] / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
+                           for k, (i, j) in enumerate(pairs)]).mean().to(job.base.dtype)
+    return K.model_stock(job.base, job.models, filter_wise=job.params["filter_wise"], cos=cos)
+
+
+def _model_stock_stats(job: TensorJob) -> torch.Tensor | None:
+    """Pairwise dot products and squared norms of the deltas, for the per-tensor angle."""
+    if job.params["filter_wise"]:
+        return None
+    deltas = [d.reshape(-1).double() for d in job.deltas()]
+    dots = [torch.dot(a, b) for i, a in enumerate(deltas) for b in deltas[i + 1:]]
+    return torch.stack(dots + [torch.dot(d, d) for d in deltas]).cpu()
 
 
 register(Method(
@@ -535,6 +567,5 @@ register(Method(
     summary="interpolate base and average by the fine-tunings' angle (same-task fine-tunes)",
     reference="Jang, Yun & Han ECCV 2024, arXiv 2403.19522",
     params=(Param("filter_wise", bool, False, "one interpolation ratio per row instead of per tensor"),),
-    merge_tensor=_model_stock, min_models=2,
-    chunkable=lambda params, compat: False,          # the angle between fine-tunings needs whole tensors
+    merge_tensor=_model_stock, min_models=2, stats=_model_stock_stats,
 ))
