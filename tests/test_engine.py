@@ -215,3 +215,13 @@ def test_blocked_streaming_merge_writes_the_same_files(folders, tmp_path):
     merge(recipe, tmp_path / "blocked", block_elements=100, threads=3)
     a, b = load_state_dict(tmp_path / "whole"), load_state_dict(tmp_path / "blocked")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_base_only_integer_buffers_are_copied(folders, tmp_path):
+    """Like MiniLM's embeddings.position_ids: in the base file, dropped by save_pretrained of fine-tunes."""
+    base, models = folders
+    sd = load_state_dict(base)
+    sd["embeddings.position_ids"] = torch.arange(32).unsqueeze(0)
+    save_file(sd, tmp_path / "base.safetensors")
+    merge(write_recipe(tmp_path / "r.yaml", tmp_path / "base.safetensors", models, "ties"), tmp_path / "o")
+    assert torch.equal(load_state_dict(tmp_path / "o")["embeddings.position_ids"], sd["embeddings.position_ids"])

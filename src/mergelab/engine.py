@@ -53,7 +53,9 @@ def _mergeable(dtype: torch.dtype) -> bool:
 
 def check_structure(reference: Checkpoint, others: Sequence[Checkpoint], ref_label: str,
                     labels: Sequence[str], limit: int = 3) -> list[str]:
-    """Same tensor names, shapes and dtypes everywhere; else one error listing the first mismatches."""
+    """Same tensor names, shapes and dtypes everywhere; else one error listing the first mismatches.
+
+    Integer/bool tensors of the reference may be missing from the others: they are never merged."""
     names = reference.keys()
     problems: list[str] = []
     ref_set = set(names)
@@ -61,6 +63,8 @@ def check_structure(reference: Checkpoint, others: Sequence[Checkpoint], ref_lab
         keys = set(ckpt.keys())
         for name in names:
             if name not in keys:
+                if not _mergeable(reference.dtype(name)):
+                    continue    # integer buffers (position ids) that save_pretrained drops: copied from the base
                 problems.append(f"{label}: tensor {name!r} missing")
             elif ckpt.shape(name) != reference.shape(name):
                 problems.append(f"{label}: tensor {name!r} has shape {list(ckpt.shape(name))}, "
