@@ -19,10 +19,12 @@ $(STAMP): pyproject.toml
 data:
 	@bash scripts/install_data.sh
 
-demo: $(STAMP)
+# the core demo (small synthetic checkpoints, every method), then the reduced real benchmark
+demo: $(STAMP) data
 	HF_HUB_OFFLINE=1 $(PY) -m mergelab demo
+	HF_HUB_OFFLINE=1 $(PY) -m mergelab bench --suite demo --threads 2
 
-test: $(STAMP)
+test: $(STAMP) data
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 clean:

@@ -206,3 +206,12 @@ def test_inputs_are_never_modified(tmp_path):
     for sd, ref in zip(sds, before):
         assert all(torch.equal(sd[k], ref[k]) for k in ref)
     assert all(torch.equal(v, sds[2][k]) for k, v in torch.load(tmp_path / "ft.bin", weights_only=True).items())
+
+
+def test_blocked_streaming_merge_writes_the_same_files(folders, tmp_path):
+    base, models = folders
+    recipe = write_recipe(tmp_path / "r.yaml", base, models, "ties", {"density": 0.3}, compat="mergekit")
+    merge(recipe, tmp_path / "whole")
+    merge(recipe, tmp_path / "blocked", block_elements=100, threads=3)
+    a, b = load_state_dict(tmp_path / "whole"), load_state_dict(tmp_path / "blocked")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -272,3 +272,16 @@ def test_streaming_merge_of_bert_folders(tmp_path):
     key = "encoder.layer.0.attention.self.query.weight"
     assert torch.allclose(out[key], expected[key], atol=1e-6)
     assert set(out) == set(b)
+
+
+def test_svd_methods_are_never_split_into_row_blocks():
+    """An SVD is per whole matrix: blocking the engine's work must not change the result."""
+    from mergelab import merge_state_dicts
+    g = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(40, 12, generator=g), "b": torch.randn(12, generator=g)}
+    models = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+    for method in ("tsv", "iso_c", "iso_cts"):
+        whole = merge_state_dicts(base, models, method)
+        blocked = merge_state_dicts(base, models, method, block_elements=16)
+        for k in whole:
+            assert torch.allclose(whole[k], blocked[k], atol=1e-6), (method, k)

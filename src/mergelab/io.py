@@ -16,6 +16,7 @@ import re
 import shutil
 import struct
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -119,11 +120,16 @@ class SafetensorsFile:
             self.offsets[name] = (begin, end)
         self._fd: int | None = None
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor with ``pread`` into fresh memory: thread-safe, releases the GIL, and the
-        memory is freed with the tensor (a memory map would keep every page it touched resident)."""
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read one tensor (or rows [a, b) of it) with ``pread`` into fresh memory: thread-safe, releases
+        the GIL, and the memory is freed with the tensor (a memory map would keep touched pages resident)."""
         info = self.infos[name]
         begin, end = self.offsets[name]
+        shape = info.shape
+        if rows is not None:
+            row_bytes = (end - begin) // shape[0] if shape[0] else 0
+            begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+            shape = (rows[1] - rows[0], *shape[1:])
         buf = torch.empty(end - begin, dtype=torch.uint8)
         if end > begin:
             if self._fd is None:
@@ -135,7 +141,7 @@ class SafetensorsFile:
                 if n <= 0:
                     raise MergelabError(f"{self.path}: unexpected end of file reading tensor {name!r}")
                 done += n
-        return buf.view(info.dtype).reshape(info.shape)
+        return buf.view(info.dtype).reshape(shape)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -167,8 +173,9 @@ class PickleFile:
         self.tensors: dict[str, torch.Tensor] = obj
         self.infos = {k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in obj.items()}
 
-    def get(self, name: str) -> torch.Tensor:
-        return self.tensors[name]
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        t = self.tensors[name]
+        return t if rows is None else t[rows[0]:rows[1]]
 
     def close(self) -> None:
         self.tensors = {}
@@ -201,9 +208,13 @@ class Checkpoint:
     def dtype(self, name: str) -> torch.dtype:
         return self.info(name).dtype
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor, or only its rows [a, b) along the first dimension."""
         f = self._files[self._where[name]]
-        return f[name] if isinstance(f, dict) else f.get(name)
+        if isinstance(f, dict):
+            t = f[name]
+            return t if rows is None else t[rows[0]:rows[1]]
+        return f.get(name, rows)
 
     @property
     def fresh_tensors(self) -> bool:
@@ -358,17 +369,25 @@ class ShardedWriter:
             self._fds.append(fd)
             self.total_bytes += pos
         self._written: set[str] = set()
+        self._rows_written: dict[str, int] = {}
+        self._lock = threading.Lock()
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, row: int = 0) -> None:
+        """Write a tensor, or a block of its rows starting at ``row`` (blocks may come in any order)."""
         slot = self.slots[name]
-        if tensor.dtype != slot.dtype or tuple(tensor.shape) != slot.shape:
+        whole = row == 0 and tuple(tensor.shape) == slot.shape
+        if tensor.dtype != slot.dtype or (not whole and tuple(tensor.shape[1:]) != slot.shape[1:]):
             raise RuntimeError(f"{name}: planned {slot.dtype}{list(slot.shape)}, got {tensor.dtype}{list(tensor.shape)}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         view = memoryview(data)
+        offset = slot.offset + (row * (slot.nbytes // slot.shape[0]) if row else 0)
         done = 0
-        while done < slot.nbytes:
-            done += os.pwrite(self._fds[slot.shard], view[done:], slot.offset + done)
-        self._written.add(name)
+        while done < len(view):
+            done += os.pwrite(self._fds[slot.shard], view[done:], offset + done)
+        with self._lock:
+            self._rows_written[name] = self._rows_written.get(name, 0) + (tensor.shape[0] if not whole else 1)
+            if whole or self._rows_written[name] >= slot.shape[0]:
+                self._written.add(name)
 
     def close(self) -> None:
         missing = set(self.slots) - self._written

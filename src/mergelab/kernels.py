@@ -223,11 +223,13 @@ def l1_rescale(original: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) 
     return masked * (before / after)
 
 
-def model_stock(base: torch.Tensor, models: list[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
+def model_stock(base: torch.Tensor, models: list[torch.Tensor], filter_wise: bool = False,
+                cos: torch.Tensor | None = None) -> torch.Tensor:
     """Model Stock: interpolate between the base and the average by t = N cos / (1 + (N-1) cos).
 
     cos is the mean pairwise cosine of the fine-tuning deltas (per tensor, or per row if ``filter_wise``).
-    Where 1 + (N-1) cos vanishes the base is kept.
+    Where 1 + (N-1) cos vanishes the base is kept. ``cos`` may be given (e.g. computed over a whole
+    tensor of which ``base`` and ``models`` are a block).
     """
     shape = base.shape
     if filter_wise:
@@ -236,13 +238,14 @@ def model_stock(base: torch.Tensor, models: list[torch.Tensor], filter_wise: boo
     else:
         w0 = base.reshape(-1)
         ws = [m.reshape(-1) for m in models]
-    offsets = [w - w0 for w in ws]
-    cosines = []
-    for i, a in enumerate(offsets):
-        for b in offsets[i + 1:]:
-            norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
-            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
-    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    if cos is None:
+        offsets = [w - w0 for w in ws]
+        cosines = []
+        for i, a in enumerate(offsets):
+            for b in offsets[i + 1:]:
+                norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
+                cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+        cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     n = len(ws)
     denom = 1 + (n - 1) * cos
     singular = denom.abs() < 1e-6

@@ -232,7 +232,14 @@ class LoraCheckpoint(Checkpoint):
         """Adapted tensors are new memory; the others are the base's or the adapter file's."""
         return self.base.fresh_tensors and self.adapter.weights.fresh_tensors
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        ad = self.adapter
+        if name in ad.modules or name in ad.bias_deltas or name in ad.replaced:
+            full = self._get_adapted(name)
+            return full if rows is None else full[rows[0]:rows[1]]
+        return self.base.get(name, rows)
+
+    def _get_adapted(self, name: str) -> torch.Tensor:
         ad = self.adapter
         if name in ad.modules:
             base = self.base.get(name)
@@ -242,9 +249,7 @@ class LoraCheckpoint(Checkpoint):
             base = self.base.get(name)
             bias = ad.weights.get(m.bias_key).to(torch.float32)
             return base.to(torch.promote_types(base.dtype, torch.float32)) + m.scaling * bias
-        if name in ad.replaced:
-            return ad.weights.get(ad.replaced[name])
-        return self.base.get(name)
+        return ad.weights.get(ad.replaced[name])
 
     def close(self) -> None:
         self.adapter.close()
@@ -368,8 +373,8 @@ class _Subset(Checkpoint):
     def info(self, name: str) -> TensorInfo:
         return self.inner.info(name)
 
-    def get(self, name: str) -> torch.Tensor:
-        return self.inner.get(name)
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        return self.inner.get(name, rows)
 
     @property
     def fresh_tensors(self) -> bool:
@@ -496,8 +501,10 @@ def merge_to_adapter(recipe, out_dir: str | Path, rank: int, *, force: bool = Fa
             factorise(job, merged)
             return merged
 
-        wrapped = dataclasses.replace(method, merge_tensor=merge_tensor)
-        run_merge(wrapped, merge_base, models, g, per, recipe.compat, lambda name, t: None, out_dtype=torch.float32,
+        # whole tensors: each merged delta is factorised by one SVD
+        wrapped = dataclasses.replace(method, merge_tensor=merge_tensor, chunkable=lambda params, compat: False)
+        run_merge(wrapped, merge_base, models, g, per, recipe.compat, lambda name, t, row: None,
+                  out_dtype=torch.float32,
                   device=device or "cpu", threads=threads, progress=progress,
                   labels=[m.path for m in recipe.models], base_label=recipe.base_model)
         if changed:

@@ -46,13 +46,17 @@ def _svd_tensor(kernel: Callable[[list[torch.Tensor], TensorJob], torch.Tensor])
     return merge_tensor
 
 
+# one SVD per weight matrix: the engine must not split matrices into blocks of rows
+_WHOLE_MATRICES = lambda params, compat: False  # noqa: E731
+
+
 register(Method(
     name="tsv", aliases=("tsv_m", "task_singular_vectors"),
     summary="per task top-(r/T) singular vectors, Procrustes-orthogonalised across tasks, summed",
     reference="Gargiulo et al. CVPR 2025, arXiv 2412.00081",
     params=(_ALPHA, _SVD, _EXCLUDE),
     merge_tensor=_svd_tensor(lambda d, job: SK.tsv_merge(d, job.params["svd"], job.generator(0))),
-    prepare=_check_exclude,
+    prepare=_check_exclude, chunkable=_WHOLE_MATRICES,
 ))
 
 register(Method(
@@ -61,7 +65,7 @@ register(Method(
     reference="Marczak et al. ICML 2025, arXiv 2502.04959",
     params=(_ALPHA, _SVD, _EXCLUDE),
     merge_tensor=_svd_tensor(lambda d, job: SK.iso_c(d, job.params["svd"], job.generator(0))),
-    prepare=_check_exclude,
+    prepare=_check_exclude, chunkable=_WHOLE_MATRICES,
 ))
 
 register(Method(
@@ -74,5 +78,5 @@ register(Method(
             _SVD, _EXCLUDE),
     merge_tensor=_svd_tensor(lambda d, job: SK.iso_cts(d, job.params["common_space_fraction"],
                                                        job.params["svd"], job.generator(0))),
-    prepare=_check_exclude,
+    prepare=_check_exclude, chunkable=_WHOLE_MATRICES,
 ))
