@@ -51,7 +51,8 @@ class RayExecutor:
         self.cpus_per_run = cpus_per_run
         self.started = False
         if not ray.is_initialized():
-            # workers must import mergelab from wherever this process does
+            # address "local": always a private runtime, never a cluster left by `ray start`;
+        # workers must import mergelab from wherever this process does
             import mergelab
             src = os.path.dirname(os.path.dirname(os.path.abspath(mergelab.__file__)))
             env = {"PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p),
@@ -68,7 +69,6 @@ class RayExecutor:
                     old = {k: os.environ.get(k) for k in env}
                     os.environ.update(env)          # inherited by the local workers
                     try:
-                        # address="local": a private runtime even if another Ray cluster runs here
                         ray.init(address="local", num_cpus=num_cpus or min(2, os.cpu_count() or 1), **kwargs)
                     finally:
                         for k, v in old.items():

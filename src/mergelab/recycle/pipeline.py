@@ -81,7 +81,8 @@ def check_bundle(bundle: Mapping, aux_tasks: Sequence[str], where: str) -> None:
 
 
 def prepare_data(cfg: RecycleConfig, base: str, work: Path, bundle: Mapping | None = None) -> tuple[Path, str]:
-    """Write the tokenized data once into the work folder; returns its path and content hash."""
+    """Write the tokenized data once into the work folder; returns its path and the hash of the parts
+    that runs train and select on (target train/val, auxiliary tasks)."""
     path = work / "data.json"
     if bundle is None and cfg.data:
         try:
@@ -105,7 +106,12 @@ def prepare_data(cfg: RecycleConfig, base: str, work: Path, bundle: Mapping | No
             bundle["meta"] = {**bundle.get("meta", {}), "recipe": recipe}
     check_bundle(bundle, cfg.aux_tasks, cfg.data or "data")
     text = json.dumps(bundle, sort_keys=True, separators=(",", ":"))
-    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    # runs depend on what they train and select on, not on the test splits: a new test split is
+    # scored with the runs already trained
+    t = bundle["target"]
+    seen_by_runs = {"pad_id": bundle.get("pad_id", 0), "aux": {k: bundle["aux"][k] for k in cfg.aux_tasks},
+                    "target": {"classes": t["classes"], "train": t["train"], "val": t["val"]}}
+    digest = hashlib.sha256(canonical(seen_by_runs).encode()).hexdigest()[:16]
     if not path.is_file() or path.read_text() != text:
         tmp = path.with_name(".data.json.tmp")
         tmp.write_text(text)
