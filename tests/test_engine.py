@@ -12,7 +12,7 @@ from transformers import AutoModel
 
 from mergelab import load_state_dict, merge, merge_state_dicts
 from mergelab.cli import main
-from mergelab.io import ShardedWriter, open_checkpoint
+from mergelab.io import ShardedWriter
 from tests.helpers import make_model_folders, write_recipe
 
 

@@ -8,7 +8,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import BertModel, GPT2Config, GPT2Model
 
 import mergelab.svd_methods  # noqa: F401  (registers tsv, iso_c, iso_cts)
-from mergelab import engine, svd_kernels as SK
+from mergelab import svd_kernels as SK
 from mergelab.engine import merge, merge_state_dicts
 from mergelab.errors import MergelabError
 from mergelab.io import load_state_dict, open_checkpoint
@@ -89,17 +89,8 @@ def test_dense_delta_equals_peft_merge_and_unload(lora_world):
 
 @pytest.mark.parametrize("method,params", [("ties", {"density": 0.5}), ("tsv", {"alpha": 0.8}),
                                            ("iso_cts", {"alpha": 1.2}), ("task_arithmetic", {"lambda": 0.5})])
-def test_recipe_with_adapters_equals_merging_full_models(lora_world, tmp_path, monkeypatch, method, params):
+def test_recipe_with_adapters_equals_merging_full_models(lora_world, tmp_path, method, params):
     root, base_dir, adapters, full = lora_world
-    # the engine opens the base first, then each model: this is the wiring mergelab.engine.merge uses
-    opened = {}
-
-    def open_any(source):
-        if is_adapter(source):
-            return open_model(source, opened["base"])
-        opened["base"] = open_checkpoint(source)
-        return opened["base"]
-    monkeypatch.setattr(engine, "open_checkpoint", open_any)
     recipe = write_recipe(tmp_path / "r.yaml", base_dir, adapters, method, params)
     merge(recipe, tmp_path / "out", threads=2)
     got = load_state_dict(tmp_path / "out")

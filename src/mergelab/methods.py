@@ -9,7 +9,7 @@ code does) and ``mergekit`` (what mergekit 0.1.5 does, for users switching from 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch

@@ -9,7 +9,6 @@ a YAML file (see ``docs/bench.md``).
 from __future__ import annotations
 
 import gzip
-import os
 import random
 import re
 import unicodedata
