@@ -308,7 +308,8 @@ def _summary(results: Mapping[str, EvalResult], individual: Mapping[str, EvalRes
 
 
 # Registry methods whose result is theta0 + lambda * tau(other params): a lambda grid needs one merge.
-LAMBDA_LINEAR = {"task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear"}
+LAMBDA_LINEAR = {"task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear",
+                 "tsv", "iso_c", "iso_cts"}   # the SVD methods' alpha (alias lambda) scales the merged delta
 
 
 def merge_encoder_state(spec: MethodSpec, models: ModelPool, names: Sequence[str],

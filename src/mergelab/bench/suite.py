@@ -98,6 +98,10 @@ def default_methods() -> list[MethodSpec]:
                    params={"top_remove": 0.01}),
         MethodSpec("dare_ties", "dare_ties", grid={"density": [0.3], "lambda": [0.2, 0.35, 0.5]},
                    params={"seed": 0}),
+        # SVD-based merges (issue 8): alpha grid around the validation optima of benchmarks/svd_text6.py
+        MethodSpec("tsv", "tsv", grid={"lambda": [0.5, 0.7, 0.9, 1.1, 1.3]}),
+        MethodSpec("iso_c", "iso_c", grid={"lambda": [0.5, 0.7, 0.9, 1.1, 1.3]}),
+        MethodSpec("iso_cts", "iso_cts", grid={"lambda": [0.7, 0.9, 1.1, 1.3, 1.6]}),
     ]
 
 
