@@ -225,3 +225,12 @@ def test_base_only_integer_buffers_are_copied(folders, tmp_path):
     save_file(sd, tmp_path / "base.safetensors")
     merge(write_recipe(tmp_path / "r.yaml", tmp_path / "base.safetensors", models, "ties"), tmp_path / "o")
     assert torch.equal(load_state_dict(tmp_path / "o")["embeddings.position_ids"], sd["embeddings.position_ids"])
+
+
+def test_output_folder_has_ordinary_permissions(folders, tmp_path):
+    import os
+    base, models = folders
+    merge(write_recipe(tmp_path / "r.yaml", base, models, "average"), tmp_path / "o")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "o").stat().st_mode & 0o777 == 0o777 & ~umask

@@ -448,6 +448,9 @@ def atomic_output_dir(out_dir: str | Path, force: bool = False) -> Iterator[Path
         raise MergelabError(f"{out}: exists and is not a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)      # mkdtemp makes 0700; the output is an ordinary folder
     try:
         yield tmp
     except BaseException:

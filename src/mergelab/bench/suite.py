@@ -105,10 +105,16 @@ def default_methods() -> list[MethodSpec]:
     ]
 
 
+def model_builder_rows() -> list[MethodSpec]:
+    """Rows that build a model instead of a merged state dict: SMILE (issue 4)."""
+    from mergelab.smile import bench_methods
+    return bench_methods([(32, 16), (8, 4)])
+
+
 TEXT6_TASKS = ["fortune_topic", "fortune_lang", "foldoc", "gcide", "wordnet_noun", "wordnet_verb"]
 
 SUITES: dict[str, Callable[[], Suite]] = {
-    "text6": lambda: Suite("text6", list(TEXT6_TASKS), Protocol(), default_methods(),
+    "text6": lambda: Suite("text6", list(TEXT6_TASKS), Protocol(), default_methods() + model_builder_rows(),
                            "six Debian-corpus text tasks on all-MiniLM-L6-v2"),
     "demo": lambda: Suite(
         "demo", ["fortune_lang", "gcide", "wordnet_verb"],
