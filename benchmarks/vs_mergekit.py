@@ -765,6 +765,9 @@ def main(argv=None) -> int:
                 if not (t == "mergekit" and args.reuse_mergekit):
                     shutil.rmtree(o, ignore_errors=True)
         rows.append(row)
+        partial = args.json or wd / f"results-{tag}-{'+'.join(tools)}.json"
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"partial": True, "rows": rows}, indent=2, default=str))
 
     try:
         load = os.getloadavg()
