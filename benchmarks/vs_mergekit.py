@@ -319,19 +319,32 @@ with open(sys.argv[1], "w") as f:
 
 def _child_pid(pid: int) -> int | None:
     try:
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        return int(kids[0]) if kids else None
+        for task in Path(f"/proc/{pid}/task").iterdir():   # any thread may have spawned it
+            kids = (task / "children").read_text().split()
+            if kids:
+                return int(kids[0])
     except (OSError, ValueError):
-        return None
+        pass
+    return None
+
+
+def _is_py_spy(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"py-spy")
+    except OSError:
+        return False
 
 
 def _rss_sampler(wrapper_pid: int, out: dict, stop: threading.Event, period: float = 0.02):
     """Peak RssAnon and VmHWM of the measured process (the wrapper's child), every ``period`` s."""
     peak_anon = hwm = 0
-    pid = None
     while not stop.is_set():
-        if pid is None:
-            pid = _child_pid(wrapper_pid)
+        # resolved every time: the wrapper's child may not have exec'd yet, and under --profile
+        # it is py-spy, whose child is the measured process
+        pid = _child_pid(wrapper_pid)
+        while pid is not None and _is_py_spy(pid):
+            pid = _child_pid(pid)
+        if pid is not None:
             out["pid"] = pid
         if pid is not None:
             try:
@@ -752,6 +765,9 @@ def main(argv=None) -> int:
                 if not (t == "mergekit" and args.reuse_mergekit):
                     shutil.rmtree(o, ignore_errors=True)
         rows.append(row)
+        partial = args.json or wd / f"results-{tag}-{'+'.join(tools)}.json"
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"partial": True, "rows": rows}, indent=2, default=str))
 
     try:
         load = os.getloadavg()
