@@ -85,8 +85,11 @@ def check_structure(reference: Checkpoint, others: Sequence[Checkpoint], ref_lab
 
 
 # Tensors larger than this many elements are merged in blocks of rows, so that memory depends on
-# neither the tensor's nor the model's size (4 MB per fp32 input block).
-BLOCK_ELEMENTS = 1 << 20
+# neither the tensor's nor the model's size (16 MB per fp32 input block). Smaller tensors are taken
+# whole: their thresholds need no extra streaming passes. On a GPU, blocks are larger (kernel launches
+# and transfers of small blocks would dominate).
+BLOCK_ELEMENTS = 1 << 22
+CUDA_BLOCK_ELEMENTS = 1 << 24
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -271,6 +274,8 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MergelabError("device cuda requested but no CUDA GPU is available")
+    if device.type == "cuda" and block_elements == BLOCK_ELEMENTS:
+        block_elements = CUDA_BLOCK_ELEMENTS
     threads = threads or _default_threads()
     inputs = _Inputs(base if method.needs_base else None, models, labels, base_label, device, compute_dtype)
     mergeable = [n for n in names if _mergeable(reference.dtype(n))]

@@ -329,7 +329,7 @@ def _ties_trimmer(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.T
         if density <= 0:
             return torch.zeros_like(delta)
         threshold = job.thresholds[i] if scope == "global" else job.selections[i][0]
-        return K.trim_by_threshold(delta, threshold)
+        return delta.masked_fill_(delta.abs() < threshold, 0.0)   # in place: delta is the job's own row
     return trim
 
 
