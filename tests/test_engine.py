@@ -194,3 +194,24 @@ def test_console_script_entry_point(folders, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mergelab", "merge", str(recipe), str(tmp_path / "o")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "density" in proc.stderr
+
+
+def test_inputs_are_never_modified(tmp_path):
+    base, models = make_model_folders(tmp_path / "m", n=2)
+    sds = [load_state_dict(p) for p in (base, *models)]
+    torch.save(sds[2], tmp_path / "ft.bin")
+    before = [{k: v.clone() for k, v in sd.items()} for sd in sds]
+    merge_state_dicts(sds[0], sds[1:], "ties", {"density": 0.5})
+    merge(write_recipe(tmp_path / "r.yaml", base, [models[0], tmp_path / "ft.bin"], "ties"), tmp_path / "o")
+    for sd, ref in zip(sds, before):
+        assert all(torch.equal(sd[k], ref[k]) for k in ref)
+    assert all(torch.equal(v, sds[2][k]) for k, v in torch.load(tmp_path / "ft.bin", weights_only=True).items())
+
+
+def test_blocked_streaming_merge_writes_the_same_files(folders, tmp_path):
+    base, models = folders
+    recipe = write_recipe(tmp_path / "r.yaml", base, models, "ties", {"density": 0.3}, compat="mergekit")
+    merge(recipe, tmp_path / "whole")
+    merge(recipe, tmp_path / "blocked", block_elements=100, threads=3)
+    a, b = load_state_dict(tmp_path / "whole"), load_state_dict(tmp_path / "blocked")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

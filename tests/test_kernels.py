@@ -146,3 +146,28 @@ def test_radix_select_equals_kthvalue():
         for t in tensors:
             sel.add_low(t)
         assert sel.finish_low() == torch.kthvalue(flat, k).values.item()
+
+
+@pytest.mark.parametrize("dist", ["normal", "sparse", "ties"])
+def test_kth_smallest_sampled_path_is_exact(dist):
+    g = torch.Generator().manual_seed(9)
+    n = 300_000
+    if dist == "normal":
+        x = torch.randn(n, generator=g).abs()
+    elif dist == "sparse":
+        x = torch.randn(n, generator=g).abs() * (torch.rand(n, generator=g) < 0.05)
+    else:
+        x = torch.randint(0, 5, (n,), generator=g).float()
+    for k in (1, 2, 1000, n // 5, n // 2, n - 7, n):
+        assert K.kth_smallest(x, k).item() == torch.kthvalue(x, k).values.item(), (dist, k)
+
+
+def test_disjoint_merge_zero_majority_follows_ties_code():
+    # every coordinate cancels exactly: elected signs are all 0 and their sum is 0, so the TIES code
+    # keeps the negative entries for mean/sum and gives 0 for max
+    stacked = torch.tensor([[0.5, -0.2], [-0.5, 0.2]])
+    sign = K.elect_sign(stacked)
+    assert sign.tolist() == [0, 0]
+    assert torch.equal(K.disjoint_merge(stacked, sign, "mean"), torch.tensor([-0.5, -0.2]))
+    assert torch.equal(K.disjoint_merge(stacked, sign, "sum"), torch.tensor([-0.5, -0.2]))
+    assert K.disjoint_merge(stacked, sign, "max").tolist() == [0.0, 0.0]

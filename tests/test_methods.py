@@ -236,3 +236,41 @@ def test_bad_parameters(params, match):
 def test_unknown_method_lists_available():
     with pytest.raises(MergelabError, match="available: .*ties"):
         get_method("tie")
+
+
+@pytest.mark.parametrize("compat", ["paper", "mergekit"])
+def test_blocked_merge_equals_whole_tensor_merge(compat):
+    """Large tensors are merged in blocks of rows with whole-tensor thresholds: same result."""
+    base, models = tiny_models(seed=12)
+    cases = {"average": {}, "task_arithmetic": {}, "ties": {"density": 0.3},
+             "breadcrumbs": {"keep": 0.4, "top_remove": 0.1} if compat == "paper" else {"density": 0.4, "gamma": 0.1},
+             "breadcrumbs_ties": {"keep": 0.4} if compat == "paper" else {"density": 0.4},
+             "model_stock": {}, "model_stock_rows": {"filter_wise": True}}
+    if compat == "paper":
+        cases["ties_per_tensor"] = {"density": 0.3, "trim_scope": "per_tensor"}
+        cases["ties_per_row"] = {"density": 0.3, "trim_scope": "per_row"}
+    for name, params in cases.items():
+        method = "ties" if name.startswith("ties") else name.replace("_rows", "")
+        b = None if method == "average" else base
+        whole = merge_state_dicts(b, models, method, params, compat=compat)
+        blocked = merge_state_dicts(b, models, method, params, compat=compat, block_elements=8, threads=2)
+        for k in whole:
+            assert torch.allclose(whole[k], blocked[k], atol=1e-6), (name, k)
+
+
+def test_dare_mergekit_l1_rescale_matches_the_whole_tensor_norm():
+    """mergekit's DARE rescales the dropped delta to the L1 norm of the whole tensor's delta, also
+    when the engine merges the tensor in blocks of rows (the norms come from a first pass)."""
+    base, models = tiny_models(n=1, seed=13)
+    params = {"density": 0.5, "seed": 1}
+    for block in (8, 1 << 20):
+        out = merge_state_dicts(base, models, "dare_linear", params, compat="mergekit", block_elements=block)
+        for k in ("emb.weight", "lin.weight", "lin.bias"):
+            dropped, delta = out[k] - base[k], models[0][k] - base[k]
+            assert 0.3 < (dropped == 0).float().mean() < 0.7
+            assert torch.isclose(dropped.abs().sum(), delta.abs().sum(), rtol=1e-4), (block, k)
+    two = tiny_models(n=2, seed=13)
+    for name in ("dare_linear", "dare_ties"):
+        a = merge_state_dicts(two[0], two[1], name, params, compat="mergekit", block_elements=8)
+        b = merge_state_dicts(two[0], two[1], name, params, compat="mergekit", block_elements=8, threads=3)
+        assert all(torch.equal(a[k], b[k]) for k in a)

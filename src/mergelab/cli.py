@@ -10,7 +10,8 @@ from typing import Callable, Sequence
 from mergelab.errors import MergelabError
 
 # command groups living in their own modules; each exposes add_parser(subparsers)
-PLUGIN_COMMANDS: tuple[str, ...] = ()
+PLUGIN_COMMANDS: tuple[str, ...] = ("mergelab.cli_smile", "mergelab.cli_adapt", "mergelab.cli_recycle",
+                                     "mergelab.cli_lora", "mergelab.cli_bench")
 
 
 class TqdmProgress:
@@ -41,8 +42,27 @@ class TqdmProgress:
             bar.close()
 
 
+def _return_freed_memory_to_os() -> None:
+    """Large blocks from mmap and freed at once: glibc otherwise keeps freed tensor buffers of every
+    worker thread's arena, and the merge's peak memory would grow with the number of blocks merged."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)   # M_MMAP_THRESHOLD: 1 MiB
+        libc.mallopt(-1, 1 << 20)   # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
+    import torch
+
     from mergelab.engine import merge
+    _return_freed_memory_to_os()
+    if args.threads != 1:
+        # the engine parallelises over tensors; one intra-op thread per worker avoids oversubscribing
+        torch.set_num_threads(1)
     progress = TqdmProgress(args.quiet)
     try:
         summary = merge(args.recipe, args.out_dir, force=args.force, compat=args.compat, device=args.device,

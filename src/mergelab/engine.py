@@ -80,23 +80,66 @@ def check_structure(reference: Checkpoint, others: Sequence[Checkpoint], ref_lab
     return names
 
 
+# Tensors larger than this many elements are merged in blocks of rows, so that memory depends on
+# neither the tensor's nor the model's size (4 MB per fp32 input block).
+BLOCK_ELEMENTS = 1 << 20
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def row_blocks(shape: Sequence[int], block_elements: int = BLOCK_ELEMENTS) -> list[tuple[int, int]] | None:
+    """Blocks of whole rows (first dimension) of at most ~``block_elements``; None: take it whole.
+
+    Only tensors of 2+ dimensions are split: a row-wise method's "row" is the last dimension, which
+    a split along the first dimension keeps intact.
+    """
+    if len(shape) < 2 or _numel(shape) <= block_elements or shape[0] <= 1:
+        return None
+    per = max(1, block_elements // max(1, _numel(shape[1:])))
+    return [(a, min(a + per, shape[0])) for a in range(0, shape[0], per)]
+
+
 class _Inputs:
-    """Reads one tensor of every input as float32 on the compute device, checking for NaN/Inf."""
+    """Reads one tensor (or block of rows) of every input as float32 on the compute device."""
 
     def __init__(self, base: Checkpoint | None, models: Sequence[Checkpoint], labels: Sequence[str],
                  base_label: str, device: torch.device, compute_dtype: torch.dtype):
         self.base, self.models, self.labels, self.base_label = base, list(models), list(labels), base_label
         self.device, self.compute_dtype = device, compute_dtype
 
-    def _load(self, ckpt: Checkpoint, name: str, label: str) -> torch.Tensor:
-        t = ckpt.get(name).to(self.device, non_blocking=True).to(self.compute_dtype)
-        if not bool(torch.isfinite(t).all()):
-            raise MergelabError(f"{label}: tensor {name!r} contains NaN or Inf")
+    def _load(self, ckpt: Checkpoint, name: str, label: str, rows: tuple[int, int] | None,
+              check: bool) -> torch.Tensor:
+        """A tensor owned by the merge (never a view of a caller's state dict), so kernels may work in place."""
+        src = ckpt.get(name, rows)
+        t = src.to(self.device, non_blocking=True).to(self.compute_dtype)
+        if t.data_ptr() == src.data_ptr() and not ckpt.fresh_tensors:
+            t = t.clone()
+        if check and t.numel():
+            low, high = torch.aminmax(t)       # NaN propagates; 7x cheaper than isfinite().all()
+            if not bool(torch.isfinite(low) & torch.isfinite(high)):
+                raise MergelabError(f"{label}: tensor {name!r} contains NaN or Inf")
         return t
 
-    def read(self, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        base = self._load(self.base, name, self.base_label) if self.base is not None else None
-        return base, [self._load(m, name, lbl) for m, lbl in zip(self.models, self.labels)]
+    def read(self, name: str, rows: tuple[int, int] | None = None,
+             check: bool = True) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Inputs of one tensor; ``check=False`` skips the NaN/Inf check (pre-passes: the merge checks)."""
+        base = self._load(self.base, name, self.base_label, rows, check) if self.base is not None else None
+        return base, [self._load(m, name, lbl, rows, check) for m, lbl in zip(self.models, self.labels)]
+
+    def deltas(self, name: str, rows: tuple[int, int] | None, which: Sequence[int],
+               weights: Sequence[float] | None) -> dict[int, torch.Tensor]:
+        """(Weighted) task vectors of the models in ``which``, for selection passes."""
+        base, models = self.read(name, rows, check=False)
+        out = {}
+        for i in which:
+            delta = models[i].sub_(base)
+            out[i] = delta.mul_(weights[i]) if weights is not None and weights[i] != 1.0 else delta
+        return out
 
 
 def _run_pool(names: Sequence[str], work: Callable[[str], object], threads: int,
@@ -117,7 +160,7 @@ def _run_pool(names: Sequence[str], work: Callable[[str], object], threads: int,
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mergelab") as pool:
         try:
             while queue or pending:
-                while queue and len(pending) < threads + 1:
+                while queue and len(pending) < threads:
                     name = queue.pop(0)
                     pending[pool.submit(work, name)] = name
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -134,23 +177,13 @@ def _run_pool(names: Sequence[str], work: Callable[[str], object], threads: int,
 
 
 def _largest_first(names: Iterable[str], ckpt: Checkpoint) -> list[str]:
-    def numel(n: str) -> int:
-        size = 1
-        for s in ckpt.shape(n):
-            size *= s
-        return size
-    return sorted(names, key=numel, reverse=True)
+    return sorted(names, key=lambda n: _numel(ckpt.shape(n)), reverse=True)
 
 
 def _global_thresholds(densities: list[float], inputs: _Inputs, names: list[str], weights: list[float],
                        threads: int, progress: Progress | None) -> list[float | None]:
     """Exact whole-model TIES thresholds per model: the paper's top-k over the flattened task vector."""
-    total = 0
-    for name in names:
-        n = 1
-        for s in inputs.base.shape(name):
-            n *= s
-        total += n
+    total = sum(_numel(inputs.base.shape(n)) for n in names)
     selectors: list[K.RadixSelect | None] = []
     for density in densities:
         selectors.append(None if density >= 1 or density <= 0 or total == 0
@@ -160,41 +193,70 @@ def _global_thresholds(densities: list[float], inputs: _Inputs, names: list[str]
         return [None] * len(densities)
     lock = threading.Lock()
 
-    def deltas(name: str) -> list[torch.Tensor]:
-        base, models = inputs.read(name)
-        return [(models[i] - base) * weights[i] for i in active]
+    def histograms(kind: str):
+        def work(name: str) -> None:
+            for rows in row_blocks(inputs.base.shape(name)) or [None]:
+                deltas = inputs.deltas(name, rows, active, weights)
+                hists = {i: getattr(selectors[i], f"{kind}_histogram")(deltas[i]) for i in active}
+                with lock:
+                    for i, h in hists.items():
+                        getattr(selectors[i], f"add_{kind}")(histogram=h)
+        return work
 
-    def high(name: str):
-        return [selectors[i].high_histogram(d) for i, d in zip(active, deltas(name))]
-
-    def low(name: str):
-        return [selectors[i].low_histogram(d) for i, d in zip(active, deltas(name))]
-
-    def add(kind: str):
-        def on_done(name: str, hists) -> None:
-            with lock:
-                for i, h in zip(active, hists):
-                    getattr(selectors[i], f"add_{kind}")(histogram=h)
-        return on_done
-
-    _run_pool(names, high, threads, add("high"), "trim pass 1/2", progress)
+    _run_pool(names, histograms("high"), threads, lambda name, _: None, "trim pass 1/2", progress)
     for i in active:
         selectors[i].finish_high()
-    _run_pool(names, low, threads, add("low"), "trim pass 2/2", progress)
+    _run_pool(names, histograms("low"), threads, lambda name, _: None, "trim pass 2/2", progress)
     return [s.finish_low() if s is not None else None for s in selectors]
 
 
+def _tensor_selections(ranks: list[list[int | None]], inputs: _Inputs, name: str,
+                       blocks: list[tuple[int, int]] | None,
+                       weights: Sequence[float] | None) -> list[list[float | None]]:
+    """Values of the requested magnitude ranks of each model's delta over the whole tensor, exactly.
+
+    A tensor merged whole is selected directly; one merged in blocks goes through two streaming
+    histogram passes (``RadixSelect``), so that no block needs the others.
+    """
+    which = [i for i, rs in enumerate(ranks) if any(r is not None for r in rs)]
+    if not which:
+        return [[None] * len(rs) for rs in ranks]
+    if blocks is None:
+        deltas = inputs.deltas(name, None, which, weights)
+        mags = {i: deltas[i].abs() for i in which}
+        return [[None if r is None else float(K.kth_smallest(mags[i], r)) for r in rs] if i in mags
+                else [None] * len(rs) for i, rs in enumerate(ranks)]
+    selectors = {(i, j): K.RadixSelect(r) for i, rs in enumerate(ranks) for j, r in enumerate(rs) if r is not None}
+    for kind in ("high", "low"):
+        for rows in blocks:
+            deltas = inputs.deltas(name, rows, which, weights)
+            for (i, _), sel in selectors.items():
+                getattr(sel, f"add_{kind}")(deltas[i])
+        if kind == "high":
+            for sel in selectors.values():
+                sel.finish_high()
+    return [[selectors[(i, j)].finish_low() if (i, j) in selectors else None for j in range(len(rs))]
+            for i, rs in enumerate(ranks)]
+
+
 def _default_threads() -> int:
-    return max(1, min(4, torch.get_num_threads()))
+    import os
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+Sink = Callable[[str, torch.Tensor, int], None]   # (name, tensor or block of rows, first row)
 
 
 def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoint], params: dict,
-              model_params: list[dict], compat: str, sink: Callable[[str, torch.Tensor], None],
+              model_params: list[dict], compat: str, sink: Sink,
               out_dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
               compute_dtype: torch.dtype = torch.float32, threads: int | None = None,
               progress: Progress | None = None, labels: Sequence[str] | None = None,
-              base_label: str = "base") -> dict[str, float]:
-    """Merge every tensor and hand each result to ``sink(name, tensor)``; returns seconds per stage."""
+              base_label: str = "base", block_elements: int = BLOCK_ELEMENTS) -> dict[str, float]:
+    """Merge every tensor and hand each result (whole, or block by block) to ``sink``.
+
+    Returns the seconds spent per stage. ``sink`` is called from worker threads.
+    """
     labels = list(labels or [f"model {i}" for i in range(len(models))])
     if method.needs_base and base is None:
         raise MergelabError(f"method {method.name!r} needs a base model")
@@ -208,32 +270,50 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
     threads = threads or _default_threads()
     inputs = _Inputs(base if method.needs_base else None, models, labels, base_label, device, compute_dtype)
     mergeable = [n for n in names if _mergeable(reference.dtype(n))]
+    weights = [p.get("weight", 1.0) for p in model_params]
     stages: dict[str, float] = {}
 
     thresholds = None
     densities = method.global_trim(params, model_params, compat) if method.global_trim else None
     if densities is not None:
         t0 = time.perf_counter()
-        weights = [p.get("weight", 1.0) for p in model_params]
         thresholds = _global_thresholds(densities, inputs, _largest_first(mergeable, reference), weights,
                                         threads, progress)
         stages["global trim thresholds"] = time.perf_counter() - t0
+    chunkable = method.chunkable(params, compat)
+    select_weights = weights if method.select_weighted(compat) else None
 
-    def work(name: str) -> torch.Tensor:
+    def work(name: str) -> None:
         if not _mergeable(reference.dtype(name)):
-            return reference.get(name).clone()
-        b, ms = inputs.read(name)
-        job = TensorJob(name, b, ms, params, model_params, compat, thresholds)
-        try:
-            merged = method.merge_tensor(job)
-        except MergelabError:
-            raise
-        except (RuntimeError, ValueError) as e:
-            raise MergelabError(f"{name}: {method.name} failed: {str(e).splitlines()[0]}") from e
-        return merged.to(out_dtype or reference.dtype(name))
+            sink(name, reference.get(name).clone(), 0)
+            return
+        shape = reference.shape(name)
+        blocks = row_blocks(shape, block_elements) if chunkable else None
+        ranks = method.select(params, model_params, compat, _numel(shape)) if method.select else None
+        selections = _tensor_selections(ranks, inputs, name, blocks, select_weights) if ranks else None
+        stats = None
+        if method.stats is not None:
+            for rows in blocks or [None]:
+                b, ms = inputs.read(name, rows, check=False)
+                part = method.stats(TensorJob(name, b, ms, params, model_params, compat, thresholds,
+                                              selections, rows, _numel(shape)))
+                if part is None:
+                    break
+                stats = part if stats is None else stats + part
+        for rows in blocks or [None]:
+            b, ms = inputs.read(name, rows)
+            job = TensorJob(name, b, ms, params, model_params, compat, thresholds, selections, rows,
+                            _numel(shape), stats)
+            try:
+                merged = method.merge_tensor(job)
+            except MergelabError:
+                raise
+            except (RuntimeError, ValueError) as e:
+                raise MergelabError(f"{name}: {method.name} failed: {str(e).splitlines()[0]}") from e
+            sink(name, merged.to(out_dtype or reference.dtype(name)), rows[0] if rows else 0)
 
     t0 = time.perf_counter()
-    _run_pool(_largest_first(names, reference), work, threads, sink, "merge", progress)
+    _run_pool(_largest_first(names, reference), work, threads, lambda name, _: None, "merge", progress)
     stages["merge"] = time.perf_counter() - t0
     return stages
 
@@ -241,7 +321,8 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
 def merge_state_dicts(base: Mapping[str, torch.Tensor] | None, models: Sequence[Mapping[str, torch.Tensor]],
                       method: str, params: dict | None = None, model_params: Sequence[dict | None] | None = None,
                       compat: str = "paper", device: str = "cpu", threads: int | None = 1,
-                      out_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+                      out_dtype: torch.dtype | None = None,
+                      block_elements: int = BLOCK_ELEMENTS) -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts; the result keeps the base's tensor order and dtypes."""
     m = get_method(method)
     model_params = list(model_params or [{} for _ in models])
@@ -252,19 +333,27 @@ def merge_state_dicts(base: Mapping[str, torch.Tensor] | None, models: Sequence[
     ckpts = [open_checkpoint(sd) for sd in models]
     result: dict[str, torch.Tensor] = {}
     lock = threading.Lock()
+    reference = base_ckpt or ckpts[0]
 
-    def sink(name: str, tensor: torch.Tensor) -> None:
-        with lock:
+    def sink(name: str, tensor: torch.Tensor, row: int) -> None:
+        shape = reference.shape(name)
+        if row == 0 and tuple(tensor.shape) == tuple(shape):
             result[name] = tensor.cpu()
+            return
+        with lock:
+            if name not in result:
+                result[name] = torch.empty(shape, dtype=tensor.dtype)
+        result[name][row:row + tensor.shape[0]] = tensor.cpu()
     run_merge(m, base_ckpt, ckpts, g, per, compat, sink, out_dtype=out_dtype, device=device, threads=threads,
-              labels=[f"models[{i}]" for i in range(len(models))])
-    order = (base_ckpt or ckpts[0]).keys()
+              labels=[f"models[{i}]" for i in range(len(models))], block_elements=block_elements)
+    order = reference.keys()
     return {k: result[k] for k in order}
 
 
 def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: bool = False,
           compat: str | None = None, device: str | None = None, threads: int | None = None,
-          progress: Progress | None = None, shard_size: str | int | None = None) -> MergeSummary:
+          progress: Progress | None = None, shard_size: str | int | None = None,
+          block_elements: int = BLOCK_ELEMENTS) -> MergeSummary:
     """Merge the checkpoints a recipe names into ``out_dir`` (a Hugging Face folder), streaming."""
     started = time.perf_counter()
     if not isinstance(recipe, Recipe):
@@ -277,8 +366,9 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
     compute_dtype = parse_dtype(recipe.compute_dtype) or torch.float32
     max_shard = parse_size(shard_size if shard_size is not None else recipe.shard_size)
 
+    from mergelab.lora import open_model   # PEFT LoRA adapter folders read as base + B @ A
     base = open_checkpoint(recipe.base_model) if recipe.base_model else None
-    models = [open_checkpoint(m.path) for m in recipe.models]
+    models = [open_model(m.path, base) for m in recipe.models]
     labels = [m.path for m in recipe.models]
     reference = base if base is not None else models[0]
     try:
@@ -295,7 +385,8 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
             try:
                 stages = run_merge(method, base, models, g, per, recipe.compat, writer.write, out_dtype=out_dtype,
                                    device=device or "cpu", compute_dtype=compute_dtype, threads=threads,
-                                   progress=progress, labels=labels, base_label=recipe.base_model or "base")
+                                   progress=progress, labels=labels, base_label=recipe.base_model or "base",
+                                   block_elements=block_elements)
             except BaseException:
                 writer.abort()
                 raise

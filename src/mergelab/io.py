@@ -1,7 +1,7 @@
 """The one place that reads and writes checkpoints.
 
-Reading is lazy: safetensors files are memory-mapped and each tensor is a zero-copy view until it is
-converted, so a merge holds a few tensors at a time, never a whole model. ``.bin`` files are read with
+Reading is lazy: a safetensors header is parsed up front and each tensor is read on demand with
+``pread``, so a merge holds a few tensors at a time, never a whole model. ``.bin`` files are read with
 ``torch.load(weights_only=True)`` only. Output shards are planned up front (names, shapes, dtypes are
 known from the base), their headers written first, and every tensor is written at its own offset as
 soon as it is merged: nothing waits in memory for a shard to fill, and workers may finish in any order.
@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import mmap
 import os
 import re
 import shutil
 import struct
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -118,29 +118,35 @@ class SafetensorsFile:
                                     "size (truncated or corrupt file)")
             self.infos[name] = TensorInfo(dtype, shape)
             self.offsets[name] = (begin, end)
-        self._mmap: mmap.mmap | None = None
+        self._fd: int | None = None
 
-    def _buffer(self) -> mmap.mmap:
-        if self._mmap is None:
-            with open(self.path, "rb") as f:
-                # copy-on-write mapping: writable for torch.frombuffer, never writes to the file
-                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        return self._mmap
-
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read one tensor (or rows [a, b) of it) with ``pread`` into fresh memory: thread-safe, releases
+        the GIL, and the memory is freed with the tensor (a memory map would keep touched pages resident)."""
         info = self.infos[name]
         begin, end = self.offsets[name]
-        if end == begin:
-            return torch.empty(info.shape, dtype=info.dtype)
-        flat = torch.frombuffer(self._buffer(), dtype=info.dtype, count=(end - begin) // _itemsize(info.dtype),
-                                offset=self.data_start + begin)
-        return flat.reshape(info.shape)
+        shape = info.shape
+        if rows is not None:
+            row_bytes = (end - begin) // shape[0] if shape[0] else 0
+            begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+            shape = (rows[1] - rows[0], *shape[1:])
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        if end > begin:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            view = memoryview(buf.numpy())
+            done = 0
+            while done < end - begin:
+                n = os.preadv(self._fd, [view[done:]], self.data_start + begin + done)
+                if n <= 0:
+                    raise MergelabError(f"{self.path}: unexpected end of file reading tensor {name!r}")
+                done += n
+        return buf.view(info.dtype).reshape(shape)
 
     def close(self) -> None:
-        if self._mmap is not None:
-            with contextlib.suppress(BufferError):
-                self._mmap.close()
-            self._mmap = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -167,8 +173,9 @@ class PickleFile:
         self.tensors: dict[str, torch.Tensor] = obj
         self.infos = {k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in obj.items()}
 
-    def get(self, name: str) -> torch.Tensor:
-        return self.tensors[name]
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        t = self.tensors[name]
+        return t if rows is None else t[rows[0]:rows[1]]
 
     def close(self) -> None:
         self.tensors = {}
@@ -201,9 +208,18 @@ class Checkpoint:
     def dtype(self, name: str) -> torch.dtype:
         return self.info(name).dtype
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor, or only its rows [a, b) along the first dimension."""
         f = self._files[self._where[name]]
-        return f[name] if isinstance(f, dict) else f.get(name)
+        if isinstance(f, dict):
+            t = f[name]
+            return t if rows is None else t[rows[0]:rows[1]]
+        return f.get(name, rows)
+
+    @property
+    def fresh_tensors(self) -> bool:
+        """True when ``get`` returns new memory (safetensors reads), so callers may modify it in place."""
+        return all(isinstance(f, SafetensorsFile) for f in self._files.values())
 
     def file_of(self, name: str) -> str:
         return self._where[name]
@@ -353,17 +369,25 @@ class ShardedWriter:
             self._fds.append(fd)
             self.total_bytes += pos
         self._written: set[str] = set()
+        self._rows_written: dict[str, int] = {}
+        self._lock = threading.Lock()
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, row: int = 0) -> None:
+        """Write a tensor, or a block of its rows starting at ``row`` (blocks may come in any order)."""
         slot = self.slots[name]
-        if tensor.dtype != slot.dtype or tuple(tensor.shape) != slot.shape:
+        whole = row == 0 and tuple(tensor.shape) == slot.shape
+        if tensor.dtype != slot.dtype or (not whole and tuple(tensor.shape[1:]) != slot.shape[1:]):
             raise RuntimeError(f"{name}: planned {slot.dtype}{list(slot.shape)}, got {tensor.dtype}{list(tensor.shape)}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         view = memoryview(data)
+        offset = slot.offset + (row * (slot.nbytes // slot.shape[0]) if row else 0)
         done = 0
-        while done < slot.nbytes:
-            done += os.pwrite(self._fds[slot.shard], view[done:], slot.offset + done)
-        self._written.add(name)
+        while done < len(view):
+            done += os.pwrite(self._fds[slot.shard], view[done:], offset + done)
+        with self._lock:
+            self._rows_written[name] = self._rows_written.get(name, 0) + (tensor.shape[0] if not whole else 1)
+            if whole or self._rows_written[name] >= slot.shape[0]:
+                self._written.add(name)
 
     def close(self) -> None:
         missing = set(self.slots) - self._written

@@ -71,6 +71,12 @@ class TensorJob:
     model_params: list[dict[str, Any]]     # per model, with global values and defaults filled in
     compat: str = "paper"
     thresholds: list[float | None] | None = None   # whole-model trim thresholds per model (ties global)
+    # per-tensor magnitude thresholds per model, computed by the engine from ``Method.select`` over the
+    # WHOLE tensor, so that a block of rows can be merged on its own
+    selections: list[list[float | None]] | None = None
+    rows: tuple[int, int] | None = None            # the block of rows of the tensor this job holds
+    numel: int = 0                                 # elements of the whole tensor
+    stats: torch.Tensor | None = None              # ``Method.stats`` summed over the whole tensor
 
     def deltas(self) -> list[torch.Tensor]:
         return [m - self.base for m in self.models]
@@ -81,7 +87,8 @@ class TensorJob:
     def generator(self, index: int) -> torch.Generator:
         """Per (seed, tensor, model) generator: DARE masks do not depend on thread order."""
         seed = int(self.params.get("seed", 0))
-        mixed = (seed * 1_000_003 + zlib.crc32(self.name.encode()) * 31 + index) % (2**63)
+        block = self.rows[0] if self.rows else 0
+        mixed = (seed * 1_000_003 + zlib.crc32(self.name.encode()) * 31 + index + block * 7919) % (2**63)
         return torch.Generator().manual_seed(mixed)
 
 
@@ -98,6 +105,17 @@ class Method:
     # densities per model for a whole-model trim, or None when no global pre-pass is needed
     global_trim: Callable[[dict, list[dict], str], list[float] | None] | None = None
     prepare: Callable[[dict, list[dict], str], None] | None = None
+    # per-tensor selections: for a tensor of n elements, the ranks k (1-based, k-th smallest magnitude
+    # of each model's delta; None = not needed) whose values the kernel needs as thresholds
+    select: Callable[[dict, list[dict], str, int], list[list[int | None]] | None] | None = None
+    # rank |weight * delta| (the paper semantics, which weight task vectors first) or |delta| (mergekit)
+    select_weighted: Callable[[str], bool] = lambda compat: compat != "mergekit"
+    # False when a kernel needs whole-tensor statistics the engine does not provide (merged unsplit)
+    chunkable: Callable[[dict, str], bool] = lambda params, compat: True
+    # whole-tensor sums a kernel needs (norms, dot products): partial sums of one block of rows as a
+    # float64 vector, or None when these parameters need none; the engine adds them over all blocks
+    # in a first pass and hands the total to the merge pass as ``TensorJob.stats``
+    stats: Callable[[TensorJob], torch.Tensor | None] | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
@@ -191,31 +209,49 @@ def _normalize(default: bool):
 _DENSITY_HELP = "fraction of each task vector kept"
 
 
+def _stacked_deltas(job: TensorJob, sparsify: Callable[[torch.Tensor, dict, int], torch.Tensor],
+                    weighted: bool = True) -> torch.Tensor:
+    """``[T, *shape]`` of ``weight * sparsify(delta)`` (weights applied first: what the paper's trim sees)."""
+    out = torch.empty((len(job.models), *job.base.shape), dtype=job.base.dtype, device=job.base.device)
+    for i, (model, p) in enumerate(zip(job.models, job.model_params)):
+        row = torch.sub(model, job.base, out=out[i])
+        w = p.get("weight", 1.0)
+        if weighted and w != 1.0:
+            row.mul_(w)
+        result = sparsify(row, p, i)
+        if result is not row:
+            row.copy_(result)
+    return out
+
+
 def _stack_weighted(job: TensorJob, sparsify: Callable[[torch.Tensor, dict, int], torch.Tensor]) -> torch.Tensor:
-    """Stack ``weight * sparsify(delta)`` of every model: the paper semantics' task vectors."""
-    rows = []
-    for i, (delta, p) in enumerate(zip(job.deltas(), job.model_params)):
-        rows.append(sparsify(delta * p.get("weight", 1.0), p, i))
-    return torch.stack(rows)
+    return _stacked_deltas(job, sparsify, weighted=True)
 
 
 def _mergekit_mix(job: TensorJob, sparsify: Callable[[torch.Tensor, dict, int], torch.Tensor],
                   consensus: bool) -> torch.Tensor:
-    """mergekit 0.1.5 ``GeneralizedTaskArithmeticMerge.merge_group`` on float32 tensors."""
-    deltas = torch.stack([sparsify(d, p, i) for i, (d, p) in enumerate(zip(job.deltas(), job.model_params))])
+    """mergekit 0.1.5 ``GeneralizedTaskArithmeticMerge.merge_group`` on float32 tensors.
+
+    Sparsify each delta, multiply by its weight, then (with consensus) keep entries whose sign equals
+    the sign of the weighted sum (0 -> +1); mix = sum, divided by the sum of the kept weights if
+    ``normalize``; times ``lambda``.
+    """
+    deltas = _stacked_deltas(job, sparsify, weighted=False)
     weights = torch.tensor(job.weights(), dtype=deltas.dtype, device=deltas.device)
-    weights = weights.reshape(-1, *([1] * (deltas.dim() - 1)))
-    deltas.mul_(weights)
+    if bool((weights != 1).any()):
+        deltas.mul_(weights.reshape(-1, *([1] * (deltas.dim() - 1))))
     if consensus:
         sign = K.elect_sign(deltas, zero="positive")
-        mask = (deltas.sign() == sign).to(deltas.dtype)
-        mixed = (deltas * mask).sum(dim=0)
-        divisor = (weights * mask).sum(dim=0)
+        agreeing = deltas.mul_(sign).clamp_(min=0)          # |w delta| where signs agree, else 0
+        mixed = agreeing.sum(dim=0).mul_(sign)
+        mask = (agreeing > 0).to(deltas.dtype)
+        divisor = torch.tensordot(weights, mask, dims=1)
         divisor[divisor == 0] = 1
     else:
         mixed = deltas.sum(dim=0)
-        divisor = weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
+        divisor = weights.sum()
+        if divisor.abs() < 1e-8:
+            divisor = torch.ones_like(divisor)
     if job.params["normalize"]:
         mixed = mixed / divisor
     if job.params["lambda"] != 1:
@@ -270,26 +306,36 @@ register(Method(
 
 # ---------------------------------------------------------------- TIES
 
+def _keep_band(delta: torch.Tensor, low: float | None, high: float | None) -> torch.Tensor:
+    if low is None and high is None:
+        return delta
+    mag = delta.abs()
+    keep = mag >= low if low is not None else mag <= high
+    if low is not None and high is not None:
+        keep &= mag <= high
+    return delta * keep
+
+
 def _ties_trimmer(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.Tensor]:
-    scope = job.params.get("trim_scope", "global")
+    """TIES trim of one (weighted) delta with the threshold of its scope (model, tensor or row)."""
+    scope = "per_tensor" if job.compat == "mergekit" else job.params.get("trim_scope", "global")
 
     def trim(delta: torch.Tensor, p: dict, i: int) -> torch.Tensor:
         density = p["density"]
-        if scope == "per_tensor":
-            return K.ties_trim(delta, density)
         if scope == "per_row":
             return K.ties_trim_rows(delta, density)
-        if density >= 1:
+        if density >= 1 or delta.numel() == 0:
             return delta
         if density <= 0:
             return torch.zeros_like(delta)
-        return K.trim_by_threshold(delta, job.thresholds[i])
+        threshold = job.thresholds[i] if scope == "global" else job.selections[i][0]
+        return K.trim_by_threshold(delta, threshold)
     return trim
 
 
 def _ties(job: TensorJob) -> torch.Tensor:
     if job.compat == "mergekit":
-        return _mergekit_mix(job, lambda d, p, i: K.topk_exact(d, p["density"]), consensus=True)
+        return _mergekit_mix(job, _ties_trimmer(job), consensus=True)
     trimmed = _stack_weighted(job, _ties_trimmer(job))
     sign = K.elect_sign(trimmed)
     return job.base + job.params["lambda"] * K.disjoint_merge(trimmed, sign, job.params["merge"])
@@ -299,6 +345,22 @@ def _ties_global_trim(params: dict, model_params: list[dict], compat: str) -> li
     if compat == "mergekit" or params.get("trim_scope") != "global":
         return None
     return [p["density"] for p in model_params]
+
+
+def _ties_select(params: dict, model_params: list[dict], compat: str, n: int) -> list[list[int | None]] | None:
+    """Per-tensor trim ranks: TIES code (kthvalue of n - int(n*d)) or mergekit (exactly max(1, int(d*n)) kept)."""
+    if compat != "mergekit" and params.get("trim_scope") != "per_tensor":
+        return None
+    ranks = []
+    for p in model_params:
+        d = p["density"]
+        if n == 0 or d >= 1 or d <= 0:
+            ranks.append([None])
+        elif compat == "mergekit":
+            ranks.append([n - max(1, int(d * n)) + 1])
+        else:
+            ranks.append([K.keep_count(n, d)])
+    return ranks
 
 
 _MERGE_MODE = Param("merge", str, "mean", "disjoint merge: mean (TIES paper), sum (FusionBench), max",
@@ -318,7 +380,7 @@ register(Method(
               choices=("global", "per_tensor", "per_row"), modes=("paper",)),
         _normalize(True),
     ),
-    merge_tensor=_ties, global_trim=_ties_global_trim,
+    merge_tensor=_ties, global_trim=_ties_global_trim, select=_ties_select,
 ))
 
 
@@ -326,7 +388,15 @@ register(Method(
 
 def _breadcrumbs_sparsify(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.Tensor]:
     if job.compat == "mergekit":
-        return lambda d, p, i: K.magnitude_band(d, p["keep"], p["top_remove"])
+        def band(delta: torch.Tensor, p: dict, i: int) -> torch.Tensor:
+            """mergekit's magnitude_outliers with the tensor's band limits from the engine."""
+            if p["keep"] >= 1:
+                return delta
+            if int(p["keep"] * job.numel) <= 0:
+                return torch.zeros_like(delta)
+            low, high = job.selections[i]
+            return _keep_band(delta, low, high)
+        return band
     return lambda d, p, i: K.breadcrumbs_rows(d, p["keep"], p["top_remove"])
 
 
@@ -343,6 +413,22 @@ def _breadcrumbs_ties(job: TensorJob) -> torch.Tensor:
     masked = _stack_weighted(job, _breadcrumbs_sparsify(job))
     sign = K.elect_sign(masked)
     return job.base + job.params["lambda"] * K.disjoint_merge(masked, sign, job.params["merge"])
+
+
+def _breadcrumbs_select(params: dict, model_params: list[dict], compat: str,
+                        n: int) -> list[list[int | None]] | None:
+    """mergekit's band over the whole tensor: ranks of the smallest kept and largest kept magnitude."""
+    if compat != "mergekit":
+        return None
+    ranks = []
+    for p in model_params:
+        target = int(p["keep"] * n)
+        if p["keep"] >= 1 or target <= 0:
+            ranks.append([None, None])
+            continue
+        n_bot = max(0, n - target - int(p["top_remove"] * n))
+        ranks.append([n_bot + 1 if n_bot > 0 else None, n_bot + target if n_bot + target < n else None])
+    return ranks
 
 
 def _check_band(params: dict, model_params: list[dict], compat: str) -> None:
@@ -372,28 +458,43 @@ register(Method(
     name="breadcrumbs",
     summary="per row, drop the largest outliers and the small deltas, add the rest",
     reference="Davari & Belilovsky ECCV 2024, arXiv 2312.06795",
-    params=_breadcrumbs_params(False), merge_tensor=_breadcrumbs, prepare=_check_band,
+    params=_breadcrumbs_params(False), merge_tensor=_breadcrumbs, prepare=_check_band, select=_breadcrumbs_select,
 ))
 register(Method(
     name="breadcrumbs_ties",
     summary="breadcrumbs masks, then TIES sign election and disjoint merge",
     reference="mergekit; Davari & Belilovsky 2024 + Yadav et al. 2023",
     params=_breadcrumbs_params(True), merge_tensor=_breadcrumbs_ties, prepare=_check_band,
+    select=_breadcrumbs_select,
 ))
 
 
 # ---------------------------------------------------------------- DARE
 
 def _dare_sparsify(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.Tensor]:
-    if job.compat == "mergekit":
-        rescale = "l1" if job.params["rescale"] else "none"
-    else:
-        rescale = "inverse"
+    l1 = job.compat == "mergekit" and job.params["rescale"]
 
     def drop(delta: torch.Tensor, p: dict, i: int) -> torch.Tensor:
-        out = K.dare(delta.cpu(), 1.0 - p["density"], job.generator(i), rescale=rescale)
-        return out.to(delta.device)
+        if l1:   # mergekit: match the L1 norm of the whole tensor's delta (sums from the stats pass)
+            kept = K.dare(delta.cpu(), 1.0 - p["density"], job.generator(i), rescale="none")
+            before, after = float(job.stats[2 * i]), float(job.stats[2 * i + 1])
+            if 0 < p["density"] < 1 and before >= 1e-7 and after >= 1e-7:
+                kept.mul_(before / after)
+        else:
+            kept = K.dare(delta.cpu(), 1.0 - p["density"], job.generator(i), rescale="inverse")
+        return kept.to(delta.device)
     return drop
+
+
+def _dare_stats(job: TensorJob) -> torch.Tensor | None:
+    """L1 norms of each delta before and after the drop (same seeded masks as the merge pass)."""
+    if job.compat != "mergekit" or not job.params["rescale"]:
+        return None
+    sums = []
+    for i, (delta, p) in enumerate(zip(job.deltas(), job.model_params)):
+        kept = K.dare(delta.cpu(), 1.0 - p["density"], job.generator(i), rescale="none")
+        sums += [delta.abs().sum(dtype=torch.float64).cpu(), kept.abs().sum(dtype=torch.float64)]
+    return torch.stack(sums)
 
 
 def _dare_linear(job: TensorJob) -> torch.Tensor:
@@ -428,20 +529,37 @@ register(Method(
     name="dare_linear", aliases=("dare",),
     summary="drop delta entries with probability p, rescale by 1/(1-p), task arithmetic",
     reference="Yu et al. ICML 2024, arXiv 2311.03099",
-    params=_dare_params(False), merge_tensor=_dare_linear,
+    params=_dare_params(False), merge_tensor=_dare_linear, stats=_dare_stats,
 ))
 register(Method(
     name="dare_ties",
     summary="DARE drop and rescale, then TIES sign election and disjoint merge",
     reference="Yu et al. ICML 2024 + Yadav et al. NeurIPS 2023",
-    params=_dare_params(True), merge_tensor=_dare_ties,
+    params=_dare_params(True), merge_tensor=_dare_ties, stats=_dare_stats,
 ))
 
 
 # ---------------------------------------------------------------- Model Stock
 
 def _model_stock(job: TensorJob) -> torch.Tensor:
-    return K.model_stock(job.base, job.models, filter_wise=job.params["filter_wise"])
+    cos = None
+    if job.stats is not None:        # whole-tensor angle from the stats pass
+        n = len(job.models)
+        dots, squares = job.stats[: n * (n - 1) // 2], job.stats[n * (n - 1) // 2:]
+        norms = squares.sqrt()
+        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+        cos = torch.stack([(dots[k] / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
+                           for k, (i, j) in enumerate(pairs)]).mean().to(job.base.dtype)
+    return K.model_stock(job.base, job.models, filter_wise=job.params["filter_wise"], cos=cos)
+
+
+def _model_stock_stats(job: TensorJob) -> torch.Tensor | None:
+    """Pairwise dot products and squared norms of the deltas, for the per-tensor angle."""
+    if job.params["filter_wise"]:
+        return None
+    deltas = [d.reshape(-1).double() for d in job.deltas()]
+    dots = [torch.dot(a, b) for i, a in enumerate(deltas) for b in deltas[i + 1:]]
+    return torch.stack(dots + [torch.dot(d, d) for d in deltas]).cpu()
 
 
 register(Method(
@@ -449,5 +567,5 @@ register(Method(
     summary="interpolate base and average by the fine-tunings' angle (same-task fine-tunes)",
     reference="Jang, Yun & Han ECCV 2024, arXiv 2403.19522",
     params=(Param("filter_wise", bool, False, "one interpolation ratio per row instead of per tensor"),),
-    merge_tensor=_model_stock, min_models=2,
+    merge_tensor=_model_stock, min_models=2, stats=_model_stock_stats,
 ))

@@ -1,0 +1,110 @@
+"""``mergelab bench``: run a benchmark suite (fine-tune, merge, evaluate) and write a report."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench", help="benchmark merge methods on real fine-tunings (default suite: text6)",
+        description="Fine-tune (cached) one encoder per task, merge with every method, choose "
+                    "hyper-parameters on validation, evaluate once on test, write tables and plots.")
+    p.add_argument("--suite", default="text6", help="built-in suite (text6, demo) or a suite .yaml")
+    p.add_argument("--out", default=None, help="run folder (default runs/<suite>-<timestamp>)")
+    p.add_argument("--cache-dir", default=None,
+                   help="fine-tuned checkpoints cache (default $MERGELAB_CACHE or ~/.cache/mergelab/bench)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated subset of the suite's methods (e.g. ties,task_arithmetic)")
+    p.add_argument("--model", action="append", default=[], metavar="TASK=DIR",
+                   help="use your own fine-tuned Hugging Face folder (with head.safetensors) for TASK")
+    p.add_argument("--base", default=None, help="base encoder folder (default: all-MiniLM-L6-v2)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--list", action="store_true", help="list suites and tasks, then exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+    return p
+
+
+def _progress(quiet: bool):
+    from tqdm.auto import tqdm
+
+    def factory(desc: str, total: int):
+        tty = sys.stderr.isatty()
+        return tqdm(total=total, desc=desc, disable=quiet, dynamic_ncols=True, leave=tty,
+                    mininterval=0.1 if tty else 10.0, file=sys.stderr)
+    return factory
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from mergelab.bench import data, report, suite as suites
+    from mergelab.bench.runner import run_benchmark
+    from mergelab.errors import MergelabError
+
+    if args.list:
+        print("suites:", ", ".join(sorted(suites.SUITES)))
+        for name in data.list_tasks():
+            spec = data.TASKS[name]
+            print(f"  {name:<14} {spec.description}  [packages: {' '.join(spec.packages)}]")
+        return 0
+    s = suites.get_suite(args.suite)
+    methods = s.methods
+    if args.methods:
+        wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+        known = {m.name: m for m in s.methods}
+        bad = [m for m in wanted if m not in known]
+        if bad:
+            raise MergelabError(f"--methods: unknown {', '.join(bad)}; suite {s.name} has "
+                                f"{', '.join(known)}")
+        methods = [known[m] for m in wanted]
+    user_models = {}
+    for item in args.model:
+        task, sep, folder = item.partition("=")
+        if not sep or task not in s.tasks:
+            raise MergelabError(f"--model {item!r}: expected TASK=DIR with TASK one of {', '.join(s.tasks)}")
+        if not Path(folder).is_dir():
+            raise MergelabError(f"--model {item!r}: {folder} is not a folder")
+        user_models[task] = folder
+    out = Path(args.out or f"runs/{s.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    result = run_benchmark(s, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+                           threads=args.threads, user_models=user_models, base_path=args.base,
+                           methods=methods, progress=_progress(args.quiet))
+    # keep the raw result until the report is written: a plotting failure must not cost the run
+    raw = out.with_name(out.name + ".result.json")
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps(result, default=str))
+    folder = report.write_report(result, out, plots=not args.no_plots)
+    raw.unlink()
+    print(report.markdown_table(result))
+    print()
+    print(report.order_text(report.order_check(result)))
+    print()
+    print(report.timings_table(result))
+    print(f"\nrun folder: {folder} (results.md, results.csv, results.json"
+          f"{'' if args.no_plots else ', per_task.png, normalized.png, lambda_sweep.png'})")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Stand-alone entry (``python -m mergelab.cli_bench``) until the main CLI registers it."""
+    from mergelab.errors import MergelabError
+
+    parser = argparse.ArgumentParser(prog="mergelab")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MergelabError as e:
+        print(f"mergelab: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
