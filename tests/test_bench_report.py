@@ -156,7 +156,7 @@ def test_suite_yaml(tmp_path):
 
 
 def test_cli_list_and_bad_arguments(capsys):
-    from mergelab import cli_bench
+    from mergelab import cli as cli_bench   # the main CLI, which registers `bench`
     assert cli_bench.main(["bench", "--list"]) == 0
     out = capsys.readouterr().out
     assert "text6" in out and "wordnet_verb" in out and "dict-gcide" in out

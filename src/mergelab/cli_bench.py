@@ -89,22 +89,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nrun folder: {folder} (results.md, results.csv, results.json"
           f"{'' if args.no_plots else ', per_task.png, normalized.png, lambda_sweep.png'})")
     return 0
-
-
-def main(argv=None) -> int:
-    """Stand-alone entry (``python -m mergelab.cli_bench``) until the main CLI registers it."""
-    from mergelab.errors import MergelabError
-
-    parser = argparse.ArgumentParser(prog="mergelab")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except MergelabError as e:
-        print(f"mergelab: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -259,6 +259,22 @@ def _mergekit_mix(job: TensorJob, sparsify: Callable[[torch.Tensor, dict, int], 
     return job.base + mixed
 
 
+def _sum_merge(job: TensorJob, sparsify: Callable[[torch.Tensor, dict, int], torch.Tensor]) -> torch.Tensor:
+    """Sparsified task vectors added up (breadcrumbs, DARE): base + lambda * sum."""
+    if job.compat == "mergekit":
+        return _mergekit_mix(job, sparsify, consensus=False)
+    return job.base + job.params["lambda"] * _stack_weighted(job, sparsify).sum(dim=0)
+
+
+def _consensus_merge(job: TensorJob, sparsify: Callable[[torch.Tensor, dict, int], torch.Tensor]) -> torch.Tensor:
+    """Sparsified task vectors, TIES sign election by mass and disjoint merge (TIES, *_ties)."""
+    if job.compat == "mergekit":
+        return _mergekit_mix(job, sparsify, consensus=True)
+    stacked = _stack_weighted(job, sparsify)
+    merged = K.disjoint_merge(stacked, K.elect_sign(stacked), job.params["merge"])
+    return job.base + job.params["lambda"] * merged
+
+
 # ---------------------------------------------------------------- average / linear
 
 def _average(job: TensorJob) -> torch.Tensor:
@@ -334,11 +350,7 @@ def _ties_trimmer(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.T
 
 
 def _ties(job: TensorJob) -> torch.Tensor:
-    if job.compat == "mergekit":
-        return _mergekit_mix(job, _ties_trimmer(job), consensus=True)
-    trimmed = _stack_weighted(job, _ties_trimmer(job))
-    sign = K.elect_sign(trimmed)
-    return job.base + job.params["lambda"] * K.disjoint_merge(trimmed, sign, job.params["merge"])
+    return _consensus_merge(job, _ties_trimmer(job))
 
 
 def _ties_global_trim(params: dict, model_params: list[dict], compat: str) -> list[float] | None:
@@ -401,18 +413,11 @@ def _breadcrumbs_sparsify(job: TensorJob) -> Callable[[torch.Tensor, dict, int],
 
 
 def _breadcrumbs(job: TensorJob) -> torch.Tensor:
-    if job.compat == "mergekit":
-        return _mergekit_mix(job, _breadcrumbs_sparsify(job), consensus=False)
-    masked = _stack_weighted(job, _breadcrumbs_sparsify(job))
-    return job.base + job.params["lambda"] * masked.sum(dim=0)
+    return _sum_merge(job, _breadcrumbs_sparsify(job))
 
 
 def _breadcrumbs_ties(job: TensorJob) -> torch.Tensor:
-    if job.compat == "mergekit":
-        return _mergekit_mix(job, _breadcrumbs_sparsify(job), consensus=True)
-    masked = _stack_weighted(job, _breadcrumbs_sparsify(job))
-    sign = K.elect_sign(masked)
-    return job.base + job.params["lambda"] * K.disjoint_merge(masked, sign, job.params["merge"])
+    return _consensus_merge(job, _breadcrumbs_sparsify(job))
 
 
 def _breadcrumbs_select(params: dict, model_params: list[dict], compat: str,
@@ -498,18 +503,11 @@ def _dare_stats(job: TensorJob) -> torch.Tensor | None:
 
 
 def _dare_linear(job: TensorJob) -> torch.Tensor:
-    if job.compat == "mergekit":
-        return _mergekit_mix(job, _dare_sparsify(job), consensus=False)
-    dropped = _stack_weighted(job, _dare_sparsify(job))
-    return job.base + job.params["lambda"] * dropped.sum(dim=0)
+    return _sum_merge(job, _dare_sparsify(job))
 
 
 def _dare_ties(job: TensorJob) -> torch.Tensor:
-    if job.compat == "mergekit":
-        return _mergekit_mix(job, _dare_sparsify(job), consensus=True)
-    dropped = _stack_weighted(job, _dare_sparsify(job))
-    sign = K.elect_sign(dropped)
-    return job.base + job.params["lambda"] * K.disjoint_merge(dropped, sign, job.params["merge"])
+    return _consensus_merge(job, _dare_sparsify(job))
 
 
 def _dare_params(merge_mode: bool) -> tuple[Param, ...]:

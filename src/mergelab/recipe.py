@@ -76,24 +76,28 @@ def _resolve_path(value: Any, relative_to: Path | None, where: str) -> str:
     return str(p)
 
 
+def read_recipe_mapping(source: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], Path | None]:
+    """The recipe as a dict, and the file it came from (None for a dict); one-line errors."""
+    if isinstance(source, Mapping):
+        return dict(source), None
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise MergelabError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise MergelabError(f"{path}: invalid YAML{at}") from None
+    if not isinstance(raw, dict):
+        raise MergelabError(f"{path}: a recipe must be a YAML mapping")
+    return raw, path
+
+
 def load_recipe(source: str | Path | Mapping[str, Any], *, compat: str | None = None,
                 method_required: bool = True, validate: bool = True) -> Recipe:
     """Parse a recipe file or dict. ``validate`` checks the method and its parameters now."""
-    path: Path | None = None
-    if isinstance(source, Mapping):
-        raw = dict(source)
-    else:
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise MergelabError(f"{path}: recipe file not found")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f" at line {mark.line + 1}" if mark is not None else ""
-            raise MergelabError(f"{path}: invalid YAML{at}") from None
-        if not isinstance(raw, dict):
-            raise MergelabError(f"{path}: a recipe must be a YAML mapping with 'models' and 'merge_method'")
+    raw, path = read_recipe_mapping(source)
     where = str(path or "recipe")
     for key, why in UNSUPPORTED.items():
         if key in raw:

@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
 
 from mergelab.errors import MergelabError
 
@@ -137,19 +136,8 @@ def _int(raw: Mapping, key: str, default: int, where: str, low: int = 0) -> int:
 
 def load_config(source: str | Path | Mapping) -> RecycleConfig:
     """Parse and validate a recycle recipe (a YAML file or a dict)."""
-    path = None
-    if isinstance(source, Mapping):
-        raw = dict(source)
-    else:
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise MergelabError(f"{path}: recipe file not found")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError:
-            raise MergelabError(f"{path}: invalid YAML") from None
-        if not isinstance(raw, dict):
-            raise MergelabError(f"{path}: a recycle recipe must be a YAML mapping")
+    from mergelab.recipe import read_recipe_mapping
+    raw, path = read_recipe_mapping(source)
     where = str(path or "recipe")
     unknown = set(raw) - TOP_KEYS
     if unknown:
