@@ -456,10 +456,15 @@ def atomic_output_dir(out_dir: str | Path, force: bool = False) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, trash / "old")
-        os.replace(tmp, out)
+    replace_dir(tmp, out)
+
+
+def replace_dir(src: Path, dest: Path) -> None:
+    """Move a finished folder to ``dest``, replacing an existing one only once ``src`` is complete."""
+    if dest.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+        os.replace(dest, trash / "old")
+        os.replace(src, dest)
         shutil.rmtree(trash, ignore_errors=True)
     else:
-        os.replace(tmp, out)
+        os.replace(src, dest)

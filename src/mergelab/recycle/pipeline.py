@@ -16,7 +16,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -445,13 +444,8 @@ def run_recycle(cfg: RecycleConfig, out_dir: str | Path, *, force: bool = False,
     from mergelab.recycle.report import write_report
     write_report(results, work)
     write_json_atomic(work / "results.json", results)
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, trash / "old")
-        os.replace(work, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(work, out)
+    from mergelab.io import replace_dir
+    replace_dir(work, out)
     emit("done", out=str(out))
     return results
 
