@@ -259,3 +259,33 @@ def test_smile_expert_from_lora_matches_dense_svd(lora_world):
     assert torch.allclose(gate.abs(), vh[:2].abs(), atol=1e-4)                     # router rows up to sign
     gate, ea, eb = smile_expert_from_lora(a, b, scaling, k=6, gate_k=6)           # beyond rank 4: zeros
     assert torch.allclose(eb @ ea, dense, atol=1e-5) and not gate[4:].any() and not ea[4:].any()
+
+
+def test_smile_from_adapters_uses_the_factors_and_matches_the_dense_build(lora_world):
+    """SMILE fed with LoRA adapters builds experts from the factors (no dense SVD of the deltas):
+    same routing and outputs as the exact dense construction, up to float error."""
+    from transformers import AutoModel
+
+    from mergelab import smile
+    root, base_dir, adapters, full = lora_world
+    base = open_checkpoint(base_dir)
+    checkpoints = [open_model(a, base) for a in adapters]
+    calls = []
+    dense_svd = smile.truncated_svd
+
+    def counting_svd(*args, **kwargs):
+        calls.append(args[0].shape)
+        return dense_svd(*args, **kwargs)
+    load = lambda: AutoModel.from_pretrained(base_dir, attn_implementation="eager").eval()  # noqa: E731
+    smile.truncated_svd = counting_svd
+    try:
+        from_factors = smile.upscale_to_smile(load(), checkpoints, k=4, gate_k=2, target_modules=["query"])
+    finally:
+        smile.truncated_svd = dense_svd
+    assert calls == []          # every query layer is adapted by every adapter: no dense SVD at all
+    dense = smile.upscale_to_smile(load(), full, k=4, gate_k=2, target_modules=["query"], full_svd=True)
+    x = _inputs()
+    with torch.no_grad():
+        a = from_factors(input_ids=x).last_hidden_state
+        b = dense(input_ids=x).last_hidden_state
+    assert torch.allclose(a, b, atol=1e-4)

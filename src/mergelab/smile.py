@@ -199,11 +199,14 @@ def smile_linear_from_weights(
     top_k: int = 1,
     routing_use_diff: bool = True,
     svd: str = "auto",
+    factors: Sequence[tuple[Tensor, Tensor, float] | None] | None = None,
 ) -> SmileLinear | None:
     """Build one SmileLinear from the base Linear's weight/bias and the fine-tuned ones.
 
     Returns None when every weight delta is zero (FusionBench's ExpertNotTrainedError: the
     layer stays the base Linear).  ``k`` and ``gate_k`` are clipped to min(out, in).
+    ``factors[i] = (A, B, scaling)`` gives expert i's delta as a LoRA product: its router and
+    expert then come from the exact SVD of the factors (``mergelab.lora``), no dense SVD.
     """
     d_out, d_in = base_weight.shape
     n = len(weights)
@@ -222,6 +225,17 @@ def smile_linear_from_weights(
         layer.bias.copy_(base_bias)
     dt = base_weight.dtype
     for i, dw in enumerate(dws):
+        low_rank = factors[i] if factors is not None else None
+        if low_rank is not None and routing_use_diff and k_eff > 0:
+            from mergelab.lora import smile_expert_from_lora
+            gate, expert_a, expert_b = smile_expert_from_lora(*low_rank, k=k_eff, gate_k=gk_eff)
+            layer.gate_weight[i * gk_eff:(i + 1) * gk_eff].copy_(gate.to(dt))
+            layer.expert_A[i].copy_(expert_a.to(dt))
+            layer.expert_B[i].copy_(expert_b.to(dt))
+            if base_bias is not None:
+                b = biases[i]
+                layer.expert_bias[i].copy_((b - base_bias) if b is not None else torch.zeros_like(base_bias))
+            continue
         if routing_use_diff or k_eff > 0:  # one SVD of dW serves both gate and expert
             u, s, v = truncated_svd(dw, max(gk_eff, k_eff) if routing_use_diff else k_eff, svd)
         if routing_use_diff:
@@ -286,6 +300,14 @@ class _Source:
 
     def has(self, name: str) -> bool:
         return self.key(name) is not None
+
+    def factors(self, name: str) -> tuple[Tensor, Tensor, float] | None:
+        """(A, B, scaling) when this model is a LoRA adapter that adapts ``name``, else None."""
+        adapter = getattr(self.obj, "adapter", None)
+        key = self.key(name)
+        if adapter is None or key is None or key not in getattr(adapter, "modules", {}):
+            return None
+        return adapter.factors(key)
 
     def get(self, name: str, like: Tensor) -> Tensor:
         key = self.key(name)
@@ -370,8 +392,10 @@ def upscale_to_smile(
         lin = model.get_submodule(name)
         ws = [s.get(name + ".weight", lin.weight) for s in sources]
         bs = [s.get(name + ".bias", lin.bias) if lin.bias is not None else None for s in sources]
+        low_rank = [s.factors(name + ".weight") for s in sources]
         new = smile_linear_from_weights(lin.weight, lin.bias, ws, bs, k=k, gate_k=gate_k,
-                                        top_k=top_k, routing_use_diff=routing_use_diff, svd=svd)
+                                        top_k=top_k, routing_use_diff=routing_use_diff, svd=svd,
+                                        factors=low_rank if any(f is not None for f in low_rank) else None)
         del ws, bs
         if new is None:
             skipped.append(name)
