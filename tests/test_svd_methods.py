@@ -16,13 +16,7 @@ from tests.helpers import make_model_folders, write_recipe
 D = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small SVDs: OpenMP threads only add contention on a loaded 2-core runner."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------- literal ports of the authors' code (full SVD)

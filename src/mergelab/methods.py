@@ -303,12 +303,7 @@ register(Method(
 # ---------------------------------------------------------------- task arithmetic
 
 def _task_arithmetic(job: TensorJob) -> torch.Tensor:
-    if job.compat == "mergekit":
-        return _mergekit_mix(job, lambda d, p, i: d, consensus=False)
-    total = torch.zeros_like(job.base)
-    for w, d in zip(job.weights(), job.deltas()):
-        total.add_(d, alpha=w)
-    return job.base + job.params["lambda"] * total
+    return _sum_merge(job, lambda delta, p, i: delta)
 
 
 register(Method(
