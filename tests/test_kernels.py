@@ -148,6 +148,36 @@ def test_radix_select_equals_kthvalue():
         assert sel.finish_low() == torch.kthvalue(flat, k).values.item()
 
 
+def test_band_select_is_exact_or_says_it_missed():
+    g = torch.Generator().manual_seed(4)
+    tensors = [torch.randn(500, generator=g).abs(), torch.zeros(100), torch.randn(3, 77, generator=g).abs()]
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    values = flat.sort().values
+    n = flat.numel()
+    for k in (1, 101, 400, n - 3, n):
+        truth = torch.kthvalue(flat, k).values.item()
+        lo, hi = values[max(0, k - 30)].item(), values[min(n - 1, k + 30)].item()
+        sel = K.BandSelect(k, lo, hi)
+        for t in tensors:
+            sel.add(part=sel.part(t))            # what worker threads do
+        assert sel.finish() == truth, k
+        assert sel.kept < n or k in (1, 101)     # only the bracket is kept (the 100 zeros tie at k=1, 101)
+        sample = values[::7].numpy()
+        sel = K.BandSelect(k, *K.sample_bracket(sample, k, n))
+        for t in tensors:
+            sel.add(t)
+        assert sel.finish() == truth, k
+    k = n // 2
+    above = K.BandSelect(k, values[k + 5].item(), values[-1].item())     # bracket misses: None, not a guess
+    below = K.BandSelect(k, 0.0, values[k - 5].item())
+    capped = K.BandSelect(k, 0.0, values[-1].item(), max_kept=10)       # holds too many values: gives up
+    for sel in (above, below, capped):
+        for t in tensors:
+            sel.add(t)
+        assert sel.finish() is None
+    assert capped.parts == []
+
+
 @pytest.mark.parametrize("dist", ["normal", "sparse", "ties"])
 def test_kth_smallest_sampled_path_is_exact(dist):
     g = torch.Generator().manual_seed(9)

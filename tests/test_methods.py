@@ -55,8 +55,21 @@ def check_close(out, ref, atol=1e-6):
         assert torch.allclose(out[k].float(), v.float(), atol=atol), k
 
 
+@pytest.fixture(params=["sampled bracket", "bracket missed", "bracket over its cap"])
+def selection_path(request, monkeypatch):
+    """Thresholds of large or blocked tensors come from a sampled bracket (one pass); the exact
+    histogram passes take over when the sample misled or the bracket holds too many values."""
+    import mergelab.engine as E
+    import mergelab.kernels as K
+    if request.param == "bracket missed":
+        monkeypatch.setattr(K, "sample_bracket", lambda sample, k, n, slack=4.0: (float("inf"), float("inf")))
+    elif request.param == "bracket over its cap":
+        monkeypatch.setattr(E, "BAND_CAP", 3)
+    return request.param
+
+
 @pytest.mark.parametrize("k,mode", [(0.2, "mean"), (0.5, "sum"), (0.05, "mean")])
-def test_ties_global_matches_whole_model_reference(k, mode):
+def test_ties_global_matches_whole_model_reference(k, mode, selection_path):
     base, models = tiny_models()
     out = merge_state_dicts(base, models, "ties", {"density": k, "lambda": 0.7, "merge": mode})
     check_close(out, naive_ties_global(base, models, k, 0.7, mode))
@@ -239,7 +252,7 @@ def test_unknown_method_lists_available():
 
 
 @pytest.mark.parametrize("compat", ["paper", "mergekit"])
-def test_blocked_merge_equals_whole_tensor_merge(compat):
+def test_blocked_merge_equals_whole_tensor_merge(compat, selection_path):
     """Large tensors are merged in blocks of rows with whole-tensor thresholds: same result."""
     base, models = tiny_models(seed=12)
     cases = {"average": {}, "task_arithmetic": {}, "ties": {"density": 0.3},

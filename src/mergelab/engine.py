@@ -2,7 +2,8 @@
 
 Peak memory is bounded by the tensors in flight (``threads`` x the inputs of one tensor), never by
 model size. TIES with the paper's whole-model trim first finds each task's exact global threshold with
-two histogram passes (``kernels.RadixSelect``), then merges in a third pass.
+one counting pass inside a sampled bracket (``kernels.BandSelect``; two exact histogram passes,
+``kernels.RadixSelect``, where the sample misses), then merges in a second pass.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ class _Inputs:
         base, models = self.read(name, rows, check=False)
         out = {}
         for i in which:
-            delta = models[i].sub_(base)
+            delta = torch.sub(models[i], base)
             out[i] = delta.mul_(weights[i]) if weights is not None and weights[i] != 1.0 else delta
         return out
 
@@ -187,34 +188,96 @@ def _largest_first(names: Iterable[str], ckpt: Checkpoint) -> list[str]:
     return sorted(names, key=lambda n: _numel(ckpt.shape(n)), reverse=True)
 
 
+# A one-pass selection keeps the values inside its sampled bracket: at most this many per model
+# (16 MB in float32), so that memory does not grow with the model.
+BAND_CAP = 1 << 22
+MAX_SAMPLE = 1 << 22
+SLACK = 4.0
+
+
 def _global_thresholds(densities: list[float], inputs: _Inputs, names: list[str], weights: list[float],
                        threads: int, progress: Progress | None) -> list[float | None]:
-    """Exact whole-model TIES thresholds per model: the paper's top-k over the flattened task vector."""
-    total = sum(_numel(inputs.base.shape(n)) for n in names)
-    selectors: list[K.RadixSelect | None] = []
-    for density in densities:
-        selectors.append(None if density >= 1 or density <= 0 or total == 0
-                         else K.RadixSelect(K.keep_count(total, density)))
-    active = [i for i, s in enumerate(selectors) if s is not None]
-    if not active:
-        return [None] * len(densities)
-    lock = threading.Lock()
+    """Exact whole-model TIES thresholds per model: the paper's top-k over the flattened task vector.
 
-    def histograms(kind: str):
-        def work(name: str) -> None:
+    A sample of rows from every tensor brackets each threshold; one pass over the model then counts
+    what lies below the bracket and keeps what lies inside (``BandSelect``). Where the sample misled,
+    or the model is too large for a bracket of ``BAND_CAP`` values, two exact histogram passes
+    (``RadixSelect``) find it instead.
+    """
+    total = sum(_numel(inputs.base.shape(n)) for n in names)
+    ranks = {i: K.keep_count(total, d) for i, d in enumerate(densities) if 0 < d < 1 and total > 0}
+    if not ranks:
+        return [None] * len(densities)
+    active = sorted(ranks)
+    lock = threading.Lock()
+    found: dict[int, float | None] = {i: None for i in active}
+    # a sample of s values brackets about 2 * SLACK / sqrt(s) of the values: aim at half the cap
+    size = max(1 << 16, int((4 * SLACK * total / BAND_CAP) ** 2) + 1)
+    if size <= MAX_SAMPLE:
+        sample = _sample_model(inputs, names, active, weights, size, total)
+        bands = {i: K.BandSelect(ranks[i], *K.sample_bracket(sample[i], ranks[i], total, SLACK), max_kept=BAND_CAP)
+                 for i in active}
+        del sample
+
+        def band_pass(name: str) -> None:
             for rows in row_blocks(inputs.base.shape(name)) or [None]:
                 deltas = inputs.deltas(name, rows, active, weights)
-                hists = {i: getattr(selectors[i], f"{kind}_histogram")(deltas[i]) for i in active}
+                parts = {i: bands[i].part(deltas[i].abs_()) for i in active}
                 with lock:
-                    for i, h in hists.items():
-                        getattr(selectors[i], f"add_{kind}")(histogram=h)
-        return work
+                    for i, part in parts.items():
+                        bands[i].add(part=part)
+        _run_pool(names, band_pass, threads, lambda name, _: None, "trim threshold", progress)
+        found = {i: bands[i].finish() for i in active}
+        del bands
+    missed = {i: K.RadixSelect(ranks[i]) for i in active if found[i] is None}
+    if missed:
+        def histograms(kind: str):
+            def work(name: str) -> None:
+                for rows in row_blocks(inputs.base.shape(name)) or [None]:
+                    deltas = inputs.deltas(name, rows, list(missed), weights)
+                    hists = {i: getattr(sel, f"{kind}_histogram")(deltas[i]) for i, sel in missed.items()}
+                    with lock:
+                        for i, h in hists.items():
+                            getattr(missed[i], f"add_{kind}")(histogram=h)
+            return work
 
-    _run_pool(names, histograms("high"), threads, lambda name, _: None, "trim pass 1/2", progress)
-    for i in active:
-        selectors[i].finish_high()
-    _run_pool(names, histograms("low"), threads, lambda name, _: None, "trim pass 2/2", progress)
-    return [s.finish_low() if s is not None else None for s in selectors]
+        _run_pool(names, histograms("high"), threads, lambda name, _: None, "trim pass 1/2", progress)
+        for sel in missed.values():
+            sel.finish_high()
+        _run_pool(names, histograms("low"), threads, lambda name, _: None, "trim pass 2/2", progress)
+        found.update({i: sel.finish_low() for i, sel in missed.items()})
+    return [found.get(i) for i in range(len(densities))]
+
+
+def _sample_model(inputs: _Inputs, names: list[str], which: Sequence[int], weights: Sequence[float] | None,
+                  size: int, total: int) -> dict[int, "np.ndarray"]:
+    """Sorted magnitudes of about ``size`` task-vector entries, drawn from every tensor in proportion
+    to its size (whole rows of large tensors, random entries of small ones), per model."""
+    import zlib
+
+    import numpy as np
+    parts: dict[int, list] = {i: [] for i in which}
+    for name in names:
+        shape = inputs.base.shape(name)
+        numel = _numel(shape)
+        want = size * numel / total
+        rng = np.random.default_rng(zlib.crc32(name.encode()))
+        count = int(want) + int(rng.random() < want - int(want))      # unbiased rounding
+        if count == 0:
+            continue
+        per_row = _numel(shape[1:]) if len(shape) >= 2 else numel
+        if len(shape) < 2 or numel <= (1 << 16) or count * 4 >= numel:
+            deltas = inputs.deltas(name, None, which, weights)
+            picks = rng.integers(0, numel, count)
+            for i in which:
+                parts[i].append(deltas[i].reshape(-1)[torch.from_numpy(picks).to(deltas[i].device)].abs().cpu().numpy())
+            continue
+        rows = np.sort(rng.choice(shape[0], min(shape[0], -(-count // per_row)), replace=False))
+        for row in rows:
+            deltas = inputs.deltas(name, (int(row), int(row) + 1), which, weights)
+            for i in which:
+                parts[i].append(deltas[i].abs_().reshape(-1).cpu().numpy())
+    return {i: np.sort(np.concatenate(p)) if p else np.empty(0, dtype=np.float32) for i, p in parts.items()}
 
 
 def _tensor_selections(ranks: list[list[int | None]], inputs: _Inputs, name: str,
@@ -222,28 +285,85 @@ def _tensor_selections(ranks: list[list[int | None]], inputs: _Inputs, name: str
                        weights: Sequence[float] | None) -> list[list[float | None]]:
     """Values of the requested magnitude ranks of each model's delta over the whole tensor, exactly.
 
-    A tensor merged whole is selected directly; one merged in blocks goes through two streaming
-    histogram passes (``RadixSelect``), so that no block needs the others.
+    A tensor merged whole is selected directly; one merged in blocks is bracketed from a sample of
+    its rows and selected in one streaming pass (``BandSelect``), with two exact histogram passes
+    (``RadixSelect``) only where the sample missed; no block needs the others in memory.
     """
     which = [i for i, rs in enumerate(ranks) if any(r is not None for r in rs)]
     if not which:
         return [[None] * len(rs) for rs in ranks]
     if blocks is None:
         deltas = inputs.deltas(name, None, which, weights)
-        mags = {i: deltas[i].abs() for i in which}
-        return [[None if r is None else float(K.kth_smallest(mags[i], r)) for r in rs] if i in mags
-                else [None] * len(rs) for i, rs in enumerate(ranks)]
-    selectors = {(i, j): K.RadixSelect(r) for i, rs in enumerate(ranks) for j, r in enumerate(rs) if r is not None}
-    for kind in ("high", "low"):
-        for rows in blocks:
-            deltas = inputs.deltas(name, rows, which, weights)
-            for (i, _), sel in selectors.items():
-                getattr(sel, f"add_{kind}")(deltas[i])
-        if kind == "high":
-            for sel in selectors.values():
-                sel.finish_high()
-    return [[selectors[(i, j)].finish_low() if (i, j) in selectors else None for j in range(len(rs))]
-            for i, rs in enumerate(ranks)]
+        return _selections_of(ranks, deltas, None)
+    n = _numel(inputs.base.shape(name))
+    sample = _sample_magnitudes(inputs, name, which, weights)
+    keys = [(i, j, r) for i, rs in enumerate(ranks) for j, r in enumerate(rs) if r is not None]
+    bands = {(i, j): K.BandSelect(r, *K.sample_bracket(sample[i], r, n, SLACK), max_kept=BAND_CAP)
+             for i, j, r in keys}
+    for rows in blocks:                              # one pass: count below the bracket, keep what is in it
+        deltas = inputs.deltas(name, rows, which, weights)
+        for i in which:
+            mag = deltas[i].abs_()
+            for (bi, _), band in bands.items():
+                if bi == i:
+                    band.add(mag)
+    found = {key: band.finish() for key, band in bands.items()}
+    missed = {(i, j): K.RadixSelect(r) for i, j, r in keys if found[(i, j)] is None}
+    if missed:                                       # the sample misled us: two exact histogram passes
+        for kind in ("high", "low"):
+            for rows in blocks:
+                deltas = inputs.deltas(name, rows, which, weights)
+                for (i, _), sel in missed.items():
+                    getattr(sel, f"add_{kind}")(deltas[i])
+            if kind == "high":
+                for sel in missed.values():
+                    sel.finish_high()
+        found.update({key: sel.finish_low() for key, sel in missed.items()})
+    return [[found.get((i, j)) for j in range(len(rs))] for i, rs in enumerate(ranks)]
+
+
+SAMPLE_ELEMENTS = 1 << 16
+
+
+def _sample_magnitudes(inputs: _Inputs, name: str, which: Sequence[int],
+                       weights: Sequence[float] | None) -> dict[int, "np.ndarray"]:
+    """Sorted magnitudes of the task vectors in randomly chosen whole rows (~65k values), per model."""
+    import zlib
+
+    import numpy as np
+    shape = inputs.base.shape(name)
+    per_row = max(1, _numel(shape[1:]))
+    count = min(shape[0], max(16, -(-SAMPLE_ELEMENTS // per_row)))
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    parts: dict[int, list] = {i: [] for i in which}
+    for row in np.sort(rng.choice(shape[0], count, replace=False)):
+        deltas = inputs.deltas(name, (int(row), int(row) + 1), which, weights)
+        for i in which:
+            parts[i].append(deltas[i].abs_().reshape(-1).cpu().numpy())
+    return {i: np.sort(np.concatenate(p)) for i, p in parts.items()}
+
+
+def _selections_of(ranks: list[list[int | None]], deltas: Mapping[int, torch.Tensor] | torch.Tensor,
+                   weights: Sequence[float] | None) -> list[list[float | None]]:
+    """Exact values of the requested magnitude ranks of whole-tensor deltas (``deltas[i]``: model i)."""
+    out = []
+    for i, rs in enumerate(ranks):
+        if all(r is None for r in rs):
+            out.append([None] * len(rs))
+            continue
+        delta = deltas[i]
+        w = 1.0 if weights is None else weights[i]
+        mag = (delta * w).abs_() if w != 1.0 else delta.abs()
+        out.append([None if r is None else float(K.kth_smallest(mag, r)) for r in rs])
+    return out
+
+
+def _stacked_whole(base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[T, *shape]`` task vectors of one whole tensor."""
+    out = torch.empty((len(models), *base.shape), dtype=base.dtype, device=base.device)
+    for i, m in enumerate(models):
+        torch.sub(m, base, out=out[i])
+    return out
 
 
 def _default_threads() -> int:
@@ -299,6 +419,16 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
         shape = reference.shape(name)
         blocks = row_blocks(shape, block_elements) if chunkable else None
         ranks = method.select(params, model_params, compat, _numel(shape)) if method.select else None
+        if blocks is None and inputs.base is not None and ranks and any(r is not None for rs in ranks for r in rs):
+            # a whole tensor: read once, select from its task vectors, and merge from the same ones
+            b, ms = inputs.read(name)
+            deltas = _stacked_whole(b, ms)
+            selections = _selections_of(ranks, deltas, select_weights)
+            stats = method.stats(TensorJob(name, b, ms, params, model_params, compat, thresholds, selections,
+                                           None, _numel(shape))) if method.stats is not None else None
+            _merge_and_sink(name, TensorJob(name, b, ms, params, model_params, compat, thresholds, selections,
+                                            None, _numel(shape), stats, deltas), None)
+            return
         selections = _tensor_selections(ranks, inputs, name, blocks, select_weights) if ranks else None
         stats = None
         if method.stats is not None:
@@ -311,15 +441,17 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
                 stats = part if stats is None else stats + part
         for rows in blocks or [None]:
             b, ms = inputs.read(name, rows)
-            job = TensorJob(name, b, ms, params, model_params, compat, thresholds, selections, rows,
-                            _numel(shape), stats)
-            try:
-                merged = method.merge_tensor(job)
-            except MergelabError:
-                raise
-            except (RuntimeError, ValueError) as e:
-                raise MergelabError(f"{name}: {method.name} failed: {str(e).splitlines()[0]}") from e
-            sink(name, merged.to(out_dtype or reference.dtype(name)), rows[0] if rows else 0)
+            _merge_and_sink(name, TensorJob(name, b, ms, params, model_params, compat, thresholds, selections,
+                                            rows, _numel(shape), stats), rows)
+
+    def _merge_and_sink(name: str, job: TensorJob, rows: tuple[int, int] | None) -> None:
+        try:
+            merged = method.merge_tensor(job)
+        except MergelabError:
+            raise
+        except (RuntimeError, ValueError) as e:
+            raise MergelabError(f"{name}: {method.name} failed: {str(e).splitlines()[0]}") from e
+        sink(name, merged.to(out_dtype or reference.dtype(name)), rows[0] if rows else 0)
 
     t0 = time.perf_counter()
     _run_pool(_largest_first(names, reference), work, threads, lambda name, _: None, "merge", progress)

@@ -16,6 +16,9 @@ __all__ = [
     "ties_trim",
     "ties_trim_rows",
     "trim_by_threshold",
+    "zero_below",
+    "zero_above",
+    "keep_band",
     "topk_exact",
     "elect_sign",
     "disjoint_merge",
@@ -25,6 +28,8 @@ __all__ = [
     "model_stock",
     "l1_rescale",
     "RadixSelect",
+    "BandSelect",
+    "sample_bracket",
 ]
 
 
@@ -46,6 +51,68 @@ def kth_smallest(values: torch.Tensor, k: int, dim: int | None = None) -> torch.
 _SAMPLE = 1 << 14
 
 
+def sample_bracket(sample: np.ndarray, k: int, n: int, slack: float = 4.0) -> tuple[float, float]:
+    """Limits ``lo <= hi`` that very likely hold the k-th smallest of n values, from a sorted sample.
+
+    The k-th value sits near position (k - 1/2) / n of the sample; ``slack`` standard deviations of a
+    sample quantile on each side (about sqrt(size) positions) make a miss rare. A miss costs time,
+    never exactness: ``BandSelect`` reports it and the caller selects another way.
+    """
+    size = sample.size
+    if size == 0:
+        return float("-inf"), float("inf")
+    pos = (k - 0.5) / n * size
+    margin = slack * size ** 0.5 + 8
+    i_lo, i_hi = int(pos - margin), int(pos + margin)
+    lo = float(sample[i_lo]) if i_lo >= 0 else float("-inf")
+    hi = float(sample[i_hi]) if i_hi < size else float("inf")
+    return lo, hi
+
+
+class BandSelect:
+    """Exact k-th smallest over a stream of tensors in one pass, given a bracket ``[lo, hi]``.
+
+    Counts the values below ``lo`` and keeps those inside the bracket (a few percent of them); the
+    k-th value is then found in what was kept. ``finish`` returns None when the bracket missed it, or
+    when more than ``max_kept`` values fell inside it (which bounds the memory), so that the caller
+    can fall back to ``RadixSelect``. ``part`` is pure (threads may call it); ``add`` sums.
+    """
+
+    def __init__(self, k: int, lo: float, hi: float, max_kept: int | None = None):
+        self.k, self.lo, self.hi, self.max_kept = k, lo, hi, max_kept
+        self.below = 0
+        self.kept = 0
+        self.parts: list = []
+        self.failed = False
+
+    def part(self, values: torch.Tensor) -> tuple[int, object]:
+        """(number of values below the bracket, copy of the values inside it) of one tensor."""
+        flat = values.detach().reshape(-1)
+        if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+            a = flat.numpy()
+            return int(np.count_nonzero(a < self.lo)), a[(a >= self.lo) & (a <= self.hi)]
+        return int((flat < self.lo).sum()), flat[(flat >= self.lo) & (flat <= self.hi)]
+
+    def add(self, values: torch.Tensor | None = None, part: tuple[int, object] | None = None) -> None:
+        if self.failed:
+            return
+        below, band = part if part is not None else self.part(values)
+        self.below += below
+        self.kept += int(band.size if isinstance(band, np.ndarray) else band.numel())
+        self.parts.append(band)
+        if self.max_kept is not None and self.kept > self.max_kept:
+            self.failed, self.parts = True, []
+
+    def finish(self) -> float | None:
+        rank = self.k - self.below
+        if self.failed or not 1 <= rank <= self.kept:
+            return None
+        if isinstance(self.parts[0], np.ndarray):
+            band = np.concatenate(self.parts)
+            return float(np.partition(band, rank - 1)[rank - 1])
+        return float(torch.kthvalue(torch.cat(self.parts), rank).values)
+
+
 def _kth_sampled(values: np.ndarray, k: int) -> float:
     """Exact k-th smallest by sampling a narrow band that contains it (Floyd-Rivest style).
 
@@ -55,24 +122,57 @@ def _kth_sampled(values: np.ndarray, k: int) -> float:
     """
     n = values.size
     rng = np.random.default_rng(n * 1_000_003 + k)
-    sample = np.sort(values[rng.integers(0, n, _SAMPLE)])
-    pos = (k - 0.5) / n * _SAMPLE
-    margin = 4 * _SAMPLE ** 0.5 + 8
-    i_lo, i_hi = int(pos - margin), int(pos + margin)
-    if i_lo >= 0 or i_hi < _SAMPLE:
-        lo = sample[i_lo] if i_lo >= 0 else -np.inf
-        hi = sample[i_hi] if i_hi < _SAMPLE else np.inf
-        below = int(np.count_nonzero(values < lo))
-        band = values[(values >= lo) & (values <= hi)]
-        rank = k - below
-        if 1 <= rank <= band.size:
-            return float(np.partition(band, rank - 1)[rank - 1])
+    lo, hi = sample_bracket(np.sort(values[rng.integers(0, n, _SAMPLE)]), k, n)
+    if lo != float("-inf") or hi != float("inf"):
+        band = BandSelect(k, lo, hi)
+        band.add(torch.from_numpy(values))
+        found = band.finish()
+        if found is not None:
+            return found
     return float(np.partition(values, k - 1)[k - 1])
 
 
 def trim_by_threshold(delta: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
     """Keep entries with ``|delta| >= threshold`` (ties at the threshold are kept, as in the TIES code)."""
+    if not isinstance(threshold, torch.Tensor) or threshold.numel() == 1:
+        return zero_below(delta.clone(), float(threshold))
     return delta * (delta.abs() >= threshold)
+
+
+# ``hardshrink`` is a vectorised select on CPU; ``masked_fill_``/``where`` with a boolean mask are
+# 10-15x slower there. The fast paths below are exact: they only ever keep a value or write a zero.
+_SHRINK_DTYPES = (torch.float32, torch.float64)
+
+
+def _below(threshold: float, dtype: torch.dtype) -> float:
+    """The largest value of ``dtype`` below ``threshold``: ``|x| > below`` is ``|x| >= threshold``."""
+    t = torch.tensor(threshold, dtype=dtype)
+    return float(torch.nextafter(t, torch.tensor(float("-inf"), dtype=dtype)))
+
+
+def zero_below(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """In place: zero the entries with ``|x| < threshold`` (entries at the threshold are kept)."""
+    if not threshold > 0:          # |x| >= 0 everywhere (NaN thresholds keep everything, as the mask would)
+        return x
+    if x.dtype in _SHRINK_DTYPES and threshold != float("inf"):
+        return torch.hardshrink(x, _below(threshold, x.dtype), out=x)
+    return x.masked_fill_(x.abs() < threshold, 0.0)
+
+
+def zero_above(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """In place: zero the entries with ``|x| > threshold``."""
+    if x.dtype in _SHRINK_DTYPES and 0 <= threshold < float("inf"):
+        return x.sub_(torch.hardshrink(x, threshold))     # x - x where |x| > threshold, x - 0 elsewhere
+    return x.masked_fill_(x.abs() > threshold, 0.0)
+
+
+def keep_band(x: torch.Tensor, low: float | None, high: float | None) -> torch.Tensor:
+    """In place: keep the entries with ``low <= |x| <= high`` (a missing limit is open)."""
+    if low is not None:
+        zero_below(x, low)
+    if high is not None:
+        zero_above(x, high)
+    return x
 
 
 def ties_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -132,12 +232,9 @@ def magnitude_band(delta: torch.Tensor, density: float, gamma: float) -> torch.T
     n_top = int(gamma * n)
     n_bot = max(0, n - target - n_top)
     mag = delta.abs().reshape(-1)
-    keep = torch.ones_like(mag, dtype=torch.bool)
-    if n_bot > 0:
-        keep &= mag >= torch.kthvalue(mag, n_bot + 1).values
-    if n_bot + target < n:
-        keep &= mag <= torch.kthvalue(mag, n_bot + target).values
-    return delta * keep.reshape(delta.shape)
+    low = float(torch.kthvalue(mag, n_bot + 1).values) if n_bot > 0 else None
+    high = float(torch.kthvalue(mag, n_bot + target).values) if n_bot + target < n else None
+    return keep_band(delta.clone(), low, high)
 
 
 def breadcrumbs_rows(delta: torch.Tensor, keep: float, top_remove: float) -> torch.Tensor:
@@ -166,11 +263,13 @@ def elect_sign(stacked: torch.Tensor, zero: str = "majority") -> torch.Tensor:
     ``zero="majority"``: coordinates with zero sum take the sign of the sum of all elected signs (TIES
     code, here over the tensor given); ``zero="positive"``: they take +1 (mergekit).
     """
-    total = stacked.sum(dim=0)
+    sign = torch.sign(stacked.sum(dim=0))
     if zero == "positive":
-        return torch.where(total >= 0, 1.0, -1.0).to(stacked.dtype)
-    sign = torch.sign(total)
-    return torch.where(sign == 0, torch.sign(sign.sum()), sign)
+        return sign.add_(0.5).sign_()                   # +1 -> +1, -1 -> -1, 0 -> +1 (no boolean mask)
+    majority = float(torch.sign(sign.sum()))
+    if majority == 0:
+        return sign
+    return sign.add_(1 - sign.abs(), alpha=majority)    # only the zeros change, to the majority sign
 
 
 def disjoint_merge(stacked: torch.Tensor, sign: torch.Tensor, mode: str = "mean") -> torch.Tensor:
@@ -180,8 +279,7 @@ def disjoint_merge(stacked: torch.Tensor, sign: torch.Tensor, mode: str = "mean"
     ``max`` takes the largest agreeing magnitude with the elected sign.
     """
     # TIES code keeps negatives where the elected sign is 0 (possible only if the majority sign is 0)
-    zero = sign == 0
-    select = sign.masked_fill(zero, -1.0) if bool(zero.any()) else sign
+    select = sign.sub(1 - sign.abs())                   # 0 -> -1, +-1 unchanged
     agreeing = (stacked * select).clamp_(min=0)          # |x| where the sign agrees, else 0
     if mode == "max":
         return agreeing.amax(dim=0).mul_(sign)
@@ -189,7 +287,7 @@ def disjoint_merge(stacked: torch.Tensor, sign: torch.Tensor, mode: str = "mean"
     if mode == "sum":
         return total
     if mode == "mean":
-        count = (agreeing > 0).sum(dim=0, dtype=stacked.dtype).clamp_(min=1)
+        count = torch.sign(agreeing).sum(dim=0).clamp_(min=1)   # agreeing entries are > 0, the rest 0
         return total.div_(count)
     raise ValueError(f"unknown disjoint merge mode {mode!r}")
 

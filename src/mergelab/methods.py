@@ -77,6 +77,9 @@ class TensorJob:
     rows: tuple[int, int] | None = None            # the block of rows of the tensor this job holds
     numel: int = 0                                 # elements of the whole tensor
     stats: torch.Tensor | None = None              # ``Method.stats`` summed over the whole tensor
+    # ``[T, *shape]`` task vectors ``models[i] - base`` already computed by the engine (owned by the job:
+    # kernels may overwrite them), or None
+    stacked: torch.Tensor | None = None
 
     def deltas(self) -> list[torch.Tensor]:
         return [m - self.base for m in self.models]
@@ -212,9 +215,11 @@ _DENSITY_HELP = "fraction of each task vector kept"
 def _stacked_deltas(job: TensorJob, sparsify: Callable[[torch.Tensor, dict, int], torch.Tensor],
                     weighted: bool = True) -> torch.Tensor:
     """``[T, *shape]`` of ``weight * sparsify(delta)`` (weights applied first: what the paper's trim sees)."""
-    out = torch.empty((len(job.models), *job.base.shape), dtype=job.base.dtype, device=job.base.device)
+    out = job.stacked
+    if out is None:
+        out = torch.empty((len(job.models), *job.base.shape), dtype=job.base.dtype, device=job.base.device)
     for i, (model, p) in enumerate(zip(job.models, job.model_params)):
-        row = torch.sub(model, job.base, out=out[i])
+        row = out[i] if job.stacked is not None else torch.sub(model, job.base, out=out[i])
         w = p.get("weight", 1.0)
         if weighted and w != 1.0:
             row.mul_(w)
@@ -244,9 +249,13 @@ def _mergekit_mix(job: TensorJob, sparsify: Callable[[torch.Tensor, dict, int], 
         sign = K.elect_sign(deltas, zero="positive")
         agreeing = deltas.mul_(sign).clamp_(min=0)          # |w delta| where signs agree, else 0
         mixed = agreeing.sum(dim=0).mul_(sign)
-        mask = (agreeing > 0).to(deltas.dtype)
+        mask = torch.sign(agreeing)                          # 1 where kept, 0 elsewhere
         divisor = torch.tensordot(weights, mask, dims=1)
-        divisor[divisor == 0] = 1
+        if bool((weights > 0).all()):
+            # the divisor is 0 exactly where nothing is kept: make it 1 there without a boolean mask
+            divisor.add_(mask.amax(dim=0).sub_(1), alpha=-1.0)
+        else:
+            divisor[divisor == 0] = 1
     else:
         mixed = deltas.sum(dim=0)
         divisor = weights.sum()
@@ -317,16 +326,6 @@ register(Method(
 
 # ---------------------------------------------------------------- TIES
 
-def _keep_band(delta: torch.Tensor, low: float | None, high: float | None) -> torch.Tensor:
-    if low is None and high is None:
-        return delta
-    mag = delta.abs()
-    keep = mag >= low if low is not None else mag <= high
-    if low is not None and high is not None:
-        keep &= mag <= high
-    return delta * keep
-
-
 def _ties_trimmer(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.Tensor]:
     """TIES trim of one (weighted) delta with the threshold of its scope (model, tensor or row)."""
     scope = "per_tensor" if job.compat == "mergekit" else job.params.get("trim_scope", "global")
@@ -340,7 +339,7 @@ def _ties_trimmer(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.T
         if density <= 0:
             return torch.zeros_like(delta)
         threshold = job.thresholds[i] if scope == "global" else job.selections[i][0]
-        return delta.masked_fill_(delta.abs() < threshold, 0.0)   # in place: delta is the job's own row
+        return K.zero_below(delta, threshold)   # in place: delta is the job's own row
     return trim
 
 
@@ -402,7 +401,7 @@ def _breadcrumbs_sparsify(job: TensorJob) -> Callable[[torch.Tensor, dict, int],
             if int(p["keep"] * job.numel) <= 0:
                 return torch.zeros_like(delta)
             low, high = job.selections[i]
-            return _keep_band(delta, low, high)
+            return K.keep_band(delta, low, high)    # in place: delta is the job's own row
         return band
     return lambda d, p, i: K.breadcrumbs_rows(d, p["keep"], p["top_remove"])
 
