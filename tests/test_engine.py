@@ -91,6 +91,138 @@ def test_writer_layout_is_valid_safetensors(tmp_path):
         assert torch.equal(loaded[k], v)
 
 
+@pytest.mark.parametrize("memory_map", [True, False])
+def test_reads_are_private_copies(tmp_path, monkeypatch, memory_map):
+    """Mapped (copy-on-write) and pread reads give the same tensors; writing into one never
+    reaches the file, and blocks of rows are the rows."""
+    from mergelab.io import SafetensorsFile
+    monkeypatch.setattr(SafetensorsFile, "memory_map", memory_map)
+    tensors = _writer_case(seed=3)
+    save_file(tensors, tmp_path / "model.safetensors")
+    before = (tmp_path / "model.safetensors").read_bytes()
+    f = SafetensorsFile(tmp_path / "model.safetensors")
+    for k, v in tensors.items():
+        t = f.get(k)
+        assert torch.equal(t, v), k
+        if v.dim() >= 2:
+            assert torch.equal(f.get(k, (2, 7)), v[2:7]), k
+        if t.numel():
+            t.zero_()
+    f.close()
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+
+
+def _writer_case(seed=0):
+    """Tensors whose bytes straddle pages in every way: odd sizes, half precision, some over a page."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {"tiny": torch.randn(3, generator=g).to(torch.float16), "ids": torch.arange(5, dtype=torch.int64),
+               "mid": torch.randn(37, 129, generator=g), "big": torch.randn(301, 67, generator=g),
+               "half": torch.randn(123, 45, generator=g).to(torch.bfloat16), "one": torch.randn((), generator=g),
+               "wide": torch.randn(9, 1031, generator=g)}
+    return tensors
+
+
+def _write_in_blocks(writer, tensors, order_seed=0):
+    """Whole tensors and blocks of rows, from several threads, in a shuffled order."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+    pieces = []
+    for name, t in tensors.items():
+        if t.dim() >= 2 and t.shape[0] > 10:
+            step = max(1, t.shape[0] // 4)
+            pieces += [(name, t[a:a + step], a) for a in range(0, t.shape[0], step)]
+        else:
+            pieces.append((name, t, 0))
+    random.Random(order_seed).shuffle(pieces)
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda p: writer.write(*p), pieces))
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("background", [True, False])
+def test_writer_direct_and_background_write_the_same_bytes(tmp_path, direct, background):
+    tensors = _writer_case()
+    layout = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    save_file(tensors, reference / "model.safetensors")
+    for shard_bytes in (10**9, 40_000):                    # one file, and several shards
+        out = tmp_path / f"out-{shard_bytes}"
+        out.mkdir()
+        writer = ShardedWriter(out, layout, shard_bytes, direct=direct, background=background)
+        _write_in_blocks(writer, tensors, order_seed=shard_bytes)
+        writer.close()
+        loaded = load_state_dict(out)
+        assert list(loaded) == list(tensors)
+        for k, v in tensors.items():
+            assert torch.equal(loaded[k], v), k
+        files = sorted(out.glob("*.safetensors"))
+        assert (len(files) > 1) == (shard_bytes < 10**6)
+        for f in files:                                     # exactly the planned size: no page padding left
+            header_len = int.from_bytes(f.read_bytes()[:8], "little")
+            header = json.loads(f.read_bytes()[8:8 + header_len])
+            end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+            assert f.stat().st_size == 8 + header_len + end
+
+
+def test_writer_falls_back_when_direct_io_is_refused(tmp_path, monkeypatch):
+    """tmpfs refuses O_DIRECT at open; other filesystems may refuse a write part-way: same bytes."""
+    import errno
+    import os
+    tensors = _writer_case(seed=1)
+    layout = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    real_open, real_pwrite = os.open, os.pwrite
+    direct_fds: set[int] = set()
+    calls = {"n": 0}
+
+    def fake_open(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        if flags & getattr(os, "O_DIRECT", 0):
+            direct_fds.add(fd)
+        return fd
+
+    def fake_pwrite(fd, data, offset):
+        if fd in direct_fds:
+            calls["n"] += 1
+            if calls["n"] > 2:                               # refuse from the third direct write on
+                raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "pwrite", fake_pwrite)
+    writer = ShardedWriter(tmp_path, layout, direct=True)
+    _write_in_blocks(writer, tensors)
+    writer.close()
+    loaded = load_file(tmp_path / "model.safetensors")
+    for k, v in tensors.items():
+        assert torch.equal(loaded[k], v), k
+    monkeypatch.setattr(os, "open", lambda path, flags, *a: (_ for _ in ()).throw(OSError(errno.EINVAL, "no"))
+                        if flags & getattr(os, "O_DIRECT", 0) else real_open(path, flags, *a))
+    out = tmp_path / "refused"
+    out.mkdir()
+    writer = ShardedWriter(out, layout, direct=True)
+    _write_in_blocks(writer, tensors)
+    writer.close()
+    loaded = load_file(out / "model.safetensors")
+    for k, v in tensors.items():
+        assert torch.equal(loaded[k], v), k
+
+
+def test_background_writer_error_reaches_the_merge(tmp_path, monkeypatch):
+    import mergelab.io as io_module
+    tensors = _writer_case(seed=2)
+    writer = ShardedWriter(tmp_path, [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()])
+
+    def broken(self, data, offset):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(io_module._ShardFile, "write", broken)
+    with pytest.raises(OSError, match="No space left"):
+        for k, v in tensors.items():
+            writer.write(k, v)
+        writer.close()
+    writer.abort()
+
+
 # ------------------------------------------------------------------ bad input: one line, exit 2, no output
 
 def expect_error(capsys, args, pattern, out_dir=None):

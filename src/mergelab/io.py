@@ -390,25 +390,32 @@ class _ShardFile:
         return True
 
     def write(self, data: memoryview, offset: int) -> None:
-        if self.direct_fd is None:
-            self._buffered(data, offset)
-            return
         page = self.PAGE
         end = offset + len(data)
         first = -(-offset // page) * page                       # aligned middle [first, last)
         last = end // page * page
-        if last > first and not self._direct(data[first - offset:last - offset], first):
+        if self.direct_fd is None or (last > first and not self._direct(data[first - offset:last - offset], first)):
             self._buffered(data, offset)
+            # pages gathered before a fallback are written at close: they must hold these bytes too
+            self._gather(data, offset, offset, end, only_known=True)
             return
         if last <= first:
             first = last = end                                   # no aligned middle: all of it is edge
-        for lo, hi in ((offset, min(first, end)), (max(last, offset), end)):
-            pos = lo
-            while pos < hi:                                      # edge bytes, page by page
-                base = pos // page * page
-                n = min(hi, base + page) - pos
-                self.pages.setdefault(base, bytearray(page))[pos - base:pos - base + n] = data[pos - offset:pos - offset + n]
-                pos += n
+        self._gather(data, offset, offset, min(first, end))
+        self._gather(data, offset, max(last, offset), end)
+
+    def _gather(self, data: memoryview, offset: int, lo: int, hi: int, only_known: bool = False) -> None:
+        """Copy bytes [lo, hi) of a piece starting at ``offset`` into the pages kept for ``close``
+        (``only_known``: into those already kept, which can only be the piece's first and last)."""
+        page = self.PAGE
+        if hi <= lo:
+            return
+        bases = sorted({lo // page * page, (hi - 1) // page * page}) if only_known else range(lo // page * page, hi, page)
+        for base in bases:
+            if only_known and base not in self.pages:
+                continue
+            a, b = max(lo, base), min(hi, base + page)
+            self.pages.setdefault(base, bytearray(page))[a - base:b - base] = data[a - offset:b - offset]
 
     def close(self) -> None:
         """Write the gathered edge pages (whole pages, then cut the file back to its size)."""
