@@ -48,9 +48,10 @@ def _tune_for_streaming(threads: int) -> None:
 
     A merge allocates and frees blocks of the same few sizes (tens of MB) over and over. glibc's default
     serves them with fresh ``mmap`` pages, each zeroed by a page fault when first touched: that kernel
-    time was more than half of a merge's CPU time. Served from the heap instead (mmap threshold
-    1 GiB, no trimming), freed blocks are reused, and since blocks are bounded in size the heap stays
-    bounded too. Few arenas (one per merge thread) keep worker threads from each holding their own
+    time was more than half of a merge's CPU time. Served from the heap instead (blocks up to 32 MiB;
+    no trimming), freed blocks are reused, and since blocks are bounded in size the heap stays
+    bounded too; larger buffers (a few stacked task vectors) still get their own maps, which keeps
+    the heap from fragmenting. Few arenas (one per merge thread) keep worker threads from each holding their own
     peak. ``gc.freeze`` moves the ~10^5 objects of the torch import out of the collector's sight.
     """
     import ctypes
@@ -59,7 +60,7 @@ def _tune_for_streaming(threads: int) -> None:
     gc.freeze()
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 1 << 30)                # M_MMAP_THRESHOLD
+        libc.mallopt(-3, 32 << 20)               # M_MMAP_THRESHOLD
         libc.mallopt(-1, 1 << 30)                # M_TRIM_THRESHOLD
         libc.mallopt(-8, max(1, threads))        # M_ARENA_MAX
     except (OSError, AttributeError):

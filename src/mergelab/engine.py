@@ -424,15 +424,13 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
             b, ms = inputs.read(name)
             deltas = _stacked_whole(b, ms)
             selections = _selections_of(ranks, deltas, select_weights)
-            stats = method.stats(TensorJob(name, b, ms, params, model_params, compat, thresholds, selections,
-                                           None, _numel(shape))) if method.stats is not None else None
             _merge_and_sink(name, TensorJob(name, b, ms, params, model_params, compat, thresholds, selections,
-                                            None, _numel(shape), stats, deltas), None)
+                                            None, _numel(shape), None, deltas), None)
             return
         selections = _tensor_selections(ranks, inputs, name, blocks, select_weights) if ranks else None
         stats = None
-        if method.stats is not None:
-            for rows in blocks or [None]:
+        if method.stats is not None and blocks is not None:    # a whole tensor's kernel sums for itself
+            for rows in blocks:
                 b, ms = inputs.read(name, rows, check=False)
                 part = method.stats(TensorJob(name, b, ms, params, model_params, compat, thresholds,
                                               selections, rows, _numel(shape)))

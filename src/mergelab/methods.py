@@ -116,8 +116,9 @@ class Method:
     # False when a kernel needs whole-tensor statistics the engine does not provide (merged unsplit)
     chunkable: Callable[[dict, str], bool] = lambda params, compat: True
     # whole-tensor sums a kernel needs (norms, dot products): partial sums of one block of rows as a
-    # float64 vector, or None when these parameters need none; the engine adds them over all blocks
-    # in a first pass and hands the total to the merge pass as ``TensorJob.stats``
+    # float64 vector, or None when these parameters need none; for a tensor merged in blocks the engine
+    # adds them over all blocks in a first pass and hands the total to the merge pass as
+    # ``TensorJob.stats`` (a tensor merged whole gets None: its kernel computes them itself)
     stats: Callable[[TensorJob], torch.Tensor | None] | None = None
 
     def param(self, name: str) -> Param | None:
@@ -474,9 +475,13 @@ def _dare_sparsify(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.
     l1 = job.compat == "mergekit" and job.params["rescale"]
 
     def drop(delta: torch.Tensor, p: dict, i: int) -> torch.Tensor:
-        if l1:   # mergekit: match the L1 norm of the whole tensor's delta (sums from the stats pass)
+        if l1:   # mergekit: match the L1 norm of the whole tensor's delta (blocks: sums from the stats pass)
             kept = K.dare(delta.cpu(), 1.0 - p["density"], job.generator(i), rescale="none")
-            before, after = float(job.stats[2 * i]), float(job.stats[2 * i + 1])
+            if job.stats is not None:
+                before, after = float(job.stats[2 * i]), float(job.stats[2 * i + 1])
+            else:
+                before = float(delta.abs().sum(dtype=torch.float64))
+                after = float(kept.abs().sum(dtype=torch.float64))
             if 0 < p["density"] < 1 and before >= 1e-7 and after >= 1e-7:
                 kept.mul_(before / after)
         else:
