@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
+import numpy as np
 import torch
 
 from mergelab.errors import MergelabError
@@ -377,7 +378,9 @@ class _ShardFile:
         try:
             for start in range(0, len(data), len(staging)):
                 chunk = data[start:start + len(staging)]
-                staging[:len(chunk)] = chunk
+                # numpy's copy releases the GIL (a memoryview assignment holds it for the whole memcpy)
+                np.copyto(np.frombuffer(staging, dtype=np.uint8, count=len(chunk)),
+                          np.frombuffer(chunk, dtype=np.uint8))
                 done = 0
                 while done < len(chunk):
                     done += os.pwrite(self.direct_fd, staging[done:len(chunk)], offset + start + done)

@@ -287,7 +287,7 @@ def disjoint_merge(stacked: torch.Tensor, sign: torch.Tensor, mode: str = "mean"
     if mode == "sum":
         return total
     if mode == "mean":
-        count = torch.sign(agreeing).sum(dim=0).clamp_(min=1)   # agreeing entries are > 0, the rest 0
+        count = agreeing.sign_().sum(dim=0).clamp_(min=1)   # agreeing entries are > 0, the rest 0
         return total.div_(count)
     raise ValueError(f"unknown disjoint merge mode {mode!r}")
 

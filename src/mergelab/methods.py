@@ -250,7 +250,7 @@ def _mergekit_mix(job: TensorJob, sparsify: Callable[[torch.Tensor, dict, int], 
         sign = K.elect_sign(deltas, zero="positive")
         agreeing = deltas.mul_(sign).clamp_(min=0)          # |w delta| where signs agree, else 0
         mixed = agreeing.sum(dim=0).mul_(sign)
-        mask = torch.sign(agreeing)                          # 1 where kept, 0 elsewhere
+        mask = agreeing.sign_()                              # 1 where kept, 0 elsewhere
         divisor = torch.tensordot(weights, mask, dims=1)
         if bool((weights > 0).all()):
             # the divisor is 0 exactly where nothing is kept: make it 1 there without a boolean mask
