@@ -97,6 +97,7 @@ def test_reads_are_private_copies(tmp_path, monkeypatch, memory_map):
     reaches the file, and blocks of rows are the rows."""
     from mergelab.io import SafetensorsFile
     monkeypatch.setattr(SafetensorsFile, "memory_map", memory_map)
+    monkeypatch.setattr(SafetensorsFile, "MAP_MIN_BYTES", 1)
     tensors = _writer_case(seed=3)
     save_file(tensors, tmp_path / "model.safetensors")
     before = (tmp_path / "model.safetensors").read_bytes()
@@ -110,6 +111,25 @@ def test_reads_are_private_copies(tmp_path, monkeypatch, memory_map):
             t.zero_()
     f.close()
     assert (tmp_path / "model.safetensors").read_bytes() == before
+
+
+def test_mapped_reads_fall_back_to_pread_when_maps_fail(tmp_path, monkeypatch):
+    """Out of file descriptors (each map holds one), reads still work."""
+    import errno
+    import mmap as mmap_module
+
+    from mergelab.io import SafetensorsFile
+
+    def no_map(*args, **kwargs):
+        raise OSError(errno.EMFILE, "Too many open files")
+    monkeypatch.setattr(SafetensorsFile, "MAP_MIN_BYTES", 1)
+    monkeypatch.setattr(mmap_module, "mmap", no_map)
+    tensors = _writer_case(seed=4)
+    save_file(tensors, tmp_path / "model.safetensors")
+    f = SafetensorsFile(tmp_path / "model.safetensors")
+    for k, v in tensors.items():
+        assert torch.equal(f.get(k), v), k
+    f.close()
 
 
 def _writer_case(seed=0):

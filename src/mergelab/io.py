@@ -129,6 +129,7 @@ class SafetensorsFile:
     # kernel time), a write into it copies only the pages written, and the mapping goes away with the
     # tensor, so a merge still holds only the tensors in flight. False: pread into fresh memory.
     memory_map = True
+    MAP_MIN_BYTES = 1 << 20     # smaller reads: one pread is cheaper than map + unmap
 
     def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """One tensor (or rows [a, b) of it) in memory of its own: thread-safe, and writable without
@@ -144,12 +145,16 @@ class SafetensorsFile:
             return torch.empty(shape, dtype=info.dtype)
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
-        if self.memory_map:
+        if self.memory_map and end - begin >= self.MAP_MIN_BYTES:
             start = (self.data_start + begin) // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
-            mapped = mmap.mmap(self._fd, self.data_start + end - start, access=mmap.ACCESS_COPY, offset=start)
-            buf = torch.frombuffer(mapped, dtype=torch.uint8, offset=self.data_start + begin - start,
-                                   count=end - begin)
-            return buf.view(info.dtype).reshape(shape)
+            try:      # each live map holds a duplicated descriptor: out of them (EMFILE), read instead
+                mapped = mmap.mmap(self._fd, self.data_start + end - start, access=mmap.ACCESS_COPY, offset=start)
+            except OSError:
+                mapped = None
+            if mapped is not None:
+                buf = torch.frombuffer(mapped, dtype=torch.uint8, offset=self.data_start + begin - start,
+                                       count=end - begin)
+                return buf.view(info.dtype).reshape(shape)
         buf = torch.empty(end - begin, dtype=torch.uint8)
         view = memoryview(buf.numpy())
         done = 0
