@@ -51,8 +51,9 @@ def _tune_for_streaming(threads: int) -> None:
     time was more than half of a merge's CPU time. Served from the heap instead (blocks up to 32 MiB;
     no trimming), freed blocks are reused, and since blocks are bounded in size the heap stays
     bounded too; larger buffers (a few stacked task vectors) still get their own maps, which keeps
-    the heap from fragmenting. Few arenas (one per merge thread) keep worker threads from each holding their own
-    peak. ``gc.freeze`` moves the ~10^5 objects of the torch import out of the collector's sight.
+    the heap from fragmenting. Few arenas (one per merge thread) keep worker threads from each
+    holding their own peak. ``gc.freeze`` moves the ~10^5 objects of the torch import out of the
+    collector's sight.
     """
     import ctypes
     import ctypes.util

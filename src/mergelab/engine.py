@@ -192,65 +192,98 @@ def _largest_first(names: Iterable[str], ckpt: Checkpoint) -> list[str]:
 # (16 MB in float32), so that memory does not grow with the model.
 BAND_CAP = 1 << 22
 MAX_SAMPLE = 1 << 22
+TENSOR_SAMPLE = 1 << 16
 SLACK = 4.0
+
+Deltas = dict[int, torch.Tensor]          # model index -> its task vector (a tensor or block of rows)
+PassRunner = Callable[[Callable[[Deltas], None], str], None]   # calls back with every block, once
+
+
+def _streaming_select(ranks: Mapping[object, tuple[int, int]], n: int, sample: dict[int, "np.ndarray"] | None,
+                      run_pass: PassRunner) -> dict[object, float]:
+    """Exact k-th smallest magnitudes over a stream of task-vector blocks, in bounded memory.
+
+    ``ranks`` maps a key to (model index, k) over ``n`` values per model. With a ``sample``, each
+    value is bracketed and one pass counts what lies below the bracket and keeps what lies inside
+    (``BandSelect``); two histogram passes (``RadixSelect``) find those the sample missed, or all of
+    them without a sample. ``run_pass(consume, label)`` must call ``consume`` with every block once
+    (possibly from several threads).
+    """
+    lock = threading.Lock()
+    found: dict[object, float | None] = {key: None for key in ranks}
+    if sample is not None:
+        bands = {key: K.BandSelect(k, *K.sample_bracket(sample[i], k, n, SLACK), max_kept=BAND_CAP)
+                 for key, (i, k) in ranks.items()}
+
+        def count(deltas: Deltas) -> None:
+            mags = {i: d.abs_() for i, d in deltas.items()}
+            parts = {key: band.part(mags[ranks[key][0]]) for key, band in bands.items()}
+            with lock:
+                for key, part in parts.items():
+                    bands[key].add(part=part)
+        run_pass(count, "trim threshold")
+        found = {key: band.finish() for key, band in bands.items()}
+    missed = {key: K.RadixSelect(ranks[key][1]) for key, value in found.items() if value is None}
+    for kind in ("high", "low") if missed else ():
+        def histogram(deltas: Deltas) -> None:
+            hists = {key: getattr(sel, f"{kind}_histogram")(deltas[ranks[key][0]]) for key, sel in missed.items()}
+            with lock:
+                for key, h in hists.items():
+                    getattr(missed[key], f"add_{kind}")(histogram=h)
+        run_pass(histogram, f"trim pass {1 if kind == 'high' else 2}/2")
+        if kind == "high":
+            for sel in missed.values():
+                sel.finish_high()
+    found.update({key: sel.finish_low() for key, sel in missed.items()})
+    return found
 
 
 def _global_thresholds(densities: list[float], inputs: _Inputs, names: list[str], weights: list[float],
                        threads: int, progress: Progress | None) -> list[float | None]:
     """Exact whole-model TIES thresholds per model: the paper's top-k over the flattened task vector.
 
-    A sample of rows from every tensor brackets each threshold; one pass over the model then counts
-    what lies below the bracket and keeps what lies inside (``BandSelect``). Where the sample misled,
-    or the model is too large for a bracket of ``BAND_CAP`` values, two exact histogram passes
-    (``RadixSelect``) find it instead.
+    A sample of rows from every tensor brackets each threshold and one pass over the model finds it
+    (``_streaming_select``); a model too large for a bracket of ``BAND_CAP`` values goes straight to
+    the two histogram passes.
     """
     total = sum(_numel(inputs.base.shape(n)) for n in names)
-    ranks = {i: K.keep_count(total, d) for i, d in enumerate(densities) if 0 < d < 1 and total > 0}
+    ranks = {i: (i, K.keep_count(total, d)) for i, d in enumerate(densities) if 0 < d < 1 and total > 0}
     if not ranks:
         return [None] * len(densities)
-    active = sorted(ranks)
-    lock = threading.Lock()
-    found: dict[int, float | None] = {i: None for i in active}
+    which = sorted(ranks)
     # a sample of s values brackets about 2 * SLACK / sqrt(s) of the values: aim at half the cap
     size = max(1 << 16, int((4 * SLACK * total / BAND_CAP) ** 2) + 1)
-    if size <= MAX_SAMPLE:
-        sample = _sample_model(inputs, names, active, weights, size, total)
-        bands = {i: K.BandSelect(ranks[i], *K.sample_bracket(sample[i], ranks[i], total, SLACK), max_kept=BAND_CAP)
-                 for i in active}
-        del sample
+    sample = _sample_magnitudes(inputs, names, which, weights, size, total) if size <= MAX_SAMPLE else None
 
-        def band_pass(name: str) -> None:
+    def run_pass(consume: Callable[[Deltas], None], label: str) -> None:
+        def work(name: str) -> None:
             for rows in row_blocks(inputs.base.shape(name)) or [None]:
-                deltas = inputs.deltas(name, rows, active, weights)
-                parts = {i: bands[i].part(deltas[i].abs_()) for i in active}
-                with lock:
-                    for i, part in parts.items():
-                        bands[i].add(part=part)
-        _run_pool(names, band_pass, threads, lambda name, _: None, "trim threshold", progress)
-        found = {i: bands[i].finish() for i in active}
-        del bands
-    missed = {i: K.RadixSelect(ranks[i]) for i in active if found[i] is None}
-    if missed:
-        def histograms(kind: str):
-            def work(name: str) -> None:
-                for rows in row_blocks(inputs.base.shape(name)) or [None]:
-                    deltas = inputs.deltas(name, rows, list(missed), weights)
-                    hists = {i: getattr(sel, f"{kind}_histogram")(deltas[i]) for i, sel in missed.items()}
-                    with lock:
-                        for i, h in hists.items():
-                            getattr(missed[i], f"add_{kind}")(histogram=h)
-            return work
-
-        _run_pool(names, histograms("high"), threads, lambda name, _: None, "trim pass 1/2", progress)
-        for sel in missed.values():
-            sel.finish_high()
-        _run_pool(names, histograms("low"), threads, lambda name, _: None, "trim pass 2/2", progress)
-        found.update({i: sel.finish_low() for i, sel in missed.items()})
+                consume(inputs.deltas(name, rows, which, weights))
+        _run_pool(names, work, threads, lambda name, _: None, label, progress)
+    found = _streaming_select(ranks, total, sample, run_pass)
     return [found.get(i) for i in range(len(densities))]
 
 
-def _sample_model(inputs: _Inputs, names: list[str], which: Sequence[int], weights: Sequence[float] | None,
-                  size: int, total: int) -> dict[int, "np.ndarray"]:
+def _block_selections(ranks: list[list[int | None]], inputs: _Inputs, name: str, blocks: list[tuple[int, int]],
+                      weights: Sequence[float] | None) -> list[list[float | None]]:
+    """Values of the requested magnitude ranks of each model's delta over a whole tensor merged in
+    blocks, exactly, without holding more than a block (``_streaming_select`` over its blocks)."""
+    keyed = {(i, j): (i, r) for i, rs in enumerate(ranks) for j, r in enumerate(rs) if r is not None}
+    if not keyed:
+        return [[None] * len(rs) for rs in ranks]
+    which = sorted({i for i, _ in keyed.values()})
+    n = _numel(inputs.base.shape(name))
+    sample = _sample_magnitudes(inputs, [name], which, weights, TENSOR_SAMPLE, n)
+
+    def run_pass(consume: Callable[[Deltas], None], label: str) -> None:
+        for rows in blocks:
+            consume(inputs.deltas(name, rows, which, weights))
+    found = _streaming_select(keyed, n, sample, run_pass)
+    return [[found.get((i, j)) for j in range(len(rs))] for i, rs in enumerate(ranks)]
+
+
+def _sample_magnitudes(inputs: _Inputs, names: list[str], which: Sequence[int], weights: Sequence[float] | None,
+                       size: int, total: int) -> dict[int, "np.ndarray"]:
     """Sorted magnitudes of about ``size`` task-vector entries, drawn from every tensor in proportion
     to its size (whole rows of large tensors, random entries of small ones), per model."""
     import zlib
@@ -268,9 +301,9 @@ def _sample_model(inputs: _Inputs, names: list[str], which: Sequence[int], weigh
         per_row = _numel(shape[1:]) if len(shape) >= 2 else numel
         if len(shape) < 2 or numel <= (1 << 16) or count * 4 >= numel:
             deltas = inputs.deltas(name, None, which, weights)
-            picks = rng.integers(0, numel, count)
+            picks = torch.from_numpy(rng.integers(0, numel, count))
             for i in which:
-                parts[i].append(deltas[i].reshape(-1)[torch.from_numpy(picks).to(deltas[i].device)].abs().cpu().numpy())
+                parts[i].append(deltas[i].reshape(-1)[picks.to(deltas[i].device)].abs().cpu().numpy())
             continue
         rows = np.sort(rng.choice(shape[0], min(shape[0], -(-count // per_row)), replace=False))
         for row in rows:
@@ -278,69 +311,6 @@ def _sample_model(inputs: _Inputs, names: list[str], which: Sequence[int], weigh
             for i in which:
                 parts[i].append(deltas[i].abs_().reshape(-1).cpu().numpy())
     return {i: np.sort(np.concatenate(p)) if p else np.empty(0, dtype=np.float32) for i, p in parts.items()}
-
-
-def _tensor_selections(ranks: list[list[int | None]], inputs: _Inputs, name: str,
-                       blocks: list[tuple[int, int]] | None,
-                       weights: Sequence[float] | None) -> list[list[float | None]]:
-    """Values of the requested magnitude ranks of each model's delta over the whole tensor, exactly.
-
-    A tensor merged whole is selected directly; one merged in blocks is bracketed from a sample of
-    its rows and selected in one streaming pass (``BandSelect``), with two exact histogram passes
-    (``RadixSelect``) only where the sample missed; no block needs the others in memory.
-    """
-    which = [i for i, rs in enumerate(ranks) if any(r is not None for r in rs)]
-    if not which:
-        return [[None] * len(rs) for rs in ranks]
-    if blocks is None:
-        deltas = inputs.deltas(name, None, which, weights)
-        return _selections_of(ranks, deltas, None)
-    n = _numel(inputs.base.shape(name))
-    sample = _sample_magnitudes(inputs, name, which, weights)
-    keys = [(i, j, r) for i, rs in enumerate(ranks) for j, r in enumerate(rs) if r is not None]
-    bands = {(i, j): K.BandSelect(r, *K.sample_bracket(sample[i], r, n, SLACK), max_kept=BAND_CAP)
-             for i, j, r in keys}
-    for rows in blocks:                              # one pass: count below the bracket, keep what is in it
-        deltas = inputs.deltas(name, rows, which, weights)
-        for i in which:
-            mag = deltas[i].abs_()
-            for (bi, _), band in bands.items():
-                if bi == i:
-                    band.add(mag)
-    found = {key: band.finish() for key, band in bands.items()}
-    missed = {(i, j): K.RadixSelect(r) for i, j, r in keys if found[(i, j)] is None}
-    if missed:                                       # the sample misled us: two exact histogram passes
-        for kind in ("high", "low"):
-            for rows in blocks:
-                deltas = inputs.deltas(name, rows, which, weights)
-                for (i, _), sel in missed.items():
-                    getattr(sel, f"add_{kind}")(deltas[i])
-            if kind == "high":
-                for sel in missed.values():
-                    sel.finish_high()
-        found.update({key: sel.finish_low() for key, sel in missed.items()})
-    return [[found.get((i, j)) for j in range(len(rs))] for i, rs in enumerate(ranks)]
-
-
-SAMPLE_ELEMENTS = 1 << 16
-
-
-def _sample_magnitudes(inputs: _Inputs, name: str, which: Sequence[int],
-                       weights: Sequence[float] | None) -> dict[int, "np.ndarray"]:
-    """Sorted magnitudes of the task vectors in randomly chosen whole rows (~65k values), per model."""
-    import zlib
-
-    import numpy as np
-    shape = inputs.base.shape(name)
-    per_row = max(1, _numel(shape[1:]))
-    count = min(shape[0], max(16, -(-SAMPLE_ELEMENTS // per_row)))
-    rng = np.random.default_rng(zlib.crc32(name.encode()))
-    parts: dict[int, list] = {i: [] for i in which}
-    for row in np.sort(rng.choice(shape[0], count, replace=False)):
-        deltas = inputs.deltas(name, (int(row), int(row) + 1), which, weights)
-        for i in which:
-            parts[i].append(deltas[i].abs_().reshape(-1).cpu().numpy())
-    return {i: np.sort(np.concatenate(p)) for i, p in parts.items()}
 
 
 def _selections_of(ranks: list[list[int | None]], deltas: Mapping[int, torch.Tensor] | torch.Tensor,
@@ -419,7 +389,10 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
         shape = reference.shape(name)
         blocks = row_blocks(shape, block_elements) if chunkable else None
         ranks = method.select(params, model_params, compat, _numel(shape)) if method.select else None
-        if blocks is None and inputs.base is not None and ranks and any(r is not None for rs in ranks for r in rs):
+        selections = None
+        if ranks and blocks:
+            selections = _block_selections(ranks, inputs, name, blocks, select_weights)
+        elif ranks and inputs.base is not None and any(r is not None for rs in ranks for r in rs):
             # a whole tensor: read once, select from its task vectors, and merge from the same ones
             b, ms = inputs.read(name)
             deltas = _stacked_whole(b, ms)
@@ -427,7 +400,8 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
             _merge_and_sink(name, TensorJob(name, b, ms, params, model_params, compat, thresholds, selections,
                                             None, _numel(shape), None, deltas), None)
             return
-        selections = _tensor_selections(ranks, inputs, name, blocks, select_weights) if ranks else None
+        elif ranks:
+            selections = [[None] * len(rs) for rs in ranks]
         stats = None
         if method.stats is not None and blocks is not None:    # a whole tensor's kernel sums for itself
             for rows in blocks:

@@ -1,11 +1,12 @@
 """The one place that reads and writes checkpoints.
 
 Reading is lazy: a safetensors header is parsed up front and each tensor is mapped on demand
-(copy-on-write, unmapped with the tensor), so a merge holds a few tensors at a time, never a whole model. ``.bin`` files are read with
-``torch.load(weights_only=True)`` only. Output shards are planned up front (names, shapes, dtypes are
-known from the base), their headers written first, and every tensor is written at its own offset as
-soon as it is merged (by a background thread, with ``O_DIRECT`` where possible): nothing waits in
-memory for a shard to fill, and workers may finish in any order.
+(copy-on-write, unmapped with the tensor), so a merge holds a few tensors at a time, never a whole
+model. ``.bin`` files are read with ``torch.load(weights_only=True)`` only. Output shards are planned
+up front (names, shapes, dtypes are known from the base), their headers written first, and every
+tensor is written at its own offset as soon as it is merged (by a background thread, with
+``O_DIRECT`` where possible): nothing waits in memory for a shard to fill, and workers may finish in
+any order.
 """
 
 from __future__ import annotations
@@ -402,7 +403,8 @@ class _ShardFile:
         end = offset + len(data)
         first = -(-offset // page) * page                       # aligned middle [first, last)
         last = end // page * page
-        if self.direct_fd is None or (last > first and not self._direct(data[first - offset:last - offset], first)):
+        middle = data[first - offset:last - offset] if last > first else None
+        if self.direct_fd is None or (middle is not None and not self._direct(middle, first)):
             self._buffered(data, offset)
             # pages gathered before a fallback are written at close: they must hold these bytes too
             self._gather(data, offset, offset, end, only_known=True)
@@ -418,7 +420,8 @@ class _ShardFile:
         page = self.PAGE
         if hi <= lo:
             return
-        bases = sorted({lo // page * page, (hi - 1) // page * page}) if only_known else range(lo // page * page, hi, page)
+        first, last = lo // page * page, (hi - 1) // page * page
+        bases = sorted({first, last}) if only_known else range(first, hi, page)
         for base in bases:
             if only_known and base not in self.pages:
                 continue
