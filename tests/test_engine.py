@@ -208,24 +208,21 @@ def test_writer_falls_back_when_direct_io_is_refused(tmp_path, monkeypatch):
                 raise OSError(errno.EINVAL, "Invalid argument")
         return real_pwrite(fd, data, offset)
 
+    def write_and_check(folder):
+        writer = ShardedWriter(folder, layout, direct=True)
+        _write_in_blocks(writer, tensors)
+        writer.close()
+        loaded = load_file(folder / "model.safetensors")
+        for k, v in tensors.items():
+            assert torch.equal(loaded[k], v), k
+
     monkeypatch.setattr(os, "open", fake_open)
     monkeypatch.setattr(os, "pwrite", fake_pwrite)
-    writer = ShardedWriter(tmp_path, layout, direct=True)
-    _write_in_blocks(writer, tensors)
-    writer.close()
-    loaded = load_file(tmp_path / "model.safetensors")
-    for k, v in tensors.items():
-        assert torch.equal(loaded[k], v), k
+    write_and_check(tmp_path)
     monkeypatch.setattr(os, "open", lambda path, flags, *a: (_ for _ in ()).throw(OSError(errno.EINVAL, "no"))
                         if flags & getattr(os, "O_DIRECT", 0) else real_open(path, flags, *a))
-    out = tmp_path / "refused"
-    out.mkdir()
-    writer = ShardedWriter(out, layout, direct=True)
-    _write_in_blocks(writer, tensors)
-    writer.close()
-    loaded = load_file(out / "model.safetensors")
-    for k, v in tensors.items():
-        assert torch.equal(loaded[k], v), k
+    (tmp_path / "refused").mkdir()
+    write_and_check(tmp_path / "refused")
 
 
 def test_background_writer_error_reaches_the_merge(tmp_path, monkeypatch):

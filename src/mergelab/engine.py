@@ -328,14 +328,6 @@ def _selections_of(ranks: list[list[int | None]], deltas: Mapping[int, torch.Ten
     return out
 
 
-def _stacked_whole(base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``[T, *shape]`` task vectors of one whole tensor."""
-    out = torch.empty((len(models), *base.shape), dtype=base.dtype, device=base.device)
-    for i, m in enumerate(models):
-        torch.sub(m, base, out=out[i])
-    return out
-
-
 def _default_threads() -> int:
     import os
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
@@ -395,7 +387,7 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
         elif ranks and inputs.base is not None and any(r is not None for rs in ranks for r in rs):
             # a whole tensor: read once, select from its task vectors, and merge from the same ones
             b, ms = inputs.read(name)
-            deltas = _stacked_whole(b, ms)
+            deltas = K.task_vectors(b, ms)
             selections = _selections_of(ranks, deltas, select_weights)
             _merge_and_sink(name, TensorJob(name, b, ms, params, model_params, compat, thresholds, selections,
                                             None, _numel(shape), None, deltas), None)

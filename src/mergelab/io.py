@@ -606,10 +606,11 @@ class ShardedWriter:
 
 
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], folder: str | Path,
-                    max_shard_bytes: int = 2 * 1000**3) -> None:
-    """Write an in-memory state dict as (sharded) safetensors into an existing folder."""
+                    max_shard_bytes: int = 2 * 1000**3, metadata: dict[str, str] | None = None) -> int:
+    """Write an in-memory state dict as (sharded) safetensors into an existing folder; returns the
+    bytes of tensor data written."""
     layout = [(k, v.dtype, tuple(v.shape)) for k, v in state_dict.items()]
-    writer = ShardedWriter(Path(folder), layout, max_shard_bytes)
+    writer = ShardedWriter(Path(folder), layout, max_shard_bytes, metadata=metadata)
     try:
         for k, v in state_dict.items():
             writer.write(k, v)
@@ -617,6 +618,7 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], folder: str | Path,
         writer.abort()
         raise
     writer.close()
+    return writer.total_bytes
 
 
 def copy_model_files(source_folder: Path | None, dest: Path, tokenizer_folder: Path | None = None) -> list[str]:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "task_vectors",
     "keep_count",
     "kth_smallest",
     "ties_trim",
@@ -31,6 +32,14 @@ __all__ = [
     "BandSelect",
     "sample_bracket",
 ]
+
+
+def task_vectors(base: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor:
+    """``[T, *shape]`` stacked ``models[t] - base``, written straight into one buffer."""
+    out = torch.empty((len(models), *base.shape), dtype=base.dtype, device=base.device)
+    for i, m in enumerate(models):
+        torch.sub(m, base, out=out[i])
+    return out
 
 
 def keep_count(n: int, density: float) -> int:

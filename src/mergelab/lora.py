@@ -30,8 +30,8 @@ import yaml
 
 from mergelab import svd_kernels as SK
 from mergelab.errors import MergelabError
-from mergelab.io import (Checkpoint, ShardedWriter, TensorInfo, atomic_output_dir, open_checkpoint,
-                         parse_size)
+from mergelab.io import (Checkpoint, TensorInfo, atomic_output_dir, open_checkpoint, parse_size,
+                         save_state_dict)
 
 CONFIG = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -522,15 +522,7 @@ def merge_to_adapter(recipe, out_dir: str | Path, rank: int, *, force: bool = Fa
                 tensors[f"{PREFIX}{lm.module}.lora_B.weight"] = b.contiguous()
         config = _lora_config(adapters[0].config, rank, sorted(lm.module for lm in targets.values()), fifo.pop())
         with atomic_output_dir(out_dir, force=force) as tmp:
-            layout = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
-            writer = ShardedWriter(tmp, layout, parse_size("1000TB"), metadata={"mergelab_method": method.name})
-            try:
-                for k, v in tensors.items():
-                    writer.write(k, v)
-            except BaseException:
-                writer.abort()
-                raise
-            writer.close()
+            written = save_state_dict(tensors, tmp, parse_size("1000TB"), metadata={"mergelab_method": method.name})
             (tmp / "model.safetensors").rename(tmp / "adapter_model.safetensors")
             (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
             (tmp / "mergelab_recipe.yaml").write_text(yaml.safe_dump(
@@ -541,7 +533,7 @@ def merge_to_adapter(recipe, out_dir: str | Path, rank: int, *, force: bool = Fa
                               out_dir=Path(out_dir).expanduser().resolve(), seconds=time.perf_counter() - started,
                               max_relative_error=max(errors, default=0.0),
                               mean_relative_error=sum(errors) / len(errors) if errors else 0.0,
-                              bytes_written=writer.total_bytes)
+                              bytes_written=written)
     finally:
         for ad in adapters:
             ad.close()

@@ -216,11 +216,9 @@ _DENSITY_HELP = "fraction of each task vector kept"
 def _stacked_deltas(job: TensorJob, sparsify: Callable[[torch.Tensor, dict, int], torch.Tensor],
                     weighted: bool = True) -> torch.Tensor:
     """``[T, *shape]`` of ``weight * sparsify(delta)`` (weights applied first: what the paper's trim sees)."""
-    out = job.stacked
-    if out is None:
-        out = torch.empty((len(job.models), *job.base.shape), dtype=job.base.dtype, device=job.base.device)
-    for i, (model, p) in enumerate(zip(job.models, job.model_params)):
-        row = out[i] if job.stacked is not None else torch.sub(model, job.base, out=out[i])
+    out = job.stacked if job.stacked is not None else K.task_vectors(job.base, job.models)
+    for i, p in enumerate(job.model_params):
+        row = out[i]
         w = p.get("weight", 1.0)
         if weighted and w != 1.0:
             row.mul_(w)
