@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from mergelab.smile import SmileLinear, smile_linear_from_weights
+from mergelab.upscale.smile import SmileLinear, smile_linear_from_weights
 
 LAYERS = {  # shape (out, in) -> MiniLM layer-0 name
     (384, 384): "encoder.layer.0.attention.self.query",
@@ -146,7 +146,7 @@ def whole_model(base_path: str, args, gen: torch.Generator) -> None:
     """Upscale every Linear of MiniLM (37 layers) with full vs auto SVD: wall time and parameters."""
     from transformers import AutoModel
 
-    from mergelab.smile import count_parameters, upscale_to_smile
+    from mergelab.upscale.smile import count_parameters, upscale_to_smile
 
     base = AutoModel.from_pretrained(base_path, attn_implementation="eager").eval()
     sd = base.state_dict()

@@ -13,7 +13,6 @@ import time
 
 import torch
 
-import mergelab.svd_methods  # noqa: F401
 from mergelab.engine import merge_state_dicts
 from mergelab.io import load_state_dict
 

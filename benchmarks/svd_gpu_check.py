@@ -14,8 +14,7 @@ import time
 
 import torch
 
-import mergelab.svd_methods  # noqa: F401
-from mergelab import svd_kernels as SK
+from mergelab.kernels import svd as SK
 from mergelab.engine import merge_state_dicts
 
 

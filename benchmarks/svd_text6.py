@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import mergelab.svd_methods  # noqa: F401  (registers tsv, iso_c, iso_cts)
 from mergelab.bench import report, runner, suite as suites
 
 ALPHAS = [0.3, 0.5, 0.7, 0.9, 1.1, 1.3, 1.6, 2.0]        # papers: linspace(0, 3, 31)[1:]; --full-grid

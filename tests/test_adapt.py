@@ -281,7 +281,7 @@ WORDS = [f"w{i}" for i in range(95)]
 
 def _cli(argv):
     import argparse
-    from mergelab.cli_adapt import add_parser
+    from mergelab.cli.adapt import add_parser
     parser = argparse.ArgumentParser(prog="mergelab")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
@@ -427,7 +427,7 @@ def test_bench_builder_returns_adapted_encoder(tmp_path):
     """The builder protocol of mergelab.bench (ModelPool / TaskPool duck-typed here)."""
     import copy
     from types import SimpleNamespace
-    from mergelab.adapt.bench_builders import STATS, adapt_builder
+    from mergelab.bench.adapt_methods import STATS, adapt_builder
     model, base, tvs, heads, loaders = bert_setup()
     names = ["a", "b"]
     g = torch.Generator().manual_seed(3)

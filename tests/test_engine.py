@@ -226,7 +226,7 @@ def test_writer_falls_back_when_direct_io_is_refused(tmp_path, monkeypatch):
 
 
 def test_background_writer_error_reaches_the_merge(tmp_path, monkeypatch):
-    import mergelab.io as io_module
+    import mergelab.io.writer as io_module
     tensors = _writer_case(seed=2)
     writer = ShardedWriter(tmp_path, [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()])
 

@@ -42,7 +42,7 @@ def test_smile_on_cuda_matches_cpu(tmp_path):
     """SMILE built from CUDA modules (SVD on the GPU) routes and computes like the CPU build."""
     from transformers import AutoModel
 
-    from mergelab.smile import upscale_to_smile
+    from mergelab.upscale.smile import upscale_to_smile
     base_dir, model_dirs = make_model_folders(tmp_path / "m", scale=0.05)
     load = lambda p, dev: AutoModel.from_pretrained(p, attn_implementation="eager").to(dev).eval()  # noqa: E731
     x = torch.randint(5, 100, (2, 12))

@@ -7,13 +7,13 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import BertModel, GPT2Config, GPT2Model
 
-import mergelab.svd_methods  # noqa: F401  (registers tsv, iso_c, iso_cts)
-from mergelab import svd_kernels as SK
+from mergelab.kernels import svd as SK
 from mergelab.engine import merge, merge_state_dicts
 from mergelab.errors import MergelabError
 from mergelab.io import load_state_dict, open_checkpoint
-from mergelab.lora import (LoraCheckpoint, is_adapter, load_adapter, lora_experts, merge_to_adapter,
-                           open_model, smile_expert_from_lora)
+from mergelab.engine.lora_export import merge_to_adapter
+from mergelab.io.lora import LoraCheckpoint, is_adapter, load_adapter, lora_experts, open_model
+from mergelab.upscale.smile import smile_expert_from_lora
 
 from tests.helpers import VOCAB, tiny_bert_config, write_recipe
 
@@ -232,7 +232,7 @@ def test_errors(lora_world, tmp_path):
 def test_cli_lora_merge(lora_world, tmp_path, capsys):
     import argparse
 
-    from mergelab import cli_lora
+    from mergelab.cli import lora as cli_lora
     root, base_dir, adapters, full = lora_world
     parser = argparse.ArgumentParser()
     cli_lora.add_parser(parser.add_subparsers())
@@ -261,7 +261,7 @@ def test_smile_from_adapters_uses_the_factors_and_matches_the_dense_build(lora_w
     same routing and outputs as the exact dense construction, up to float error."""
     from transformers import AutoModel
 
-    from mergelab import smile
+    from mergelab.upscale import smile
     root, base_dir, adapters, full = lora_world
     base = open_checkpoint(base_dir)
     checkpoints = [open_model(a, base) for a in adapters]

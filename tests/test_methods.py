@@ -59,7 +59,7 @@ def check_close(out, ref, atol=1e-6):
 def selection_path(request, monkeypatch):
     """Thresholds of large or blocked tensors come from a sampled bracket (one pass); the exact
     histogram passes take over when the sample misled or the bracket holds too many values."""
-    import mergelab.engine as E
+    import mergelab.engine.streaming as E
     import mergelab.kernels as K
     if request.param == "bracket missed":
         monkeypatch.setattr(K, "sample_bracket", lambda sample, k, n, slack=4.0: (float("inf"), float("inf")))

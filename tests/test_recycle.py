@@ -243,7 +243,7 @@ def test_resume_after_killed_run(tiny, tmp_path):
 def test_cli_recycle(tiny, local_run, tmp_path, capsys):
     import argparse
     import shutil
-    from mergelab.cli_recycle import add_parser
+    from mergelab.cli.recycle import add_parser
     root, _ = tiny
     # an interrupted earlier attempt left finished runs in the work folder: the CLI reuses them all
     shutil.copytree(local_run[0] / "runs", tmp_path / ".o.work" / "runs")

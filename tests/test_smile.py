@@ -1,4 +1,4 @@
-"""Tests of SMILE upscaling (mergelab.smile): routing, construction, SVD, save/load, transformers."""
+"""Tests of SMILE upscaling (mergelab.upscale.smile): routing, construction, SVD, save/load, transformers."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mergelab.errors import MergelabError
-from mergelab.smile import (
+from mergelab.upscale.smile import (
     SmileLinear,
     count_parameters,
     load_smile,
@@ -321,7 +321,7 @@ def test_load_rejects_foreign_or_broken_folders(tmp_path):
 def _run_cli(argv):
     import argparse
 
-    from mergelab import cli_smile
+    from mergelab.cli import smile as cli_smile
 
     parser = argparse.ArgumentParser(prog="mergelab")
     cli_smile.add_parser(parser.add_subparsers(dest="command", required=True))
@@ -378,7 +378,7 @@ def test_cli_upscale_smile_from_hf_folders(tmp_path, capsys):
 def test_bench_builder_upscales_the_pool_in_task_order():
     from types import SimpleNamespace
 
-    from mergelab.smile import bench_builder
+    from mergelab.bench.smile_methods import bench_builder
 
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(6, 5))

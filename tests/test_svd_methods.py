@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-import mergelab.svd_methods  # noqa: F401  (registers tsv, iso_c, iso_cts)
-from mergelab import svd_kernels as SK
+from mergelab.kernels import svd as SK
 from mergelab.engine import merge_state_dicts
 from mergelab.errors import MergelabError
 from mergelab.methods import get_method

@@ -1,9 +1,9 @@
 """Benchmark rows for `mergelab bench`: AdaMerging and Concrete as builders.
 
 Register them as rows of a suite, e.g.
-    from mergelab.adapt.bench_builders import adapt_methods
+    from mergelab.bench.adapt_methods import adapt_methods
     suite.methods += adapt_methods()             # 8 rows: 4 methods x {test, val} inputs
-or run them alone on the cached fine-tunes: `python -m mergelab.adapt.bench_builders --out runs/adapt`.
+or run them alone on the cached fine-tunes: `python -m mergelab.bench.adapt_methods --out runs/adapt`.
 
 A builder gets (models: ModelPool, tasks: TaskPool, params) and returns the merged encoder. Params:
 `kind` (adamerging | concrete), `split` (whose unlabelled inputs adapt the merge: "test" as the

@@ -107,7 +107,7 @@ def default_methods() -> list[MethodSpec]:
 
 def model_builder_rows() -> list[MethodSpec]:
     """Rows that build a model instead of a merged state dict: SMILE (issue 4)."""
-    from mergelab.smile import bench_methods
+    from mergelab.bench.smile_methods import bench_methods
     return bench_methods([(32, 16), (8, 4)])
 
 

@@ -87,7 +87,7 @@ def _options(args, recipe_params: dict) -> dict:
 
 def _read_recipe(path: str):
     """(base path, [model paths], parameters) from a mergekit-layout recipe (merge_method is ignored)."""
-    from mergelab.recipe import load_recipe
+    from mergelab.engine.recipe import load_recipe
     r = load_recipe(path, method_required=False, validate=False)
     if not r.base_model:
         raise MergelabError(f"{path}: adapt needs base_model")

@@ -25,9 +25,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import mergelab.svd_methods  # noqa: F401  (tsv / iso_c / iso_cts, in case the package does not import it)
-    from mergelab.cli import TqdmProgress
-    from mergelab.lora import merge_to_adapter
+    from mergelab.cli.common import TqdmProgress
+    from mergelab.engine.lora_export import merge_to_adapter
 
     progress = TqdmProgress(args.quiet)
     try:

@@ -85,8 +85,8 @@ def _load_base(path: str, device: str):
 
 def run(args: argparse.Namespace) -> int:
     from mergelab.io import model_folder, open_checkpoint
-    from mergelab.recipe import load_recipe
-    from mergelab.smile import count_parameters, parameter_report, save_smile, upscale_to_smile
+    from mergelab.engine.recipe import load_recipe
+    from mergelab.upscale.smile import count_parameters, parameter_report, save_smile, upscale_to_smile
 
     started = time.perf_counter()
     recipe = load_recipe(args.recipe, method_required=False, validate=False)
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     bar = None
     try:
         if not args.quiet:
-            from mergelab.cli import TqdmProgress
+            from mergelab.cli.common import TqdmProgress
             bar = TqdmProgress(unit="layer")
         model = upscale_to_smile(base, checkpoints, k=opts["k"], gate_k=opts["gate_k"], top_k=opts["top_k"],
                                  target_modules=opts["target_modules"], average_experts=opts["average_experts"],

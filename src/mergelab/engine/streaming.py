@@ -23,7 +23,8 @@ from mergelab.errors import MergelabError
 from mergelab.io import (Checkpoint, ShardedWriter, atomic_output_dir, copy_model_files, model_folder,
                          open_checkpoint, parse_dtype, parse_size)
 from mergelab.methods import Method, TensorJob, get_method, resolve_params
-from mergelab.recipe import Recipe, load_recipe
+from mergelab.engine.recipe import Recipe, load_recipe
+from mergelab.io.lora import open_model   # PEFT LoRA adapter folders read as base + B @ A
 
 Progress = Callable[[str, int, int], None]   # (stage, done, total)
 
@@ -471,7 +472,6 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
     compute_dtype = parse_dtype(recipe.compute_dtype) or torch.float32
     max_shard = parse_size(shard_size if shard_size is not None else recipe.shard_size)
 
-    from mergelab.lora import open_model   # PEFT LoRA adapter folders read as base + B @ A
     base = open_checkpoint(recipe.base_model) if recipe.base_model else None
     models = [open_model(m.path, base) for m in recipe.models]
     labels = [m.path for m in recipe.models]

@@ -11,16 +11,17 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-import torch
-
-from mergelab import svd_kernels as SK
+from mergelab._lazy import lazy_module
 from mergelab.errors import MergelabError
-from mergelab.methods import Method, Param, TensorJob, register
+from mergelab.methods.registry import Method, Param, TensorJob, register
+
+torch = lazy_module("torch")
+SK = lazy_module("mergelab.kernels.svd")
 
 _ALPHA = Param("alpha", float, 1.0, "scale of the merged task vector (pick it on validation data)",
                aliases=("lambda", "scaling_factor"))
 _SVD = Param("svd", str, "auto", "SVD backend: auto (randomized only where exact), full, randomized",
-             choices=SK.SVD_MODES)
+             choices=("auto", "full", "randomized"))   # kernels.svd.SVD_MODES, without importing torch
 _EXCLUDE = Param("exclude", str, "text_projection",
                  "regular expression: matching 2-D tensors are averaged instead (empty: none)")
 

@@ -136,7 +136,7 @@ def _int(raw: Mapping, key: str, default: int, where: str, low: int = 0) -> int:
 
 def load_config(source: str | Path | Mapping) -> RecycleConfig:
     """Parse and validate a recycle recipe (a YAML file or a dict)."""
-    from mergelab.recipe import read_recipe_mapping
+    from mergelab.engine.recipe import read_recipe_mapping
     raw, path = read_recipe_mapping(source)
     where = str(path or "recipe")
     unknown = set(raw) - TOP_KEYS

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mergelab.errors import MergelabError
+from mergelab.kernels.svd import factored_svd
 
 __all__ = [
     "SmileLinear",
@@ -40,8 +41,7 @@ __all__ = [
     "parameter_report",
     "truncated_svd",
     "smile_linear_from_weights",
-    "bench_builder",
-    "bench_methods",
+    "smile_expert_from_lora",
 ]
 
 SMILE_CONFIG_NAME = "smile_config.json"
@@ -206,7 +206,7 @@ def smile_linear_from_weights(
     Returns None when every weight delta is zero (FusionBench's ExpertNotTrainedError: the
     layer stays the base Linear).  ``k`` and ``gate_k`` are clipped to min(out, in).
     ``factors[i] = (A, B, scaling)`` gives expert i's delta as a LoRA product: its router and
-    expert then come from the exact SVD of the factors (``mergelab.lora``), no dense SVD.
+    expert then come from the exact SVD of the factors (``smile_expert_from_lora``), no dense SVD.
     """
     d_out, d_in = base_weight.shape
     n = len(weights)
@@ -227,7 +227,6 @@ def smile_linear_from_weights(
     for i, dw in enumerate(dws):
         low_rank = factors[i] if factors is not None else None
         if low_rank is not None and routing_use_diff and k_eff > 0:
-            from mergelab.lora import smile_expert_from_lora
             gate, expert_a, expert_b = smile_expert_from_lora(*low_rank, k=k_eff, gate_k=gk_eff)
             layer.gate_weight[i * gk_eff:(i + 1) * gk_eff].copy_(gate.to(dt))
             layer.expert_A[i].copy_(expert_a.to(dt))
@@ -544,34 +543,22 @@ def load_smile(out_dir: str | os.PathLike, model: nn.Module | None = None,
     return model.to(device).eval()
 
 
-# --------------------------------------------------------------------------------------------
-# benchmark hook (mergelab bench)
-# --------------------------------------------------------------------------------------------
-BENCH_SETTINGS = ((32, 16), (8, 4), (128, 16), (-1, 16))
+def smile_expert_from_lora(a: torch.Tensor, b: torch.Tensor, scaling: float, k: int, gate_k: int
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SMILE's expert and router for ``dW = scaling * B @ A``, from the factors (no dense SVD).
 
-
-def bench_builder(models: Any, tasks: Any, params: dict[str, Any]) -> nn.Module:
-    """``mergelab bench`` model builder: one SMILE encoder from the pool's base and fine-tunes.
-
-    ``models`` is the bench ModelPool (``base`` encoder, ``finetuned`` task -> state dict);
-    ``params`` may hold k, gate_k, top_k, target_modules, average_experts, routing_use_diff,
-    full_svd.  The experts follow the order of ``tasks.names``; no task id is used at test time.
+    Returns ``(gate [gate_k, d_in], expert_A [k, d_in], expert_B [d_out, k])`` as SMILE builds them from
+    ``svd(dW) = U S V^T`` (ALGORITHMS.md 5.1): gate = V[:, :gate_k]^T, expert_A = (S[:k] V[:, :k])^T,
+    expert_B = U[:, :k]. Beyond the adapter's rank the singular values are zero: those rows/columns are
+    zero here (a dense SVD would fill them with arbitrary null-space vectors).
     """
-    known = {"k", "gate_k", "top_k", "target_modules", "average_experts", "routing_use_diff", "full_svd"}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise MergelabError(f"SMILE bench builder: unknown parameter {unknown[0]!r}")
-    sds = [models.finetuned[n] for n in tasks.names]
-    model = upscale_to_smile(models.base, sds, **params)
-    return model.eval()
-
-
-def bench_methods(settings: Sequence[tuple[int, int]] = BENCH_SETTINGS, **fixed: Any) -> list:
-    """One ``MethodSpec`` row per (k, gate_k) setting, named ``smile_k{k}_g{gate_k}``.
-
-    Register with e.g. ``suite.methods += mergelab.smile.bench_methods()``.
-    """
-    from mergelab.bench.suite import MethodSpec
-
-    return [MethodSpec(f"smile_k{'dense' if k == -1 else k}_g{g}", builder=bench_builder,
-                       params={"k": k, "gate_k": g, **fixed}) for k, g in settings]
+    u, s, vh = factored_svd(b, a, scaling)
+    j = s.numel()
+    d_out, d_in = b.shape[0], a.shape[1]
+    gate = a.new_zeros(gate_k, d_in)
+    gate[: min(j, gate_k)] = vh[:gate_k]
+    expert_a = a.new_zeros(k, d_in)
+    expert_a[: min(j, k)] = (s[:, None] * vh)[:k]
+    expert_b = b.new_zeros(d_out, k)
+    expert_b[:, : min(j, k)] = u[:, :k]
+    return gate, expert_a, expert_b

@@ -1,0 +1,77 @@
+"""DARE: drop delta entries at random and rescale the rest (linear and TIES variants)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from mergelab._lazy import lazy_module
+from mergelab.methods.common import MERGE_MODE, consensus_merge, lambda_param, normalize_param, sum_merge, weight_param
+from mergelab.methods.registry import Method, Param, TensorJob, register
+
+torch = lazy_module("torch")
+K = lazy_module("mergelab.kernels")
+
+
+def _dare_sparsify(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.Tensor]:
+    l1 = job.compat == "mergekit" and job.params["rescale"]
+
+    def drop(delta: torch.Tensor, p: dict, i: int) -> torch.Tensor:
+        if l1:   # mergekit: match the L1 norm of the whole tensor's delta (blocks: sums from the stats pass)
+            kept = K.dare(delta.cpu(), 1.0 - p["density"], job.generator(i), rescale="none")
+            if job.stats is not None:
+                before, after = float(job.stats[2 * i]), float(job.stats[2 * i + 1])
+            else:
+                before = float(delta.abs().sum(dtype=torch.float64))
+                after = float(kept.abs().sum(dtype=torch.float64))
+            if 0 < p["density"] < 1 and before >= 1e-7 and after >= 1e-7:
+                kept.mul_(before / after)
+        else:
+            kept = K.dare(delta.cpu(), 1.0 - p["density"], job.generator(i), rescale="inverse")
+        return kept.to(delta.device)
+    return drop
+
+
+def _dare_stats(job: TensorJob) -> torch.Tensor | None:
+    """L1 norms of each delta before and after the drop (same seeded masks as the merge pass)."""
+    if job.compat != "mergekit" or not job.params["rescale"]:
+        return None
+    sums = []
+    for i, (delta, p) in enumerate(zip(job.deltas(), job.model_params)):
+        kept = K.dare(delta.cpu(), 1.0 - p["density"], job.generator(i), rescale="none")
+        sums += [delta.abs().sum(dtype=torch.float64).cpu(), kept.abs().sum(dtype=torch.float64)]
+    return torch.stack(sums)
+
+
+def _dare_linear(job: TensorJob) -> torch.Tensor:
+    return sum_merge(job, _dare_sparsify(job))
+
+
+def _dare_ties(job: TensorJob) -> torch.Tensor:
+    return consensus_merge(job, _dare_sparsify(job))
+
+
+def _dare_params(merge_mode: bool) -> tuple[Param, ...]:
+    params = (
+        weight_param(),
+        Param("density", float, 0.9, "fraction kept = 1 - drop rate p", per_model=True, low=0.0, high=1.0,
+              mergekit_default=1.0),
+        lambda_param(1.0),
+        Param("seed", int, 0, "seed of the random drop masks (fixed per tensor and model)"),
+        Param("rescale", bool, True, "rescale kept entries to the L1 norm (mergekit)", modes=("mergekit",)),
+        normalize_param(False),
+    )
+    return params + ((MERGE_MODE,) if merge_mode else ())
+
+
+register(Method(
+    name="dare_linear", aliases=("dare",),
+    summary="drop delta entries with probability p, rescale by 1/(1-p), task arithmetic",
+    reference="Yu et al. ICML 2024, arXiv 2311.03099",
+    params=_dare_params(False), merge_tensor=_dare_linear, stats=_dare_stats,
+))
+register(Method(
+    name="dare_ties",
+    summary="DARE drop and rescale, then TIES sign election and disjoint merge",
+    reference="Yu et al. ICML 2024 + Yadav et al. NeurIPS 2023",
+    params=_dare_params(True), merge_tensor=_dare_ties, stats=_dare_stats,
+))

@@ -1,0 +1,46 @@
+"""Weighted average (model soup) and task arithmetic."""
+
+from __future__ import annotations
+
+from mergelab._lazy import lazy_module
+from mergelab.errors import MergelabError
+from mergelab.methods.common import lambda_param, normalize_param, sum_merge, weight_param
+from mergelab.methods.registry import Method, Param, TensorJob, register
+
+torch = lazy_module("torch")
+
+
+def _average(job: TensorJob) -> torch.Tensor:
+    weights = job.weights()
+    total = torch.zeros_like(job.models[0])
+    for w, m in zip(weights, job.models):
+        total.add_(m, alpha=w)
+    normalize = job.params.get("normalize", True)
+    if normalize:
+        s = sum(weights)
+        if abs(s) < 1e-12:
+            raise MergelabError(f"{job.name}: the model weights sum to zero; cannot average")
+        total.div_(s)
+    return total
+
+
+register(Method(
+    name="average", aliases=("linear",),
+    summary="weighted average of the models' weights (model soup)",
+    reference="Wortsman et al. 2022, arXiv 2203.05482",
+    params=(weight_param(), Param("normalize", bool, True, "divide by the sum of weights")),
+    merge_tensor=_average, needs_base=False,
+))
+
+
+def _task_arithmetic(job: TensorJob) -> torch.Tensor:
+    return sum_merge(job, lambda delta, p, i: delta)
+
+
+register(Method(
+    name="task_arithmetic",
+    summary="base + lambda * sum of task vectors",
+    reference="Ilharco et al. ICLR 2023, arXiv 2212.04089",
+    params=(weight_param(), lambda_param(0.3), normalize_param(False)),
+    merge_tensor=_task_arithmetic,
+))

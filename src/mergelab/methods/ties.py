@@ -1,0 +1,74 @@
+"""TIES-Merging: trim each task vector to its top-k magnitudes, elect signs by mass, disjoint merge."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from mergelab._lazy import lazy_module
+from mergelab.methods.common import (DENSITY_HELP, MERGE_MODE, consensus_merge, lambda_param, normalize_param,
+                                     weight_param)
+from mergelab.methods.registry import Method, Param, TensorJob, register
+
+torch = lazy_module("torch")
+K = lazy_module("mergelab.kernels")
+
+
+def _ties_trimmer(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.Tensor]:
+    """TIES trim of one (weighted) delta with the threshold of its scope (model, tensor or row)."""
+    scope = "per_tensor" if job.compat == "mergekit" else job.params.get("trim_scope", "global")
+
+    def trim(delta: torch.Tensor, p: dict, i: int) -> torch.Tensor:
+        density = p["density"]
+        if scope == "per_row":
+            return K.ties_trim_rows(delta, density)
+        if density >= 1 or delta.numel() == 0:
+            return delta
+        if density <= 0:
+            return torch.zeros_like(delta)
+        threshold = job.thresholds[i] if scope == "global" else job.selections[i][0]
+        return K.zero_below(delta, threshold)   # in place: delta is the job's own row
+    return trim
+
+
+def _ties(job: TensorJob) -> torch.Tensor:
+    return consensus_merge(job, _ties_trimmer(job))
+
+
+def _ties_global_trim(params: dict, model_params: list[dict], compat: str) -> list[float] | None:
+    if compat == "mergekit" or params.get("trim_scope") != "global":
+        return None
+    return [p["density"] for p in model_params]
+
+
+def _ties_select(params: dict, model_params: list[dict], compat: str, n: int) -> list[list[int | None]] | None:
+    """Per-tensor trim ranks: TIES code (kthvalue of n - int(n*d)) or mergekit (exactly max(1, int(d*n)) kept)."""
+    if compat != "mergekit" and params.get("trim_scope") != "per_tensor":
+        return None
+    ranks = []
+    for p in model_params:
+        d = p["density"]
+        if n == 0 or d >= 1 or d <= 0:
+            ranks.append([None])
+        elif compat == "mergekit":
+            ranks.append([n - max(1, int(d * n)) + 1])
+        else:
+            ranks.append([K.keep_count(n, d)])
+    return ranks
+
+
+register(Method(
+    name="ties",
+    summary="trim to top-k magnitudes, elect sign by mass, disjoint merge",
+    reference="Yadav et al. NeurIPS 2023, arXiv 2306.01708",
+    params=(
+        weight_param(),
+        Param("density", float, 0.2, DENSITY_HELP + " (the paper's k)", per_model=True, low=0.0, high=1.0,
+              mergekit_default=1.0, aliases=("k",)),
+        lambda_param(1.0),
+        MERGE_MODE,
+        Param("trim_scope", str, "global", "top-k over the whole model (paper), per tensor (mergekit) or per row",
+              choices=("global", "per_tensor", "per_row"), modes=("paper",)),
+        normalize_param(True),
+    ),
+    merge_tensor=_ties, global_trim=_ties_global_trim, select=_ties_select,
+))
