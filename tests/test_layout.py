@@ -154,7 +154,7 @@ print("HEAVY:" + ",".join(heavy))
 @pytest.mark.parametrize("argvs", [
     [["--help"]],
     [["methods"], ["methods", "--compat", "mergekit"]],
-    [[cmd, "--help"] for cmd in ("merge", "methods", "demo", "upscale", "lora-merge", "adapt", "recycle", "bench")],
+    [[cmd, "--help"] for cmd in ("merge", "methods", "demo", "upscale", "moe", "lora-merge", "adapt", "recycle", "bench")],
     [["merge"], ["no-such-command"], ["merge", "r.yaml", "out", "--threads", "x"]],
 ], ids=["help", "methods", "every-command-help", "argument-errors"])
 def test_cli_answers_without_importing_torch(argvs):
