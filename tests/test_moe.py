@@ -202,6 +202,9 @@ def test_cli_builds_and_reports_errors_in_one_line(world, tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert "built a Mixtral model: 3 experts, 2 per token" in ok.stdout
     assert (tmp_path / "out" / "mergekit_moe_config.yml").read_text() == cfg_path.read_text()
+    from mergelab.io.model_card import read_front_matter
+    front = read_front_matter(tmp_path / "out")
+    assert front["base_model"] == ["base", "ft1", "ft2", "ft3"] and "moe" in front["tags"]
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"base_model": str(base), "experts": [{"source_model": str(experts[0])}]}))
     err = subprocess.run([sys.executable, "-m", "mergelab", "moe", str(bad), str(tmp_path / "out2")],

@@ -41,17 +41,48 @@ def _run(args: argparse.Namespace) -> int:
     if args.threads != 1:
         # the engine parallelises over tensors; one intra-op thread per worker avoids oversubscribing
         torch.set_num_threads(1)
+    from mergelab.engine.multistage import is_multistage
+    if is_multistage(args.recipe):
+        return _run_stages(args)
     progress = TqdmProgress(args.quiet)
     try:
         summary = merge(args.recipe, args.out_dir, force=args.force, compat=args.compat, device=args.device,
                         threads=args.threads, shard_size=args.shard_size, progress=progress)
     finally:
         progress.close()
+    _print_summary(summary)
+    return 0
+
+
+def _run_stages(args: argparse.Namespace) -> int:
+    """A file of several recipes (mergekit-multi): every stage in dependency order, unchanged ones reused."""
+    import sys
+
+    from mergelab.engine.multistage import merge_stages
+    progress = TqdmProgress(args.quiet)
+
+    def announce(i: int, n: int, stage) -> None:
+        if not args.quiet:
+            print(f"stage {i + 1}/{n}: {stage.name or '(final)'}", file=sys.stderr)
+
+    try:
+        results = merge_stages(args.recipe, args.out_dir, intermediate_dir=args.intermediate_dir, force=args.force,
+                               merge_kwargs={"compat": args.compat, "device": args.device, "threads": args.threads,
+                                             "shard_size": args.shard_size, "progress": progress},
+                               on_stage=announce)
+    finally:
+        progress.close()
+    for r in results:
+        how = "reused (unchanged)" if r.reused else f"merged in {r.seconds:.1f} s"
+        print(f"{r.name or '(final)'}: {how} -> {r.out_dir}")
+    return 0
+
+
+def _print_summary(summary) -> None:
     gb = summary.bytes_written / 1e9
     print(f"merged {summary.merged} tensors ({summary.parameters / 1e6:.1f} M parameters, "
           f"{summary.copied} copied from the base) with {summary.method} [{summary.compat}] "
           f"in {summary.seconds:.1f} s -> {summary.out_dir} ({summary.shards} shard(s), {gb:.2f} GB)")
-    return 0
 
 
 def add_parser(sub) -> None:
@@ -64,5 +95,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="where the per-tensor math runs: cpu (default) or cuda")
     p.add_argument("--threads", type=int, default=None, help="tensors merged in parallel")
     p.add_argument("--shard-size", default=None, help="largest output shard, e.g. 2GB")
+    p.add_argument("--intermediate-dir", default=None,
+                   help="multi-document recipes: where named stages are kept (default: OUT_DIR.stages beside it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)

@@ -27,12 +27,13 @@ import yaml
 
 from mergelab.errors import MergelabError
 from mergelab.io import parse_dtype
+from mergelab.io.chat_template import check_chat_template
+from mergelab.io.vocab import TokenizerSpec, parse_tokenizer_spec
 from mergelab.methods import COMPAT_MODES, get_method, resolve_params
 
 KNOWN_KEYS = {"base_model", "models", "merge_method", "parameters", "dtype", "out_dtype", "tokenizer_source",
-              "compat", "compute_dtype", "shard_size", "device", "name"}
-UNSUPPORTED = {"slices": "per-layer slices are not supported; list whole models under 'models'",
-               "tokenizer": "the 'tokenizer' section is not supported; use tokenizer_source: base"}
+              "compat", "compute_dtype", "shard_size", "device", "name", "chat_template", "tokenizer"}
+UNSUPPORTED = {"slices": "per-layer slices are not supported; list whole models under 'models'"}
 
 
 @dataclass
@@ -52,6 +53,8 @@ class Recipe:
     compute_dtype: str = "float32"
     compat: str = "paper"
     tokenizer_source: str | None = None
+    chat_template: str | None = None        # 'auto', a built-in name or a Jinja string (io.chat_template)
+    tokenizer: TokenizerSpec | None = None  # output tokenizer and vocabulary alignment (io.vocab)
     shard_size: str | int = "2GB"
     source: Path | None = None              # the YAML file, if read from one
     extra: dict[str, Any] = field(default_factory=dict)
@@ -74,6 +77,13 @@ def _resolve_path(value: Any, relative_to: Path | None, where: str) -> str:
     if not p.is_absolute() and relative_to is not None and not p.exists() and (relative_to / p).exists():
         p = relative_to / p
     return str(p)
+
+
+def _existing_folder(value: Any, relative_to: Path | None, where: str) -> str:
+    path = _resolve_path(value, relative_to, where)
+    if not Path(path).is_dir():
+        raise MergelabError(f"{where}: {value!r} is not a folder (nothing is downloaded)")
+    return path
 
 
 def read_recipe_mapping(source: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], Path | None]:
@@ -149,6 +159,9 @@ def load_recipe(source: str | Path | Mapping[str, Any], *, compat: str | None = 
         dtype=raw.get("dtype"), out_dtype=raw.get("out_dtype"),
         compute_dtype=raw.get("compute_dtype", "float32"), compat=mode,
         tokenizer_source=raw.get("tokenizer_source"), shard_size=raw.get("shard_size", "2GB"),
+        chat_template=check_chat_template(raw.get("chat_template"), where),
+        tokenizer=parse_tokenizer_spec(raw.get("tokenizer"), raw.get("tokenizer_source"), where,
+                                       lambda v, w: _existing_folder(v, base_dir, w)),
         source=path, extra={k: v for k, v in raw.items() if k not in KNOWN_KEYS}, raw=raw,
     )
     if validate and method is not None:

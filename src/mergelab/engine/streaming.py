@@ -24,7 +24,10 @@ from mergelab.io import (Checkpoint, ShardedWriter, atomic_output_dir, copy_mode
                          open_checkpoint, parse_dtype, parse_size)
 from mergelab.methods import Method, TensorJob, get_method, resolve_params
 from mergelab.engine.recipe import Recipe, load_recipe
+from mergelab.io.chat_template import resolve_chat_template, write_chat_template
 from mergelab.io.lora import open_model   # PEFT LoRA adapter folders read as base + B @ A
+from mergelab.io.model_card import write_model_card
+from mergelab.io.vocab import align_checkpoints, plan_vocabulary
 
 Progress = Callable[[str, int, int], None]   # (stage, done, total)
 
@@ -475,6 +478,14 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
     base = open_checkpoint(recipe.base_model) if recipe.base_model else None
     models = [open_model(m.path, base) for m in recipe.models]
     labels = [m.path for m in recipe.models]
+    vocab = None
+    if recipe.tokenizer is not None:   # the output tokenizer first; embeddings re-indexed to it
+        vocab = plan_vocabulary(recipe.tokenizer, recipe.base_model, labels)
+        if not vocab.identity:
+            keys = ([recipe.base_model] if base is not None else []) + labels
+            aligned = align_checkpoints(vocab, dict(zip(keys, ([base] if base is not None else []) + models)))
+            base = aligned[recipe.base_model] if base is not None else None
+            models = [aligned[k] for k in labels]
     reference = base if base is not None else models[0]
     try:
         check_structure(reference, [m for m in models if m is not reference],
@@ -497,13 +508,22 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
                 raise
             writer.close()
             src_folder = model_folder(recipe.base_model or labels[0])
-            tok_src = recipe.tokenizer_source
-            tok_folder = model_folder(tok_src) if tok_src and tok_src != "base" else None
+            tok_folder = None
+            if vocab is not None and vocab.identity and recipe.tokenizer.source not in ("base", "union"):
+                tok_folder = model_folder(recipe.tokenizer.source)
             copy_model_files(src_folder, tmp, tok_folder)
+            if vocab is not None and not vocab.identity:
+                vocab.tokenizer.save_pretrained(tmp)
+                _set_config_value(tmp / "config.json", "vocab_size", vocab.size)
             _set_config_dtype(tmp / "config.json", out_dtype)
-            (tmp / "mergelab_recipe.yaml").write_text(yaml.safe_dump(
-                {**recipe.raw, "compat": recipe.compat, "resolved_parameters": g,
-                 "resolved_model_parameters": per}, sort_keys=False))
+            template = resolve_chat_template(recipe.chat_template,
+                                             [model_folder(p) for p in [recipe.base_model, *labels] if p])
+            if template is not None:
+                write_chat_template(tmp, template)
+            resolved = {**recipe.raw, "compat": recipe.compat, "resolved_parameters": g,
+                        "resolved_model_parameters": per}
+            (tmp / "mergelab_recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+            write_model_card(tmp, method=method.name, base_model=recipe.base_model, models=labels, recipe=resolved)
         parameters = 0
         for _, _, shape in layout:
             n = 1
@@ -519,6 +539,18 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
         for c in [base, *models]:
             if c is not None:
                 c.close()
+
+
+def _set_config_value(config_path: Path, key: str, value) -> None:
+    import json
+    if not config_path.exists():
+        return
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError:
+        return
+    config[key] = value
+    config_path.write_text(json.dumps(config, indent=2))
 
 
 def _set_config_dtype(config_path: Path, dtype: torch.dtype | None) -> None:

@@ -35,6 +35,7 @@ import yaml
 
 from mergelab.errors import MergelabError
 from mergelab.io import (USER_DTYPES, Checkpoint, ShardedWriter, atomic_output_dir, open_checkpoint, parse_size)
+from mergelab.io.model_card import write_model_card
 from mergelab.io.output import TOKENIZER_FILES
 
 GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
@@ -504,6 +505,10 @@ def build_moe(config: MoeConfig | str | Path | Mapping[str, Any], out_dir: str |
                     (tmp / name).write_bytes((Path(config.base_model) / name).read_bytes())
             if config.source:
                 (tmp / "mergekit_moe_config.yml").write_text(config.source)
+            card_recipe = yaml.safe_load(config.source) if config.source else None
+            write_model_card(tmp, method=f"mergekit-moe ({config.gate_mode} gates)", base_model=config.base_model,
+                             models=[e.source_model for e in config.all_experts()], recipe=card_recipe,
+                             kind="mixture of experts", tags=["moe"])
         parameters = sum(math.prod(shape) for _, _, shape in layout)
     finally:
         for ck in checkpoints:
