@@ -28,6 +28,7 @@ import yaml
 from mergelab.errors import MergelabError
 from mergelab.io import parse_dtype
 from mergelab.io.chat_template import check_chat_template
+from mergelab.io.reference import _HUB_ID, resolve_reference
 from mergelab.io.vocab import TokenizerSpec, parse_tokenizer_spec
 from mergelab.methods import COMPAT_MODES, get_method, resolve_params
 
@@ -40,6 +41,11 @@ UNSUPPORTED = {"slices": "per-layer slices are not supported; list whole models 
 class ModelEntry:
     path: str
     params: dict[str, Any] = field(default_factory=dict)
+    lora: str | None = None                 # mergekit's ``model+lora``: an adapter applied on the fly
+
+    @property
+    def label(self) -> str:
+        return f"{self.path}+{self.lora}" if self.lora else self.path
 
 
 @dataclass
@@ -76,6 +82,8 @@ def _resolve_path(value: Any, relative_to: Path | None, where: str) -> str:
     p = Path(value).expanduser()
     if not p.is_absolute() and relative_to is not None and not p.exists() and (relative_to / p).exists():
         p = relative_to / p
+    if not p.exists() and ("@" in value or _HUB_ID.match(value)):
+        return resolve_reference(value, relative_to, where).path     # a hub id: the local cache's snapshot
     return str(p)
 
 
@@ -135,10 +143,16 @@ def load_recipe(source: str | Path | Mapping[str, Any], *, compat: str | None = 
             if isinstance(v, (list, dict)):
                 raise MergelabError(f"{where}: models[{i}].parameters.{k}: per-layer lists and filters are not "
                                     "supported; give one number")
-        mpath = _resolve_path(entry["model"], base_dir, f"{where}: models[{i}]")
-        if base_path is not None and Path(mpath).resolve() == Path(base_path).resolve():
+        ref = entry["model"]
+        lora = None
+        if isinstance(ref, str) and "+" in ref and not Path(ref).expanduser().exists():
+            resolved = resolve_reference(ref, base_dir, f"{where}: models[{i}]")
+            mpath, lora = resolved.path, resolved.lora
+        else:
+            mpath = _resolve_path(ref, base_dir, f"{where}: models[{i}]")
+        if lora is None and base_path is not None and Path(mpath).resolve() == Path(base_path).resolve():
             continue  # mergekit lets the base appear among the models; it is the base, not a fine-tune
-        models.append(ModelEntry(mpath, dict(params)))
+        models.append(ModelEntry(mpath, dict(params), lora))
     if not models:
         raise MergelabError(f"{where}: no models to merge besides the base")
 

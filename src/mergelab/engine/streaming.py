@@ -476,16 +476,17 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
     max_shard = parse_size(shard_size if shard_size is not None else recipe.shard_size)
 
     base = open_checkpoint(recipe.base_model) if recipe.base_model else None
-    models = [open_model(m.path, base) for m in recipe.models]
-    labels = [m.path for m in recipe.models]
+    models = [open_model(m.path, base, m.lora) for m in recipe.models]
+    labels = [m.label for m in recipe.models]
+    paths = [m.path for m in recipe.models]
     vocab = None
     if recipe.tokenizer is not None:   # the output tokenizer first; embeddings re-indexed to it
-        vocab = plan_vocabulary(recipe.tokenizer, recipe.base_model, labels)
+        vocab = plan_vocabulary(recipe.tokenizer, recipe.base_model, paths)
         if not vocab.identity:
-            keys = ([recipe.base_model] if base is not None else []) + labels
+            keys = ([recipe.base_model] if base is not None else []) + paths
             aligned = align_checkpoints(vocab, dict(zip(keys, ([base] if base is not None else []) + models)))
             base = aligned[recipe.base_model] if base is not None else None
-            models = [aligned[k] for k in labels]
+            models = [aligned[k] for k in paths]
     reference = base if base is not None else models[0]
     try:
         check_structure(reference, [m for m in models if m is not reference],
@@ -507,7 +508,7 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
                 writer.abort()
                 raise
             writer.close()
-            src_folder = model_folder(recipe.base_model or labels[0])
+            src_folder = model_folder(recipe.base_model or paths[0])
             tok_folder = None
             if vocab is not None and vocab.identity and recipe.tokenizer.source not in ("base", "union"):
                 tok_folder = model_folder(recipe.tokenizer.source)
@@ -517,7 +518,7 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
                 _set_config_value(tmp / "config.json", "vocab_size", vocab.size)
             _set_config_dtype(tmp / "config.json", out_dtype)
             template = resolve_chat_template(recipe.chat_template,
-                                             [model_folder(p) for p in [recipe.base_model, *labels] if p])
+                                             [model_folder(p) for p in [recipe.base_model, *paths] if p])
             if template is not None:
                 write_chat_template(tmp, template)
             resolved = {**recipe.raw, "compat": recipe.compat, "resolved_parameters": g,

@@ -202,9 +202,9 @@ class LoraCheckpoint(Checkpoint):
     back from ``get()`` in float32 so that a small delta is not rounded away by a bfloat16 base.
     """
 
-    def __init__(self, adapter: LoraAdapter, base: Checkpoint):
+    def __init__(self, adapter: LoraAdapter, base: Checkpoint, owns_base: bool = False):
         super().__init__(adapter.path, {}, {})
-        self.adapter, self.base = adapter, base
+        self.adapter, self.base, self.owns_base = adapter, base, owns_base
 
     def keys(self) -> list[str]:
         return self.base.keys()
@@ -244,13 +244,23 @@ class LoraCheckpoint(Checkpoint):
 
     def close(self) -> None:
         self.adapter.close()
+        if self.owns_base:
+            self.base.close()
 
     def __repr__(self) -> str:
         return f"LoraCheckpoint({self.adapter.path}, {len(self.adapter.modules)} adapted tensors)"
 
 
-def open_model(path, base: Checkpoint | None) -> Checkpoint:
-    """Open a model of a recipe: a PEFT adapter folder on ``base``, else whatever ``open_checkpoint`` takes."""
+def open_model(path, base: Checkpoint | None, lora: str | Path | None = None) -> Checkpoint:
+    """Open a model of a recipe: a PEFT adapter folder on ``base``, else whatever ``open_checkpoint`` takes;
+    ``lora`` applies an adapter on the fly to that model (mergekit's ``model+lora``)."""
+    if lora is not None:
+        model = open_checkpoint(path)
+        try:
+            return LoraCheckpoint(load_adapter(lora, model), model, owns_base=True)
+        except BaseException:
+            model.close()
+            raise
     if is_adapter(path):
         if base is None:
             raise MergelabError(f"{path}: a LoRA adapter needs the recipe's base_model to apply to")
