@@ -43,7 +43,7 @@ def world(tmp_path_factory):
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(_llama()).eval()
     folders = []
-    for i in range(4):
+    for i in range(5):
         model = base
         if i:
             model = AutoModelForCausalLM.from_config(_llama())
@@ -57,7 +57,7 @@ def world(tmp_path_factory):
 
 
 def _config(base, experts, **extra) -> dict:
-    prompts = [["w1 w2 w3", "w4 w5"], ["w10 w11", "w12 w13 w14 w15"], ["w20", "w21 w22"]]
+    prompts = [["w1 w2 w3", "w4 w5"], ["w10 w11", "w12 w13 w14 w15"], ["w20", "w21 w22"], ["w50 w51 w52"]]
     return {"base_model": str(base), "experts": [
         {"source_model": str(e), "positive_prompts": p} for e, p in zip(experts, prompts)], **extra}
 
@@ -82,8 +82,23 @@ def test_mixtral_of_identical_experts_computes_the_base(world, tmp_path):
     assert out.shape == (1, 13)
 
 
+@pytest.mark.parametrize("gate_mode", ["hidden", "hidden_avg", "hidden_last", "cheap_embed", "random",
+                                       "uniform_random"])
+def test_four_experts_in_every_gate_mode_load_and_generate(world, tmp_path, gate_mode):
+    root, base, experts = world
+    s = build_moe(_config(base, experts, gate_mode=gate_mode), tmp_path / "out")
+    assert s.experts == 4 and s.architecture == "Mixtral"
+    moe = _load(tmp_path / "out")
+    gate = moe.model.layers[1].mlp.gate.weight
+    assert gate.shape == (4, 16) and bool(torch.isfinite(gate).all())
+    if gate_mode not in ("random", "uniform_random"):
+        assert torch.allclose(gate.norm(dim=-1), torch.ones(4), atol=1e-2)     # normalised rows (bf16 for hidden)
+    assert moe.generate(torch.tensor([[1, 9, 10]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
+
+
 def test_mixtral_tensors_come_from_the_right_models(world, tmp_path):
     root, base, experts = world
+    experts = experts[:3]
     cfg = _config(base, experts, gate_mode="cheap_embed", experts_per_token=2)
     build_moe(cfg, tmp_path / "out")
     out = load_file(str(tmp_path / "out" / "model.safetensors"))
@@ -173,7 +188,7 @@ def test_expert_noise_and_residual_scale(world, tmp_path):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda c: c.update(gate_mod="random"), "unknown key 'gate_mod' (did you mean 'gate_mode'?)"),
-    (lambda c: c.update(experts_per_token=4), "experts_per_token (4) exceeds the number of experts (3)"),
+    (lambda c: c.update(experts_per_token=5), "experts_per_token (5) exceeds the number of experts (4)"),
     (lambda c: c.update(gate_mode="fancy"), "gate_mode must be one of"),
     (lambda c: [e.update(positive_prompts=["w1"]) for e in c["experts"]], "every expert has the same prompts"),
     (lambda c: c["experts"][1].pop("positive_prompts"), "experts[1] has no positive_prompts"),
@@ -200,11 +215,11 @@ def test_cli_builds_and_reports_errors_in_one_line(world, tmp_path):
     ok = subprocess.run([sys.executable, "-m", "mergelab", "moe", str(cfg_path), str(tmp_path / "out"), "--quiet"],
                         capture_output=True, text=True, env=env, timeout=300)
     assert ok.returncode == 0, ok.stderr
-    assert "built a Mixtral model: 3 experts, 2 per token" in ok.stdout
+    assert "built a Mixtral model: 4 experts, 2 per token" in ok.stdout
     assert (tmp_path / "out" / "mergekit_moe_config.yml").read_text() == cfg_path.read_text()
     from mergelab.io.model_card import read_front_matter
     front = read_front_matter(tmp_path / "out")
-    assert front["base_model"] == ["base", "ft1", "ft2", "ft3"] and "moe" in front["tags"]
+    assert front["base_model"] == ["base", "ft1", "ft2", "ft3", "ft4"] and "moe" in front["tags"]
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"base_model": str(base), "experts": [{"source_model": str(experts[0])}]}))
     err = subprocess.run([sys.executable, "-m", "mergelab", "moe", str(bad), str(tmp_path / "out2")],
