@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mergelab.errors import MergelabError
-from mergelab.kernels.svd import factored_svd
+from mergelab.kernels.svd import factored_svd, robust_svd, robust_svd_lowrank
 
 __all__ = [
     "SmileLinear",
@@ -167,7 +167,8 @@ def truncated_svd(m: Tensor, rank: int, method: str = "auto", niter: int = 6,
     MiniLM-sized layers; full otherwise).  Randomized SVD is only as exact as the spectrum
     decays: its rank-r approximation error is within ~1e-3 of the optimum, but the subspace
     itself is ill-defined when singular values near r are nearly equal.  Computed in float32
-    on the tensor's device.
+    on the tensor's device; a factorisation LAPACK fails to converge on is retried
+    (``mergelab.kernels.svd.robust_svd``).
     """
     a = m.detach().to(torch.float32)
     r = min(rank, *a.shape)
@@ -178,9 +179,9 @@ def truncated_svd(m: Tensor, rank: int, method: str = "auto", niter: int = 6,
     if method == "lowrank":
         q = min(r + (oversample if oversample is not None else max(10, r)), *a.shape)
         if q < min(a.shape):
-            u, s, v = torch.svd_lowrank(a, q=q, niter=niter)
+            u, s, v = robust_svd_lowrank(a, q=q, niter=niter)
             return u[:, :r], s[:r], v[:, :r]
-    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    u, s, vh = robust_svd(a)
     return u[:, :r], s[:r], vh[:r].T
 
 
