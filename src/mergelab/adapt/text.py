@@ -82,6 +82,7 @@ class TaskFolder:
     head: nn.Linear
     val_texts: list[str] | None = None
     val_labels: list[int] | None = None
+    head_path: str | None = None     # where the head was read (the task folder's, or the model folder's)
 
 
 def read_data_dir(path: str | Path, num_tasks: int, hidden_size: int | None = None,
@@ -139,7 +140,7 @@ def read_data_dir(path: str | Path, num_tasks: int, hidden_size: int | None = No
                     raise MergelabError(f"{vp}:{i}: label {lab} outside 0..{w.shape[0] - 1}")
                 vl.append(int(lab))
                 vt.append(text)
-        tasks.append(TaskFolder(name, texts, linear_head(w, b), vt, vl))
+        tasks.append(TaskFolder(name, texts, linear_head(w, b), vt, vl, str(hp)))
     return tasks
 
 
