@@ -117,7 +117,8 @@ def world(tmp_path_factory):
         d.mkdir(parents=True)
         lines = [" ".join(words[int(j)] for j in torch.randint(0, 95, (5,), generator=g)) for _ in range(12)]
         (d / "inputs.txt").write_text("\n".join(lines) + "\n")
-        save_file({"weight": 0.3 * torch.randn(2, 32, generator=g), "bias": torch.zeros(2)}, str(d / "head.safetensors"))
+        save_file({"weight": 0.3 * torch.randn(2, 32, generator=g), "bias": torch.zeros(2)},
+                  str(d / "head.safetensors"))
         (d / "val.tsv").write_text("".join(f"{k % 2}\t{ln}\n" for k, ln in enumerate(lines[:4])))
     (data / "tasks.txt").write_text("fortune_topic\nfoldoc\n")
     (root / "DATA_DIR").symlink_to(data)
