@@ -399,7 +399,7 @@ def test_cli_adamerging_writes_checkpoint_that_reproduces_outputs(cli_world, cap
     assert isinstance(msg, str) and "already exists" in msg
 
 
-def test_cli_concrete_adamerging_and_errors(cli_world):
+def test_cli_concrete_adamerging_and_errors(cli_world, capsys):
     from mergelab.io import load_state_dict
     root, recipe, data, tok = cli_world
     out = root / "out_cc"
@@ -407,6 +407,12 @@ def test_cli_concrete_adamerging_and_errors(cli_world):
                  "--steps", "3", "--tta-steps", "3", "--lr", "0.05", "--mask", "threshold",
                  "--granularity", "task", "--batches-per-task", "1"]) == 0
     merged, side, doc = _merged_from_side(root, out)
+    # the summary gives each stage's own start and end entropy (issue 21, item 7)
+    ent = {st: [h["entropy"] for h in doc["history"] if h.get("stage") == st and "entropy" in h]
+           for st in ("mask", "tta")}
+    expected = (f"mask entropy {ent['mask'][0]:.4f} -> {ent['mask'][-1]:.4f}; "
+                f"tta entropy {ent['tta'][0]:.4f} -> {ent['tta'][-1]:.4f}")
+    assert expected in capsys.readouterr().out
     assert doc["config"]["method"] == "concrete_adamerging" and side["coefficients"].shape == (2,)
     for k in doc["keys"]:  # a thresholded mask is binary, rescaled by 1/mean: values {0, c}, mean 1
         m = side[f"mask.{k}"]  # (or all 0, e.g. attention key biases: their gradient is exactly 0)
@@ -455,3 +461,37 @@ def test_bench_builder_returns_adapted_encoder(tmp_path):
         torch.testing.assert_close(v, want[k], rtol=1e-5, atol=1e-6)
     assert st["steps_run"] == 3 and st["seconds_per_step"] > 0 and len(st["val_accuracy"]) >= 2
     assert (tmp_path / "am.png").is_file()
+
+
+def test_pairing_warnings_name_the_models_a_task_seems_to_belong_to():
+    from mergelab.cli.adapt import pairing_warnings
+    models = ["cache/ft_foldoc", "cache/ft_gcide", "cache/ft_wordnet"]
+    assert pairing_warnings(["foldoc", "gcide", "wordnet"], models) == []
+    assert pairing_warnings(["task0", "task1", "task2"], models) == []          # nothing to compare
+    warns = pairing_warnings(["gcide", "foldoc", "wordnet"], models)
+    assert len(warns) == 2 and "task 'gcide' (task folder 1) is paired with models[0] (cache/ft_foldoc)" in warns[0]
+    assert "models[1] (cache/ft_gcide)" in warns[0] and "check the order" in warns[0]
+
+
+def test_cli_warns_on_misaligned_tasks_and_notes_the_head_fallback(cli_world, tmp_path, capsys):
+    import shutil
+
+    import yaml
+    root, recipe, data, tok = cli_world
+    models = []
+    for t, name in enumerate(("foldoc", "gcide")):
+        shutil.copytree(root / f"ft{t}", tmp_path / "models" / name)
+        shutil.copy(data / f"task{t}" / "head.safetensors", tmp_path / "models" / name / "head.safetensors")
+        models.append(str(tmp_path / "models" / name))
+        (tmp_path / "data" / name).mkdir(parents=True)
+        shutil.copy(data / f"task{t}" / "inputs.txt", tmp_path / "data" / name / "inputs.txt")
+    (tmp_path / "data" / "tasks.txt").write_text("gcide\nfoldoc\n")       # the wrong order for the recipe
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"base_model": str(root / "base"),
+                                                     "models": [{"model": m} for m in models],
+                                                     "parameters": {"batch_size": 8, "max_length": 16}}))
+    assert _cli(["adapt", "adamerging", str(tmp_path / "r.yaml"), str(tmp_path / "out"), "--data",
+                 str(tmp_path / "data"), "--steps", "1", "--granularity", "task"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: task '") == 2 and "task 'gcide' (task folder 1) is paired with models[0]" in err
+    assert err.count("uses the head of its model folder") == 2
+    assert f"{tmp_path / 'data' / 'gcide' / 'head.safetensors'} is missing" in err

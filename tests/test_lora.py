@@ -284,3 +284,117 @@ def test_smile_from_adapters_uses_the_factors_and_matches_the_dense_build(lora_w
         a = from_factors(input_ids=x).last_hidden_state
         b = dense(input_ids=x).last_hidden_state
     assert torch.allclose(a, b, atol=1e-4)
+
+
+# ---------------------------------------------------------------- truncation error, rank clipping (issue 21, item 4)
+@pytest.fixture(scope="module")
+def two_rank8(tmp_path_factory):
+    """The docs' example: two rank-8 adapters on query and value of one base."""
+    root = tmp_path_factory.mktemp("rank8")
+    _base_model().save_pretrained(root / "base")
+    paths = []
+    for i in range(2):
+        model = get_peft_model(_base_model(), LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
+        _randomise(model, 200 + i)
+        model.save_pretrained(root / f"ad{i}")
+        paths.append(root / f"ad{i}")
+    return root / "base", paths
+
+
+def test_lora_merge_reports_truncation_error_per_layer_and_warns(two_rank8, tmp_path):
+    base_dir, adapters = two_rank8
+    # task arithmetic: the merged delta has rank <= 8 + 8, so rank 16 is exact and nothing is said
+    exact = merge_to_adapter(write_recipe(tmp_path / "ta.yaml", base_dir, adapters, "task_arithmetic",
+                                          {"lambda": 0.5}), tmp_path / "ta", rank=16)
+    assert exact.overall_relative_error < 1e-5 and exact.warnings == []
+    assert set(exact.layer_errors) == {f"encoder.layer.{i}.attention.self.{m}" for i in (0, 1)
+                                       for m in ("query", "value")}
+    # TIES at density 0.5 sparsifies: the merged delta is full rank and rank 16 loses a lot of it
+    ties = merge_to_adapter(write_recipe(tmp_path / "ti.yaml", base_dir, adapters, "ties", {"density": 0.5}),
+                            tmp_path / "ti", rank=16)
+    assert ties.overall_relative_error > 0.05 and len(ties.warnings) == 1
+    assert "truncation loses more than 5%" in ties.warnings[0] and "task_arithmetic" in ties.warnings[0]
+    assert min(ties.layer_errors.values()) <= ties.overall_relative_error <= max(ties.layer_errors.values())
+    # each layer's error is the one of the adapter written
+    expected = merge_state_dicts(load_state_dict(base_dir), [open_model(a, open_checkpoint(base_dir))
+                                                             for a in adapters], "ties", params={"density": 0.5})
+    base = load_state_dict(base_dir)
+    lost = total = 0.0
+    for name, (a, b, _) in lora_experts(tmp_path / "ti", base_dir).items():
+        delta = expected[name + ".weight"] - base[name + ".weight"]
+        err = float((delta - b @ a).norm() / delta.norm())
+        assert ties.layer_errors[name] == pytest.approx(err, rel=1e-3)
+        lost, total = lost + float((delta - b @ a).norm()) ** 2, total + float(delta.norm()) ** 2
+    assert ties.overall_relative_error == pytest.approx((lost / total) ** 0.5, rel=1e-3)
+    import yaml
+    written = yaml.safe_load((tmp_path / "ti" / "mergelab_recipe.yaml").read_text())["truncation_errors"]
+    assert written.keys() == ties.layer_errors.keys()
+
+
+def test_lora_merge_clips_the_rank_to_the_matrix_size(two_rank8, tmp_path):
+    base_dir, adapters = two_rank8
+    s = merge_to_adapter(write_recipe(tmp_path / "r.yaml", base_dir, adapters, "ties", {"density": 0.5}),
+                         tmp_path / "m", rank=500)
+    assert s.rank == 32 and s.requested_rank == 500 and s.max_relative_error < 1e-5
+    assert any("--rank 500" in w for w in s.warnings)
+    config = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
+    assert config["r"] == 32 and config["lora_alpha"] == 32
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "m" / "adapter_model.safetensors"), "pt") as f:
+        assert all(32 in f.get_slice(k).get_shape() and 500 not in f.get_slice(k).get_shape() for k in f.keys())
+
+
+def test_lora_merge_rank_pattern_for_modules_smaller_than_the_rank(tmp_path):
+    """A GQA Llama: k_proj is [8, 32], so rank 16 becomes 8 there (rank_pattern), 16 on q_proj."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=16)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    full = []
+    for i in range(2):
+        model = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base"),
+                               LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "k_proj"]))
+        _randomise(model, 300 + i)
+        model.save_pretrained(tmp_path / f"ad{i}")
+        full.append({k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()})
+    s = merge_to_adapter(write_recipe(tmp_path / "r.yaml", tmp_path / "base", [tmp_path / "ad0", tmp_path / "ad1"],
+                                      "task_arithmetic", {"lambda": 1.0}), tmp_path / "m", rank=16)
+    assert s.rank == 16 and s.layer_ranks == {"model.layers.0.self_attn.k_proj": 8} and s.warnings == []
+    peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "m")
+    merged = peft_model.merge_and_unload().state_dict()
+    expected = merge_state_dicts(load_state_dict(tmp_path / "base"), full, "task_arithmetic", params={"lambda": 1.0})
+    for k in ("model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.q_proj.weight"):
+        torch.testing.assert_close(merged[k], expected[k], atol=1e-5, rtol=1e-5)
+
+
+def test_cli_lora_merge_warns_on_stderr(two_rank8, tmp_path, capsys):
+    import argparse
+
+    from mergelab.cli import lora as cli_lora
+    base_dir, adapters = two_rank8
+    parser = argparse.ArgumentParser()
+    cli_lora.add_parser(parser.add_subparsers())
+    recipe = write_recipe(tmp_path / "r.yaml", base_dir, adapters, "ties", {"density": 0.5})
+    args = parser.parse_args(["lora-merge", str(recipe), str(tmp_path / "m"), "--rank", "16"])
+    assert args.func(args) == 0
+    out, err = capsys.readouterr()
+    assert "overall" in out and "encoder.layer." in out
+    assert err.count("warning: rank-16 truncation loses more than 5%") == 1
+
+
+def test_lora_merge_survives_lapack_failures(two_rank8, tmp_path, monkeypatch):
+    base_dir, adapters = two_rank8
+    recipe = write_recipe(tmp_path / "r.yaml", base_dir, adapters, "ties", {"density": 0.5})
+    ok = merge_to_adapter(recipe, tmp_path / "ok", rank=4)
+    real = torch.linalg.svd
+
+    def fail_float32(m, *a, **k):
+        if m.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(m, *a, **k)
+    monkeypatch.setattr(torch.linalg, "svd", fail_float32)
+    retried = merge_to_adapter(recipe, tmp_path / "retried", rank=4)
+    for name, err in ok.layer_errors.items():
+        assert retried.layer_errors[name] == pytest.approx(err, rel=1e-4)

@@ -287,3 +287,16 @@ def test_dare_mergekit_l1_rescale_matches_the_whole_tensor_norm():
         a = merge_state_dicts(two[0], two[1], name, params, compat="mergekit", block_elements=8)
         b = merge_state_dicts(two[0], two[1], name, params, compat="mergekit", block_elements=8, threads=3)
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_parameter_of_the_other_semantics_is_refused_naming_both():
+    """Issue 21: the refusal of 'normalize' in paper mode used to say '--compat mergekit'."""
+    from mergelab.methods import get_method, resolve_params
+    with pytest.raises(MergelabError, match=r"'normalize' for method 'ties' with --compat paper \(it exists only "
+                                            r"with --compat mergekit\)"):
+        resolve_params(get_method("ties"), {"normalize": True}, [{}], "paper")
+    with pytest.raises(MergelabError, match=r"'trim_scope' for method 'ties' with --compat mergekit \(it exists "
+                                            r"only with --compat paper\)"):
+        resolve_params(get_method("ties"), {"trim_scope": "global"}, [{}], "mergekit")
+    # average's own normalize exists in both semantics (as `mergelab methods` lists it)
+    assert resolve_params(get_method("average"), {"normalize": False}, [{}], "paper")[0]["normalize"] is False

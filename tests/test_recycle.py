@@ -259,3 +259,73 @@ def test_cli_recycle(tiny, local_run, tmp_path, capsys):
     args = parser.parse_args(["recycle", str(root / "recipe.yaml"), str(tmp_path / "o"), "--quiet"])
     with pytest.raises(MergelabError, match="already exists"):
         args.func(args)
+
+
+# ----------------------------------------------------------------------------- issue 21, item 9
+def test_force_after_a_completed_run_reuses_its_runs(local_run, tiny, tmp_path):
+    import shutil
+    root, _ = tiny
+    out = tmp_path / "out"
+    shutil.copytree(local_run[0], out)                                # a completed run
+    before = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("runs/*/done.json")}
+    events = []
+    results = run_recycle(load_config(root / "recipe.yaml"), out, force=True,
+                          progress=lambda e, **i: events.append((e, i)))
+    assert results["trained_now"] == 0 and all(r["resumed"] for r in results["runs"])
+    assert ("reuse", {"runs": len(before), "source": str(out / "runs")}) in events
+    assert {p.parent.name: p.stat().st_mtime_ns for p in out.glob("runs/*/done.json")} == before
+    assert [m["members"] for m in results["methods"]] == [m["members"] for m in local_run[1]["methods"]]
+    assert not (tmp_path / ".out.work").exists()
+
+
+def test_one_head_format_for_recycle_bench_and_adapt(local_run, tmp_path):
+    from safetensors.torch import save_file
+
+    from mergelab.adapt.text import read_data_dir
+    from mergelab.bench.runner import load_head
+    out = local_run[0]
+    head = load_file(str(out / "model" / "head.safetensors"))
+    assert set(head) == {"weight", "bias"} and head["weight"].shape == (3, 32)
+    assert torch.equal(load_head(out / "model").weight, head["weight"])
+    # the older layout of recycle outputs ('head.weight', 'head.bias') is still read
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    save_file({"head.weight": head["weight"], "head.bias": head["bias"]}, str(legacy / "head.safetensors"))
+    assert torch.equal(load_head(legacy).bias, head["bias"])
+    (tmp_path / "data" / "t").mkdir(parents=True)
+    (tmp_path / "data" / "t" / "inputs.txt").write_text("w1 w2\n")
+    for model in (out / "model", legacy):   # adapt reads either, from the model folder
+        task = read_data_dir(tmp_path / "data", 1, 32, [str(model)])[0]
+        assert torch.equal(task.head.weight, head["weight"])
+
+
+def test_report_names_auxiliary_checkpoints_as_the_recipe_does(local_run, tiny, tmp_path):
+    root, recipe = tiny
+    given = str(local_run[0] / "model")                              # a folder named 'model'
+    cfg = load_config({**recipe, "auxiliary": {**recipe["auxiliary"], "checkpoints": {"given": given}}})
+    results = run_recycle(cfg, tmp_path / "out")
+    inits = {r["id"]: r["init"] for r in results["runs"]}
+    assert inits["t02-given0"] == "given"
+    assert inits["f00-fusing"] == "fusing(aux-other-0:0.50, given:0.50)"
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| t02-given0 | given |" in report and "| model |" not in report
+
+
+def test_auxiliary_checkpoint_fine_tuned_on_the_target_source_is_refused(tiny, tmp_path):
+    root, recipe = tiny
+    builtin = {k: v for k, v in recipe.items() if k != "data"}
+    builtin["target"] = {"task": "gcide_to_wordnet"}
+    ft = tmp_path / "gcide-0123abcd"                                 # a cached `mergelab bench` fine-tune
+    ft.mkdir()
+    (ft / "meta.json").write_text(json.dumps({"task": "gcide", "classes": ["a", "b"]}))
+    other = tmp_path / "foldoc-ft"
+    other.mkdir()
+    (other / "meta.json").write_text(json.dumps({"task": "foldoc"}))
+    with pytest.raises(MergelabError, match=r"auxiliary.checkpoints.mine \(.*gcide-0123abcd\) was fine-tuned on "
+                                            r"'gcide', the target's own corpus"):
+        load_config({**builtin, "auxiliary": {"checkpoints": {"mine": str(ft)}}})
+    with pytest.raises(MergelabError, match=r"auxiliary.checkpoints.gcide .* is named 'gcide'"):
+        load_config({**builtin, "auxiliary": {"checkpoints": {"gcide": str(other)}}})
+    with pytest.raises(MergelabError, match="'gcide' is the target's own corpus"):
+        load_config({**builtin, "auxiliary": {"tasks": ["gcide"]}})
+    assert load_config({**builtin, "auxiliary": {"checkpoints": {"foldoc": str(other)}}}).aux_names == ["foldoc"]

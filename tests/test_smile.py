@@ -401,3 +401,88 @@ def test_dense_experts_round_trip_and_bfloat16_base(tmp_path):
     path = save_smile(m, tmp_path / "dense")
     again = load_smile(path, model=nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 3, bias=False)).to(torch.bfloat16))
     assert torch.equal(again(x), m(x)) and again[0].k == -1 and again[0].top_k == 2
+
+
+# ---------------------------------------------------------------- causal LMs keep their head (issue 21, item 2)
+def _tiny_llama_folders(root, n=2, tie=False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                      tie_word_embeddings=tie, attn_implementation="eager")
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg).eval()
+    base.save_pretrained(root / "base")
+    models = []
+    for i in range(1, n + 1):
+        g = torch.Generator().manual_seed(i)
+        ft = LlamaForCausalLM(cfg).eval()
+        ft.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.state_dict().items()})
+        ft.save_pretrained(root / f"ft{i}")
+        models.append(ft)
+    return root / "base", [root / f"ft{i}" for i in range(1, n + 1)], models
+
+
+def test_smile_on_a_causal_lm_keeps_lm_head_and_generates(tmp_path, capsys):
+    import yaml
+    from transformers import LlamaForCausalLM
+
+    base, fts, models = _tiny_llama_folders(tmp_path)
+    recipe = {"base_model": str(base), "models": [{"model": str(fts[0])}]}
+    (tmp_path / "r1.yaml").write_text(yaml.safe_dump(recipe))
+    # one dense expert (routing weight 1) and the other parameters averaged over the one fine-tune: the SMILE
+    # model is exactly the fine-tune, lm_head included
+    assert _run_cli(["upscale", "smile", str(tmp_path / "r1.yaml"), str(tmp_path / "one"), "--k", "-1",
+                     "--average-experts", "--quiet"]) == 0
+    loaded = load_smile(tmp_path / "one")
+    assert isinstance(loaded, LlamaForCausalLM)
+    assert isinstance(loaded.lm_head, SmileLinear)
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, models[0](input_ids=ids).logits,
+                                   atol=1e-5, rtol=1e-5)
+    out = loaded.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    ref = models[0].generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 11) and torch.equal(out, ref)
+
+    # two low-rank experts: a real mixture that still produces logits and generates
+    recipe["models"] = [{"model": str(p)} for p in fts]
+    (tmp_path / "r2.yaml").write_text(yaml.safe_dump(recipe))
+    assert _run_cli(["upscale", "smile", str(tmp_path / "r2.yaml"), str(tmp_path / "two"), "--k", "4",
+                     "--gate-k", "2", "--quiet"]) == 0
+    mixed = load_smile(tmp_path / "two")
+    assert "lm_head" in mixed.smile_info["layers"]
+    assert mixed.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0).shape == (1, 9)
+
+
+def test_smile_refuses_a_base_whose_architecture_transformers_lacks(tmp_path):
+    import yaml
+
+    base, fts, _ = _tiny_llama_folders(tmp_path, n=1)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["architectures"] = ["MyCustomLlamaForCausalLM"]
+    (base / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"base_model": str(base), "models": [{"model": str(fts[0])}]}))
+    with pytest.raises(MergelabError, match="architecture 'MyCustomLlamaForCausalLM' is not a transformers model"):
+        _run_cli(["upscale", "smile", str(tmp_path / "r.yaml"), str(tmp_path / "out"), "--quiet"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_smile_on_a_causal_lm_with_tied_embeddings_leaves_the_tied_head_to_the_embedding(tmp_path):
+    import yaml
+
+    base, fts, models = _tiny_llama_folders(tmp_path, n=1, tie=True)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"base_model": str(base), "models": [{"model": str(fts[0])}]}))
+    assert _run_cli(["upscale", "smile", str(tmp_path / "r.yaml"), str(tmp_path / "o"), "--k", "-1",
+                     "--average-experts", "--quiet"]) == 0
+    loaded = load_smile(tmp_path / "o")
+    assert "lm_head" not in loaded.smile_info["layers"]
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, models[0](input_ids=ids).logits,
+                                   atol=1e-5, rtol=1e-5)
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"base_model": str(base), "models": [{"model": str(fts[0])}],
+                                                     "parameters": {"target_modules": ["lm_head"]}}))
+    with pytest.raises(MergelabError, match="'lm_head' shares its weight with 'model.embed_tokens'"):
+        _run_cli(["upscale", "smile", str(tmp_path / "t.yaml"), str(tmp_path / "o2"), "--quiet"])

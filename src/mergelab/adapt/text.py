@@ -82,6 +82,7 @@ class TaskFolder:
     head: nn.Linear
     val_texts: list[str] | None = None
     val_labels: list[int] | None = None
+    head_path: str | None = None     # where the head was read (the task folder's, or the model folder's)
 
 
 def read_data_dir(path: str | Path, num_tasks: int, hidden_size: int | None = None,
@@ -91,7 +92,6 @@ def read_data_dir(path: str | Path, num_tasks: int, hidden_size: int | None = No
     line), `head.safetensors` (`weight` [C, H], optional `bias` [C]; if absent, the one in the
     task's model folder, as `mergelab bench` saves its fine-tunes) and optionally `val.tsv`
     (`label<TAB>text` per line, integer labels) for the validation-accuracy curve."""
-    from safetensors.torch import load_file
     root = Path(path)
     if not root.is_dir():
         raise MergelabError(f"--data {root}: not a folder")
@@ -114,17 +114,10 @@ def read_data_dir(path: str | Path, num_tasks: int, hidden_size: int | None = No
         texts = [ln for ln in inp.read_text(encoding="utf-8").splitlines() if ln.strip()]
         if not texts:
             raise MergelabError(f"{inp}: no texts")
-        try:
-            h = load_file(str(hp))
-        except Exception as exc:
-            raise MergelabError(f"{hp}: not a readable safetensors file ({exc})") from exc
-        w, b = h.get("weight"), h.get("bias")
-        if w is None or w.dim() != 2:
-            raise MergelabError(f"{hp}: needs a 2-D tensor 'weight' [classes, hidden]")
+        from mergelab.io.head import load_head_file
+        w, b = load_head_file(hp)
         if hidden_size is not None and w.shape[1] != hidden_size:
             raise MergelabError(f"{hp}: 'weight' has {w.shape[1]} columns, the encoder's hidden size is {hidden_size}")
-        if b is not None and tuple(b.shape) != (w.shape[0],):
-            raise MergelabError(f"{hp}: 'bias' has shape {tuple(b.shape)}, expected ({w.shape[0]},)")
         vt = vl = None
         vp = d / "val.tsv"
         if vp.is_file():
@@ -139,7 +132,7 @@ def read_data_dir(path: str | Path, num_tasks: int, hidden_size: int | None = No
                     raise MergelabError(f"{vp}:{i}: label {lab} outside 0..{w.shape[0] - 1}")
                 vl.append(int(lab))
                 vt.append(text)
-        tasks.append(TaskFolder(name, texts, linear_head(w, b), vt, vl))
+        tasks.append(TaskFolder(name, texts, linear_head(w, b), vt, vl, str(hp)))
     return tasks
 
 

@@ -152,19 +152,18 @@ def save_finetuned(folder: Path, encoder: nn.Module, tokenizer, head: nn.Linear,
 
 def load_head(folder: Path) -> nn.Linear:
     """The frozen task head stored beside a fine-tuned encoder (``head.safetensors``)."""
-    from safetensors.torch import load_file
-
     path = Path(folder) / "head.safetensors"
     if not path.exists():
         raise MergelabError(f"{path} not found: a fine-tuned model for the benchmark needs its task "
                             "head (weight [classes, hidden], bias [classes]) beside it")
-    t = load_file(str(path))
-    if set(t) != {"weight", "bias"} or t["weight"].dim() != 2:
+    from mergelab.io.head import load_head_file   # also reads the older 'head.weight' keys of recycle
+    weight, bias = load_head_file(path)
+    if bias is None:
         raise MergelabError(f"{path}: expected tensors 'weight' [classes, hidden] and 'bias'")
-    head = nn.Linear(t["weight"].shape[1], t["weight"].shape[0])
+    head = nn.Linear(weight.shape[1], weight.shape[0])
     with torch.no_grad():
-        head.weight.copy_(t["weight"])
-        head.bias.copy_(t["bias"])
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
     head.requires_grad_(False)
     return head
 

@@ -120,7 +120,44 @@ def _stored(model_sd: dict, path: str) -> dict:
     return kept
 
 
+def _norm(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def pairing_warnings(task_names: list[str], model_paths: list[str]) -> list[str]:
+    """Warnings when the --data task folders and the recipe's models (paired by position) do not line up:
+    a task whose name is not in its own model's path but is in another model's path."""
+    models = [_norm(str(Path(p).expanduser().resolve())) for p in model_paths]
+    out = []
+    for i, task in enumerate(task_names):
+        t = _norm(task)
+        if not t or t in models[i]:
+            continue
+        others = [j for j, m in enumerate(models) if j != i and t in m]
+        if others:
+            out.append(f"task '{task}' (task folder {i + 1}) is paired with models[{i}] ({model_paths[i]}), but its "
+                       f"name is in models[{others[0]}] ({model_paths[others[0]]}): tasks pair with models by "
+                       "position (tasks.txt, else sorted folder names); check the order")
+    return out
+
+
+def stage_entropies(history: list[dict]) -> list[tuple[str, float, float]]:
+    """(stage, first entropy, last entropy) for each stage of the run, in order (Concrete: mask, then tta)."""
+    out: list[tuple[str, float, float]] = []
+    for h in history:
+        if "entropy" not in h:
+            continue
+        stage = h.get("stage", "")
+        if out and out[-1][0] == stage:
+            out[-1] = (stage, out[-1][1], h["entropy"])
+        else:
+            out.append((stage, h["entropy"], h["entropy"]))
+    return out
+
+
 def run(args) -> int:
+    import sys
+
     import torch
     from tqdm import tqdm
     from mergelab.io import atomic_output_dir, copy_model_files, save_state_dict
@@ -148,6 +185,12 @@ def run(args) -> int:
     pad_id = tok.pad_token_id or 0
     hidden = getattr(base.config, "hidden_size", None)
     tasks = read_data_dir(args.data, len(model_paths), hidden, model_paths)
+    for w in pairing_warnings([t.name for t in tasks], model_paths):
+        print(f"warning: {w}", file=sys.stderr)
+    for t, p in zip(tasks, model_paths):
+        if t.head_path and Path(t.head_path).parent != Path(args.data) / t.name:
+            print(f"note: {Path(args.data) / t.name / 'head.safetensors'} is missing: task '{t.name}' uses the head "
+                  f"of its model folder, {t.head_path}", file=sys.stderr)
     base_sd = {k: v.detach().clone() for k, v in _stored(base.state_dict(), base_path).items()}
     tvs = []
     for p in tqdm(model_paths, desc="task vectors", unit="model", leave=False):
@@ -204,12 +247,14 @@ def run(args) -> int:
         res.save_side_files(tmp)
         plot_history(res.history, tmp / "history.png", title=res.config["method"])
     secs = [h["seconds"] for h in res.history if "seconds" in h]
-    ent = [h["entropy"] for h in res.history if "entropy" in h]
+    stages = stage_entropies(res.history)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     c = res.coefficients
     per_task = c.tolist() if c.dim() == 1 else c.mean(0).tolist()
-    print(f"{res.config['method']}: {len(tasks)} tasks, {total} steps, entropy {ent[0]:.4f} -> {ent[-1]:.4f}"
-          if ent else f"{res.config['method']}: 0 steps")
+    entropy = "; ".join(f"{stage + ' ' if len(stages) > 1 else ''}entropy {a:.4f} -> {b:.4f}"
+                        for stage, a, b in stages)
+    print(f"{res.config['method']}: {len(tasks)} tasks, {total} steps, {entropy}"
+          if stages else f"{res.config['method']}: 0 steps")
     print("coefficients" + (" (mean over tensors)" if c.dim() == 2 else "") + ": "
           + ", ".join(f"{t.name}={v:.3f}" for t, v in zip(tasks, per_task)))
     accs = [h["val_accuracy"] for h in res.history if "val_accuracy" in h]

@@ -14,7 +14,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "its merged delta. Load it with peft.PeftModel.from_pretrained(base, OUT_DIR).")
     p.add_argument("recipe", help="recipe YAML (mergekit layout) whose models are adapter folders")
     p.add_argument("out_dir", help="output adapter folder (written atomically)")
-    p.add_argument("--rank", type=int, required=True, help="rank R of the merged adapter")
+    p.add_argument("--rank", type=int, required=True,
+                   help="rank R of the merged adapter (clipped to each module's min(d_out, d_in))")
+    p.add_argument("--warn-error", type=float, default=None, metavar="E",
+                   help="warn when a module's truncation error ||dW - dW_R||/||dW|| exceeds E (default 0.05)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--compat", choices=("paper", "mergekit"), default=None, help="method semantics")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
@@ -25,16 +28,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
     from mergelab.cli.common import TqdmProgress
-    from mergelab.engine.lora_export import merge_to_adapter
+    from mergelab.engine.lora_export import WARN_ERROR, merge_to_adapter
 
     progress = TqdmProgress(args.quiet)
     try:
         s = merge_to_adapter(args.recipe, args.out_dir, args.rank, force=args.force, compat=args.compat,
-                             device=args.device, threads=args.threads, progress=progress)
+                             device=args.device, threads=args.threads, progress=progress,
+                             warn_error=WARN_ERROR if args.warn_error is None else args.warn_error)
     finally:
         progress.close()
     print(f"merged adapter with {s.method}: {s.modules} modules at rank {s.rank} in {s.seconds:.1f} s -> "
           f"{s.out_dir} ({s.bytes_written / 1e6:.2f} MB); rank-{s.rank} truncation error "
-          f"||dW - dW_r||/||dW||: mean {s.mean_relative_error:.2e}, max {s.max_relative_error:.2e}")
+          f"||dW - dW_r||/||dW||: overall {s.overall_relative_error:.2e}, mean {s.mean_relative_error:.2e}, "
+          f"max {s.max_relative_error:.2e}")
+    worst = sorted(s.layer_errors.items(), key=lambda kv: -kv[1])
+    if not args.quiet:
+        for name, err in worst[:5]:
+            print(f"  {err:.2e}  {name}")
+        if len(worst) > 5:
+            print(f"  ... {len(worst) - 5} more modules (mergelab_recipe.yaml: truncation_errors)")
+    for w in s.warnings:
+        print(f"warning: {w}", file=sys.stderr)
     return 0

@@ -37,6 +37,9 @@ class _Progress:
             if self.bar is not None:
                 self.bar.n = info["done"]
                 self.bar.refresh()
+        elif event == "reuse":
+            self._write(f"reusing {info['runs']} finished run(s) of {info['source']} (retrained only if the "
+                        "recipe changed them)")
         elif event == "method":
             r = info["row"]
             self._write(f"  {r['method']} [{r['selection']}]: ID {100 * r['test_id']:.1f}%  "

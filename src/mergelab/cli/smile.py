@@ -69,24 +69,11 @@ def resolve_options(recipe_params: dict[str, Any], args: argparse.Namespace, whe
     return opts
 
 
-def _load_base(path: str, device: str):
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel
-
-    try:
-        model = AutoModel.from_pretrained(path, attn_implementation="eager")
-    except (OSError, ValueError) as e:
-        raise MergelabError(f"{path}: cannot load the base model with transformers "
-                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    return model.to(device).eval()
-
-
 def run(args: argparse.Namespace) -> int:
     from mergelab.io import model_folder, open_checkpoint
     from mergelab.engine.recipe import load_recipe
-    from mergelab.upscale.smile import count_parameters, parameter_report, save_smile, upscale_to_smile
+    from mergelab.upscale.smile import (count_parameters, load_base_model, parameter_report, save_smile,
+                                        upscale_to_smile)
 
     started = time.perf_counter()
     recipe = load_recipe(args.recipe, method_required=False, validate=False)
@@ -100,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         if m.params:
             raise MergelabError(f"{where}: models[{i}].parameters: SMILE takes no per-model parameters")
     opts = resolve_options(recipe.params, args, where)
-    base = _load_base(recipe.base_model, args.device)
+    base = load_base_model(recipe.base_model, args.device)
     base_params = count_parameters(base)
     checkpoints = [open_checkpoint(m.path) for m in recipe.models]
     bar = None

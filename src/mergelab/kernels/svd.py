@@ -14,6 +14,14 @@ merges are reproducible), approximate for the top-k of a full-rank matrix. ``aut
 randomized factorisation only where it is exact: it probes with ``q`` columns, and if the matrix turns
 out to have numerical rank below ``q`` (e.g. a sum of LoRA deltas) its whole range was captured and the
 factorisation is exact to rounding; otherwise it falls back to the full SVD.
+
+Every SVD of the project goes through ``robust_svd``: LAPACK's divide-and-conquer driver (``gesdd``,
+the only CPU driver of ``torch.linalg.svd``) can fail to converge on ill-conditioned or rank-deficient
+float32 matrices, and whether it does depends on the thread count. On failure the SVD is retried with
+the other CUDA drivers (``gesvdj``, ``gesvd``) on a GPU, then in float64, then in float64 on the
+triangular factor of a QR decomposition, and last from the eigen-decomposition of the Gram matrix
+(float64 ``eigh``; its singular values below ~1e-8 s_max are inexact, which float32 results cannot
+resolve anyway). The result has the input's dtype.
 """
 
 from __future__ import annotations
@@ -21,6 +29,102 @@ from __future__ import annotations
 import torch
 
 SVD_MODES = ("auto", "full", "randomized")
+SVD_ERRORS = (torch.linalg.LinAlgError,)
+
+
+
+# ---------------------------------------------------------------- robust SVD
+
+def _complete_columns(q: torch.Tensor, cols: int) -> torch.Tensor:
+    """``q [m, j]`` with orthonormal columns extended to ``cols`` orthonormal columns (seeded, reproducible)."""
+    m, j = q.shape
+    if j >= cols:
+        return q
+    gen = torch.Generator(device=q.device).manual_seed(0)
+    probe = torch.randn(m, cols - j, generator=gen, dtype=q.dtype, device=q.device)
+    for _ in range(2):                                     # project off q twice: orthogonal to rounding
+        probe = torch.linalg.qr(probe - q @ (q.mT @ probe)).Q
+    return torch.cat([q, probe], dim=1)
+
+
+def gram_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD from the eigen-decomposition of the smaller Gram matrix, in float64.
+
+    The last resort of ``robust_svd``: ``eigh`` is a different algorithm (tridiagonal QR / MRRR) than
+    LAPACK's SVD drivers and always converges on a symmetric matrix. Left vectors of the non-zero
+    singular values are ``A V / s``, re-orthogonalised; those of zero singular values complete the basis.
+    """
+    wide = matrix.shape[0] < matrix.shape[1]
+    a = (matrix.mT if wide else matrix).to(torch.float64)
+    m, n = a.shape
+    w, v = torch.linalg.eigh(a.mT @ a)
+    w, v = w.flip(0), v.flip(1)                            # descending
+    s = w.clamp_min(0).sqrt()
+    # eigenvalues resolve singular values down to ~sqrt(eps64) s_max = 1.5e-8 s_max: below that, zero
+    tol = float(s[0]) * max(max(m, n) * torch.finfo(matrix.dtype).eps, 1e-7) if n else 0.0
+    nz = int((s > tol).sum())
+    u_nz = (a @ v[:, :nz]) / s[:nz]
+    q, r = torch.linalg.qr(u_nz)
+    q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones_like(s[:nz]))
+    u = _complete_columns(q, n)
+    s[nz:] = 0
+    if wide:
+        u, v = v, u
+    return u.to(matrix.dtype), s.to(matrix.dtype), v.mT.to(matrix.dtype)
+
+
+def _svd_attempts(matrix: torch.Tensor):
+    """(name, thunk) pairs tried in order by ``robust_svd``."""
+    yield "gesdd", lambda: torch.linalg.svd(matrix, full_matrices=False)
+    if matrix.is_cuda:
+        for driver in ("gesvdj", "gesvd"):
+            yield driver, lambda d=driver: torch.linalg.svd(matrix, full_matrices=False, driver=d)
+    wide = matrix.shape[0] < matrix.shape[1]
+    if matrix.dtype != torch.float64:
+        yield "float64", lambda: torch.linalg.svd(matrix.to(torch.float64), full_matrices=False)
+
+    def qr_first():
+        a = (matrix.mT if wide else matrix).to(torch.float64)
+        q, r = torch.linalg.qr(a)
+        ur, s, vh = torch.linalg.svd(r, full_matrices=False)
+        u = q @ ur
+        return (vh.mT, s, u.mT) if wide else (u, s, vh)
+    yield "float64 QR", qr_first
+    yield "gram", lambda: gram_svd(matrix)
+
+
+def robust_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.svd(matrix, full_matrices=False)`` that does not give up when LAPACK does.
+
+    Tries, in order: the default driver; on CUDA ``gesvdj`` and ``gesvd``; float64; float64 on the R
+    of a QR decomposition; the Gram matrix's eigen-decomposition (see the module docstring). Returns
+    ``(U, S, Vh)`` in the input dtype. Non-finite input raises ``ValueError`` (no SVD can help).
+    """
+    if matrix.numel() and not bool(torch.isfinite(matrix).all()):
+        raise ValueError("SVD of a matrix with NaN or Inf entries")
+    last: Exception | None = None
+    for _, attempt in _svd_attempts(matrix):
+        try:
+            u, s, vh = attempt()
+        except SVD_ERRORS as e:
+            last = e
+            continue
+        if bool(torch.isfinite(s).all()):
+            return u.to(matrix.dtype), s.to(matrix.dtype), vh.to(matrix.dtype)
+    raise last if last is not None else torch.linalg.LinAlgError("SVD failed")  # pragma: no cover
+
+
+def robust_svd_lowrank(matrix: torch.Tensor, q: int, niter: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.svd_lowrank(matrix, q, niter)`` -> ``(U, S, V)``; a failed factorisation falls back to
+    ``robust_svd`` (exact, truncated to ``q``)."""
+    try:
+        u, s, v = torch.svd_lowrank(matrix, q=q, niter=niter)
+        if bool(torch.isfinite(s).all()):
+            return u, s, v
+    except SVD_ERRORS:
+        pass
+    u, s, vh = robust_svd(matrix)
+    return u[:, :q], s[:q], vh[:q].mT
 
 
 # ---------------------------------------------------------------- SVD helpers
@@ -40,7 +144,7 @@ def _randomized(matrix: torch.Tensor, q: int, niter: int, generator: torch.Gener
     for _ in range(niter):
         basis = torch.linalg.qr(matrix.mT @ basis).Q
         basis = torch.linalg.qr(matrix @ basis).Q
-    u_small, s, vh = torch.linalg.svd(basis.mT @ matrix, full_matrices=False)
+    u_small, s, vh = robust_svd(basis.mT @ matrix)
     return basis @ u_small, s, vh
 
 
@@ -71,7 +175,7 @@ def svd(matrix: torch.Tensor, k: int | None = None, mode: str = "auto", *, niter
             if float(residual) <= max(m, n) * torch.finfo(matrix.dtype).eps * float(torch.linalg.matrix_norm(matrix)):
                 u, s, vh = pu, ps, pvh
     if u is None:
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        u, s, vh = robust_svd(matrix)
     keep = min(k, int((s > rank_tolerance(s, matrix.shape)).sum()))
     return u[:, :keep], s[:keep], vh[:keep]
 
@@ -85,7 +189,7 @@ def factored_svd(b: torch.Tensor, a: torch.Tensor, scale: float = 1.0
     """
     qb, rb = torch.linalg.qr(b)
     qa, ra = torch.linalg.qr(a.mT)
-    uc, s, vhc = torch.linalg.svd(scale * (rb @ ra.mT), full_matrices=False)
+    uc, s, vhc = robust_svd(scale * (rb @ ra.mT))
     keep = int((s > rank_tolerance(s, (b.shape[0], a.shape[1]))).sum())
     return (qb @ uc)[:, :keep], s[:keep], (vhc @ qa.mT)[:keep]
 
@@ -94,7 +198,7 @@ def procrustes(matrix: torch.Tensor) -> torch.Tensor:
     """Nearest matrix with orthonormal columns (or rows, if wide): ``P Q`` of ``svd(matrix) = P S Q``."""
     if matrix.numel() == 0:
         return matrix.clone()
-    p, _, q = torch.linalg.svd(matrix, full_matrices=False)
+    p, _, q = robust_svd(matrix)
     return p @ q
 
 

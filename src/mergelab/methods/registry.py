@@ -172,7 +172,10 @@ def resolve_params(method: Method, params: dict | None, model_params: list[dict 
             p = method.param(key)
             if p is None or p not in allowed:
                 names = ", ".join(p.name for p in allowed) or "none"
-                extra = " with --compat mergekit" if p is not None else ""
+                extra = ""
+                if p is not None:   # the parameter exists, in the other semantics only
+                    extra = (f" with --compat {compat} (it exists only with --compat "
+                             f"{', '.join(m for m in p.modes if m != compat)})")
                 raise MergelabError(f"{scope}: unknown parameter {key!r} for method {method.name!r}{extra} "
                                     f"(parameters: {names})")
             if per_model and not p.per_model:

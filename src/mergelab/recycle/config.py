@@ -52,6 +52,9 @@ DEFAULT_HPARAMS = {"lr": [1e-5, 3e-5, 5e-5], "weight_decay": [1e-4, 1e-6], "drop
 DEFAULT_AUX_HPARAMS = {"lr": 5e-5, "weight_decay": 0.0, "dropout": 0.0, "steps": 60, "batch_size": 16,
                        "lp_lr": 1e-3}
 INT_HPARAMS = {"steps", "batch_size", "eval_every"}
+# the corpus each built-in target is drawn from: neither an auxiliary task nor a checkpoint fine-tuned on it
+# may be recycled (the auxiliary would have seen the target's test texts)
+TARGET_SOURCES = {"gcide_to_wordnet": "gcide"}
 KNOWN_HPARAMS = {"lr", "weight_decay", "dropout", "steps", "batch_size", "eval_every", "lp_lr"}
 TOP_KEYS = {"base_model", "target", "data", "auxiliary", "runs", "fusing_runs", "fusing_range", "hparams",
             "lp_steps", "soup", "executor", "ray_address", "num_cpus", "cpus_per_run", "seed", "max_length",
@@ -134,6 +137,31 @@ def _int(raw: Mapping, key: str, default: int, where: str, low: int = 0) -> int:
     return v
 
 
+def checkpoint_task(path: str | Path) -> str | None:
+    """The task a fine-tuned folder was trained on, when it says so (``meta.json`` of ``mergelab bench``)."""
+    import json
+    meta = Path(path) / "meta.json"
+    try:
+        task = json.loads(meta.read_text()).get("task") if meta.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return task if isinstance(task, str) else None
+
+
+def _check_no_leak(cfg: RecycleConfig, where: str) -> None:
+    source = TARGET_SOURCES.get(cfg.target.get("task"))
+    if source is None:
+        return
+    if source in cfg.aux_tasks:
+        raise MergelabError(f"{where}: auxiliary.tasks: {source!r} is the target's own corpus; choose another task")
+    for name, path in cfg.aux_checkpoints.items():
+        trained_on = checkpoint_task(path)
+        if name == source or trained_on == source:
+            what = f"was fine-tuned on {source!r}" if trained_on == source else f"is named {source!r}"
+            raise MergelabError(f"{where}: auxiliary.checkpoints.{name} ({path}) {what}, the target's own corpus "
+                                "(its texts include the target's test texts); choose another checkpoint")
+
+
 def load_config(source: str | Path | Mapping) -> RecycleConfig:
     """Parse and validate a recycle recipe (a YAML file or a dict)."""
     from mergelab.engine.recipe import read_recipe_mapping
@@ -187,6 +215,8 @@ def load_config(source: str | Path | Mapping) -> RecycleConfig:
             raise MergelabError(f"{cfg.aux_checkpoints[name]}: auxiliary checkpoint {name!r} not found")
     if not cfg.aux_names:
         raise MergelabError(f"{where}: Ratatouille needs at least one auxiliary task or checkpoint")
+    if not cfg.data:
+        _check_no_leak(cfg, where)
     cfg.aux_runs_per_task = _int(aux, "runs_per_task", 1, where + ": auxiliary", 1)
     cfg.aux_n_train = _int(aux, "n_train", cfg.aux_n_train, where + ": auxiliary", 1)
     cfg.aux_n_val = _int(aux, "n_val", cfg.aux_n_val, where + ": auxiliary", 1)

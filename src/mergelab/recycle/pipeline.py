@@ -301,6 +301,39 @@ def _work_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.work"
 
 
+def adopt_finished_runs(out: Path, work: Path, store: RunStore) -> int:
+    """Link (or copy) the finished runs and the data of a completed OUT_DIR into the work folder.
+
+    OUT_DIR itself is left untouched until the new result replaces it. A run is reused later only if
+    its recorded spec equals the new plan's (``RunStore.finished``), so a changed recipe retrains
+    what it changes. Returns the number of run folders adopted.
+    """
+    from mergelab.recycle.store import DONE, WEIGHTS
+    n = 0
+    old_runs = out / "runs"
+    if old_runs.is_dir():
+        for src in sorted(old_runs.iterdir()):
+            if src.name.startswith(".") or not (src / DONE).is_file() or not (src / WEIGHTS).is_file():
+                continue
+            dst = store.folder(src.name)
+            if (dst / DONE).is_file():
+                continue   # the work folder's own (newer) run wins
+            tmp = store.root / f".{src.name}.tmp-adopt"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            for f in (WEIGHTS, DONE):
+                try:
+                    os.link(src / f, tmp / f)
+                except OSError:
+                    shutil.copy2(src / f, tmp / f)
+            shutil.rmtree(dst, ignore_errors=True)
+            os.replace(tmp, dst)
+            n += 1
+    if (out / "data.json").is_file() and not (work / "data.json").is_file():
+        shutil.copy2(out / "data.json", work / "data.json")
+    return n
+
+
 def run_recycle(cfg: RecycleConfig, out_dir: str | Path, *, force: bool = False, executor: str | None = None,
                 ray_address: str | None = None, bundle: Mapping | None = None,
                 progress: Progress | None = None) -> dict:
@@ -314,6 +347,10 @@ def run_recycle(cfg: RecycleConfig, out_dir: str | Path, *, force: bool = False,
     work.mkdir(parents=True, exist_ok=True)
     store = RunStore(work / "runs")
     store.clean_temporaries()
+    if out.is_dir():   # --force after a completed run: its runs and data are reused, not retrained
+        reused = adopt_finished_runs(out, work, store)
+        if reused:
+            emit("reuse", runs=reused, source=str(out / "runs"))
     base = resolve_base(cfg.base_model)
 
     emit("stage", name="data")
@@ -411,11 +448,12 @@ def run_recycle(cfg: RecycleConfig, out_dir: str | Path, *, force: bool = False,
             comparisons.append({"a": a, "b": b, "split": s, "diff": d, "se": se})
 
     runs = []
+    ckpt_names = {path: name for name, path in cfg.aux_checkpoints.items()}
     for rid in list(plan["aux"]) + list(plan["target"]):
         rec = records[rid]
         spec = rec["spec"]
         best_step = next((h["best_step"] for h in rec.get("history", []) if "best_step" in h), None)
-        runs.append({"id": rid, "kind": spec["kind"], "init": _init_label(spec), "hp": spec["hp"],
+        runs.append({"id": rid, "kind": spec["kind"], "init": _init_label(spec, ckpt_names), "hp": spec["hp"],
                      "val_acc": rec["val_acc"], "best_step": best_step, "seconds": rec.get("seconds"),
                      "resumed": rec.get("resumed", False)})
     t = data["target"]
@@ -436,9 +474,8 @@ def run_recycle(cfg: RecycleConfig, out_dir: str | Path, *, force: bool = False,
     model_dir.mkdir()
     save_state_dict({k[len(ENC):]: v for k, v in final_state.items() if k.startswith(ENC)}, model_dir)
     copy_model_files(Path(base), model_dir)
-    from safetensors.torch import save_file
-    save_file({k: v.contiguous() for k, v in final_state.items() if k.startswith("head.")},
-              str(model_dir / "head.safetensors"))
+    from mergelab.io.head import HEAD_FILE, save_head_file
+    save_head_file(model_dir / HEAD_FILE, final_state["head.weight"], final_state.get("head.bias"))
     (model_dir / "classes.json").write_text(json.dumps(t["classes"]))
 
     from mergelab.recycle.report import write_report
@@ -450,7 +487,9 @@ def run_recycle(cfg: RecycleConfig, out_dir: str | Path, *, force: bool = False,
     return results
 
 
-def _init_label(spec: Mapping) -> str:
+def _init_label(spec: Mapping, ckpt_names: Mapping[str, str] | None = None) -> str:
+    """How a run started, with auxiliary checkpoints named as the recipe names them."""
+    names_of = ckpt_names or {}
     init = spec.get("init")
     if spec["kind"] != "target":
         return f"base (aux task {spec.get('task')})" if spec["kind"] == "aux" else "base"
@@ -459,6 +498,6 @@ def _init_label(spec: Mapping) -> str:
     if init["type"] == "run":
         return init["run"]
     if init["type"] == "checkpoint":
-        return Path(init["path"]).name
-    names = [m.get("run") or Path(m["path"]).name for m in init["members"]]
+        return names_of.get(init["path"], Path(init["path"]).name)
+    names = [m.get("run") or names_of.get(m["path"], Path(m["path"]).name) for m in init["members"]]
     return "fusing(" + ", ".join(f"{n}:{w:.2f}" for n, w in zip(names, init["weights"])) + ")"

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mergelab.errors import MergelabError
-from mergelab.kernels.svd import factored_svd
+from mergelab.kernels.svd import factored_svd, robust_svd, robust_svd_lowrank
 
 __all__ = [
     "SmileLinear",
@@ -42,6 +42,7 @@ __all__ = [
     "truncated_svd",
     "smile_linear_from_weights",
     "smile_expert_from_lora",
+    "load_base_model",
 ]
 
 SMILE_CONFIG_NAME = "smile_config.json"
@@ -167,7 +168,8 @@ def truncated_svd(m: Tensor, rank: int, method: str = "auto", niter: int = 6,
     MiniLM-sized layers; full otherwise).  Randomized SVD is only as exact as the spectrum
     decays: its rank-r approximation error is within ~1e-3 of the optimum, but the subspace
     itself is ill-defined when singular values near r are nearly equal.  Computed in float32
-    on the tensor's device.
+    on the tensor's device; a factorisation LAPACK fails to converge on is retried
+    (``mergelab.kernels.svd.robust_svd``).
     """
     a = m.detach().to(torch.float32)
     r = min(rank, *a.shape)
@@ -178,9 +180,9 @@ def truncated_svd(m: Tensor, rank: int, method: str = "auto", niter: int = 6,
     if method == "lowrank":
         q = min(r + (oversample if oversample is not None else max(10, r)), *a.shape)
         if q < min(a.shape):
-            u, s, v = torch.svd_lowrank(a, q=q, niter=niter)
+            u, s, v = robust_svd_lowrank(a, q=q, niter=niter)
             return u[:, :r], s[:r], v[:, :r]
-    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    u, s, vh = robust_svd(a)
     return u[:, :r], s[:r], vh[:r].T
 
 
@@ -329,17 +331,36 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return False
 
 
+def _tied_linears(model: nn.Module) -> dict[str, str]:
+    """{Linear name: name of the other module sharing its weight} (e.g. a tied ``lm_head``)."""
+    owners: dict[int, str] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor) and n and not isinstance(m, nn.Linear):
+            owners.setdefault(id(w), n)
+    return {n: owners[id(m.weight)] for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and n and id(m.weight) in owners}
+
+
 def select_linear_layers(model: nn.Module, target_modules: Sequence[str] | str | None) -> list[str]:
-    """Names of the nn.Linear modules to upscale (all of them when no pattern is given)."""
+    """Names of the nn.Linear modules to upscale (all of them when no pattern is given).
+
+    A Linear whose weight is tied to another module (a causal LM's ``lm_head`` tied to the input
+    embedding) is left alone: it follows that module; naming it in a pattern is an error."""
+    tied = _tied_linears(model)
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
     if target_modules is None:
-        return linears
+        return [n for n in linears if n not in tied]
     if isinstance(target_modules, str):
         target_modules = [target_modules]
     chosen = [n for n in linears if _matches(n, target_modules)]
     for p in target_modules:
         if not any(_matches(n, [p]) for n in linears):
             raise MergelabError(f"target_modules pattern '{p}' matches no nn.Linear layer of the base model")
+    for n in chosen:
+        if n in tied:
+            raise MergelabError(f"layer '{n}' shares its weight with '{tied[n]}' (tied embeddings); SMILE cannot "
+                                "upscale a tied weight: leave it out of target_modules")
     return chosen
 
 
@@ -486,20 +507,64 @@ def save_smile(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool = F
     return os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
 
 
-def _build_architecture(out_dir: str, model_class: str | None, attn_implementation: str) -> nn.Module:
+def _architecture_class(folder: str, model_class: str | None = None):
+    """The transformers class to build for ``folder``: ``model_class`` (as saved by ``save_smile``), else the
+    first of ``config.architectures`` (``LlamaForCausalLM`` keeps its ``lm_head``), else ``AutoModel``.
+    A class transformers does not provide (custom code) is refused: no remote code is run."""
+    import transformers
+    from transformers import AutoConfig, AutoModel
+
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        raise MergelabError(f"'{folder}' has no config.json: pass the architecture as load_smile(path, model=...)")
     try:
-        import transformers
-        from transformers import AutoConfig, AutoModel
-    except ImportError as e:  # pragma: no cover - transformers is a dependency
-        raise MergelabError(f"loading '{out_dir}' needs transformers: {e}") from e
-    if not os.path.exists(os.path.join(out_dir, "config.json")):
-        raise MergelabError(f"'{out_dir}' has no config.json: pass the architecture as load_smile(path, model=...)")
-    config = AutoConfig.from_pretrained(out_dir)
-    cls = getattr(transformers, model_class, None) if model_class else None
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as e:
+        raise MergelabError(f"{folder}/config.json: transformers cannot read it "
+                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+    def known(name):
+        cls = getattr(transformers, name, None) if name else None
+        return cls if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) else None
+
+    if known(model_class):
+        return config, known(model_class)
+    names = list(getattr(config, "architectures", None) or [])
+    if not names:
+        return config, AutoModel
+    cls = known(names[0])
+    if cls is None:
+        raise MergelabError(f"{folder}/config.json: architecture {names[0]!r} is not a transformers model class "
+                            "(custom code is not run); load the model yourself and call upscale_to_smile")
+    return config, cls
+
+
+def load_base_model(folder: str | os.PathLike, device: str | torch.device = "cpu",
+                    attn_implementation: str | None = "eager") -> nn.Module:
+    """Load a Hugging Face folder as the architecture its config names (heads included), in eval mode.
+
+    ``AutoModel`` would drop the heads of e.g. ``LlamaForCausalLM`` (``lm_head``) or
+    ``...ForSequenceClassification``; a SMILE model built from it could not produce logits.
+    """
+    folder = os.fspath(folder)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise MergelabError(f"{folder}: SMILE's base model must be a Hugging Face folder with a config.json")
+    _, cls = _architecture_class(folder)
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+    try:
+        model = cls.from_pretrained(folder, **kw)
+    except (OSError, ValueError) as e:
+        raise MergelabError(f"{folder}: cannot load the base model with transformers "
+                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return model.to(device).eval()
+
+
+def _build_architecture(out_dir: str, model_class: str | None, attn_implementation: str) -> nn.Module:
+    config, cls = _architecture_class(out_dir, model_class)
+    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if hasattr(cls, "_from_config"):
         return cls._from_config(config, **kw)
-    return AutoModel.from_config(config, **kw)
+    return cls.from_config(config, **kw)
 
 
 def load_smile(out_dir: str | os.PathLike, model: nn.Module | None = None,
