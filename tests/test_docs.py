@@ -175,7 +175,7 @@ def parse_only(cmd: str) -> None:
     argv = [placeholders.get(a, a) for a in argv]
     assert argv[0] == "mergelab", cmd
     if len(argv) == 2 and argv[1] in {"merge", "adapt", "bench", "recycle", "methods", "lora-merge", "upscale",
-                                      "demo"}:
+                                      "demo", "moe"}:
         argv.append("--help")                      # a bare command name in prose: it must exist
     try:
         build_parser().parse_args(argv[1:])
@@ -447,6 +447,21 @@ def lora_experts_python(block, world, cwd, capsys):
     assert ns["gate"].shape == (2, 32) and ns["expert_A"].shape == (4, 32)
 
 
+def moe_command(block, world, cwd, capsys):
+    [cmd] = commands(block["body"])
+    parse_only(cmd)                     # run for real on Llama stand-ins in tests/test_moe.py
+
+
+def moe_config(block, world, cwd, capsys):
+    from mergelab.upscale.moe import load_moe_config
+    for name in ("ft_math", "ft_code"):
+        (cwd / name).symlink_to(world.fts[0] if name == "ft_math" else world.fts[1])
+    (cwd / "moe.yaml").write_text(block["body"])
+    cfg = load_moe_config(cwd / "moe.yaml")     # validated; building needs Llama models (tests/test_moe.py)
+    assert cfg.gate_mode == "hidden" and len(cfg.experts) == 2 and len(cfg.shared_experts) == 1
+    assert cfg.experts[0].negative_prompts == ["Write a poem"] and cfg.dtype == "bfloat16"
+
+
 # ---------------------------------------------------------------- helpers of the Python blocks
 def state_dicts(world) -> dict:
     from mergelab.io import load_state_dict
@@ -505,6 +520,9 @@ HANDLERS = {
     ("svd_lora.md", "import mergelab"): svd_python,
     ("svd_lora.md", "mergelab lora-merge recipe.yaml OUT_DIR --rank 16"): lora_merge_command,
     ("svd_lora.md", "from mergelab.io.lora import lora_experts"): lora_experts_python,
+    ("README.md", "mergelab moe moe.yaml OUT_DIR"): moe_command,
+    ("moe.md", "mergelab moe moe.yaml OUT_DIR"): moe_command,
+    ("moe.md", "base_model: ./base"): moe_config,
 }
 
 
