@@ -495,3 +495,77 @@ def test_cli_warns_on_misaligned_tasks_and_notes_the_head_fallback(cli_world, tm
     assert err.count("warning: task '") == 2 and "task 'gcide' (task folder 1) is paired with models[0]" in err
     assert err.count("uses the head of its model folder") == 2
     assert f"{tmp_path / 'data' / 'gcide' / 'head.safetensors'} is missing" in err
+
+
+# ---------------------------------------------------------------- Concrete: defaults, warnings, start, stop (issue 15)
+def _known_mask_problem():
+    T, C = 2, 4
+    base = {"w1": torch.zeros(C, T), "w2": torch.zeros(C, T)}
+    base["w1"][0, 0], base["w2"][1, 1] = 0.5, 0.5
+    tv = {"w1": torch.zeros(C, T), "w2": torch.zeros(C, T)}
+    tv["w1"][:, 0], tv["w2"][:, 1] = 4.0, 4.0
+    loaders = [[torch.eye(T)[t].repeat(4, 1)] for t in range(T)]
+    return TwoBranch(c=C, d=T), base, [tv, {k: v.clone() for k, v in tv.items()}], loaders
+
+
+def test_concrete_defaults_are_the_authors_and_degenerate_settings_are_named():
+    model, base, tvs, loaders = _known_mask_problem()
+    res = concrete_merge(model, base, tvs, loaders, inner="adamerging", granularity="task", steps=2, tta_steps=2)
+    assert res.config["clamp"] is True and res.config["inner_lr"] == 1e-3 and res.config["warnings"] == []
+    bad = concrete_merge(model, base, tvs, loaders, inner="adamerging", granularity="task", steps=2, tta_steps=2,
+                         inner_lr=1.0, clamp=False, tta_lr=0.1)
+    text = " ".join(bad.config["warnings"])
+    assert "inner_lr 1.0 with Adam" in text and "clamp off" in text and "tta_lr 0.1" in text
+    sgd = concrete_merge(model, base, tvs, loaders, inner="adamerging", granularity="task", steps=2, tta_steps=0,
+                         inner_optimizer="sgd", inner_lr=1.0)
+    assert sgd.config["warnings"] == [] and sgd.config["inner_optimizer"] == "sgd"
+    with pytest.raises(MergelabError, match="inner_optimizer"):
+        concrete_merge(model, base, tvs, loaders, inner_optimizer="rmsprop", steps=1)
+
+
+def test_concrete_starts_from_given_mask_logits():
+    model, base, tvs, loaders = _known_mask_problem()
+    start = {k: torch.where(torch.rand(v.shape, generator=torch.Generator().manual_seed(1)) > 0.5, 3.0, -3.0)
+             for k, v in base.items()}
+    res = concrete_merge(model, base, tvs, loaders, inner="task_arithmetic", steps=0, mask="threshold",
+                         init_mask_logits=start)
+    for k in base:
+        kept = start[k] > 0
+        assert bool((res.mask[k] > 0).eq(kept).all()) and res.config["started_from_mask"]
+        torch.testing.assert_close(res.mask_logits[k], start[k])
+    with pytest.raises(MergelabError, match="has no logits for 'w2'"):
+        concrete_merge(model, base, tvs, loaders, steps=0, init_mask_logits={"w1": start["w1"]})
+
+
+def test_concrete_early_stopping_keeps_the_best_mask():
+    model, base, tvs, loaders = _known_mask_problem()
+    scores = iter([0.9, 0.5, 0.4, 0.3, 0.2, 0.1])           # validation gets worse after the first evaluation
+    seen = []
+
+    def eval_fn(sd):
+        return next(scores)
+
+    res = concrete_merge(model, base, tvs, loaders, inner="task_arithmetic", steps=50, lr=0.05, mask="threshold",
+                         eval_fn=eval_fn, eval_every=2, patience=2, progress=seen.append)
+    assert res.config["mask_steps_run"] == 6 and res.config["best_mask_step"] == 2 and seen[-1].get("early_stop")
+    # held-out unlabelled data as the criterion: runs, and records the held-out entropy
+    res = concrete_merge(model, base, tvs, loaders, inner="task_arithmetic", steps=6, lr=0.05, eval_every=3,
+                         patience=5, holdout_loaders=loaders)
+    assert [round(h["step"]) for h in res.history if "holdout_entropy" in h] == [3, 6]
+    with pytest.raises(MergelabError, match="patience needs eval_every"):
+        concrete_merge(model, base, tvs, loaders, steps=1, patience=1, holdout_loaders=loaders)
+
+
+def test_cli_concrete_adamerging_starts_from_the_concrete_ta_mask(cli_world, capsys):
+    root, recipe, data, tok = cli_world
+    ta = root / "out_cta"
+    assert _cli(["adapt", "concrete", str(recipe), str(ta), "--data", str(data), "--steps", "2"]) == 0
+    out = root / "out_cam"
+    assert _cli(["adapt", "concrete", str(recipe), str(out), "--data", str(data), "--inner", "adamerging",
+                 "--steps", "1", "--tta-steps", "1", "--granularity", "task", "--init-mask", str(ta),
+                 "--inner-lr", "1.0"]) == 0
+    doc = json.loads((out / "adapt_result.json").read_text())
+    assert doc["config"]["started_from_mask"] is True
+    assert "inner_lr 1.0 with Adam" in capsys.readouterr().err        # the degenerate setting is named
+    msg = _cli(["adapt", "concrete", str(recipe), str(root / "y"), "--data", str(data), "--init-mask", str(data)])
+    assert isinstance(msg, str) and "cannot read mask logits" in msg and not (root / "y").exists()

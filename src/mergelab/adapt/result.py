@@ -20,6 +20,7 @@ class AdaptResult:
     mask: dict[str, torch.Tensor] | None = None
     history: list[dict] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    mask_logits: dict[str, torch.Tensor] | None = None   # Concrete's learned logits: a later run can start here
 
     def save_side_files(self, out_dir: str | os.PathLike) -> None:
         """adapt_result.safetensors (coefficients, mask) + adapt_result.json (config, history)."""
@@ -28,6 +29,9 @@ class AdaptResult:
         tensors = {"coefficients": self.coefficients.detach().float().cpu().contiguous()}
         if self.mask is not None:
             tensors.update({f"mask.{k}": m.detach().float().cpu().contiguous() for k, m in self.mask.items()})
+        if self.mask_logits is not None:
+            tensors.update({f"mask_logits.{k}": x.detach().float().cpu().contiguous()
+                            for k, x in self.mask_logits.items()})
         save_file(tensors, str(out / "adapt_result.safetensors"))
         coeffs = self.coefficients.detach().cpu().tolist()
         doc = {"config": self.config, "keys": self.keys, "coefficients": coeffs,

@@ -6,6 +6,7 @@ import argparse
 import os
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -15,14 +16,14 @@ COMMON = {"steps": int, "lr": float, "batch_size": int, "batches_per_task": int,
           "eval_every": int, "seed": int, "granularity": str, "clamp": bool}
 ADAMERGING = {**COMMON, "init": float, "ties_trim": float}
 CONCRETE = {**COMMON, "inner": str, "temperature": float, "init_logits": float, "lam": float, "inner_lr": float,
-            "tta_steps": int, "tta_lr": float, "mask": str}
+            "tta_steps": int, "tta_lr": float, "mask": str, "inner_optimizer": str, "init_mask": str}
 DEFAULTS = {
     "adamerging": {"granularity": "layer", "steps": 500, "lr": 1e-3, "init": 0.3, "clamp": True, "ties_trim": None,
                    "batch_size": 16, "batches_per_task": 2, "max_length": 64, "eval_every": None, "seed": 0},
     "concrete": {"inner": "task_arithmetic", "granularity": "layer", "steps": None, "lr": 1e-3, "temperature": 0.5,
-                 "init_logits": 0.0, "lam": 0.3, "inner_lr": 1.0, "tta_steps": 1000, "tta_lr": 1e-3,
-                 "mask": "continuous", "clamp": False, "batch_size": 16, "batches_per_task": 1, "max_length": 64,
-                 "eval_every": None, "seed": 0},
+                 "init_logits": 0.0, "lam": 0.3, "inner_lr": 1e-3, "tta_steps": 1000, "tta_lr": 1e-3,
+                 "mask": "continuous", "clamp": True, "batch_size": 16, "batches_per_task": 1, "max_length": 64,
+                 "eval_every": None, "seed": 0, "inner_optimizer": "adam", "init_mask": None},
 }
 
 
@@ -55,7 +56,7 @@ def add_parser(subparsers) -> None:
                 q.add_argument(flag, type=_bool, default=None, metavar="BOOL", help=f"default {d}")
             else:
                 choices = {"granularity": ["layer", "task"], "inner": ["task_arithmetic", "adamerging"],
-                           "mask": ["continuous", "discrete", "threshold"]}.get(opt)
+                           "mask": ["continuous", "discrete", "threshold"], "inner_optimizer": ["adam", "sgd"]}.get(opt)
                 q.add_argument(flag, type=typ, default=None, choices=choices, help=f"default {d}")
         q.set_defaults(func=run, adapt_kinds=kinds)
 
@@ -83,6 +84,24 @@ def _options(args, recipe_params: dict) -> dict:
         if opts[k] is not None and opts[k] < (0 if k == "steps" else 1):
             raise MergelabError(f"{k} must be positive, got {opts[k]}")
     return opts
+
+
+def _init_mask(path: str | None) -> dict | None:
+    """Mask logits of an earlier Concrete run (its OUT_DIR or adapt_result.safetensors), in encoder names."""
+    if path is None:
+        return None
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    p = Path(path).expanduser()
+    f = p / "adapt_result.safetensors" if p.is_dir() else p
+    try:
+        tensors = load_file(str(f))
+    except (OSError, SafetensorError) as e:
+        raise MergelabError(f"{f}: cannot read mask logits ({e})") from None
+    logits = {"encoder." + k[len("mask_logits."):]: v for k, v in tensors.items() if k.startswith("mask_logits.")}
+    if not logits:
+        raise MergelabError(f"{f}: holds no mask logits (written by 'mergelab adapt concrete' of this version)")
+    return logits
 
 
 def _read_recipe(path: str):
@@ -231,15 +250,20 @@ def run(args) -> int:
                                  granularity=opts["granularity"], temperature=opts["temperature"],
                                  init_logits=opts["init_logits"], lam=opts["lam"], inner_lr=opts["inner_lr"],
                                  tta_steps=opts["tta_steps"], tta_lr=opts["tta_lr"], mask=opts["mask"],
-                                 seed=opts["seed"], **common)
+                                 seed=opts["seed"], inner_optimizer=opts["inner_optimizer"],
+                                 init_mask_logits=_init_mask(opts["init_mask"]), **common)
     finally:
         bar.close()
+    for warning in res.config.get("warnings", []):
+        print(f"mergelab: warning: {warning}", file=sys.stderr)
     res.config.update({"recipe": str(args.recipe), "base_model": base_path, "models": model_paths,
                        "data": str(args.data), "tasks": [t.name for t in tasks], "batch_size": opts["batch_size"],
                        "max_length": opts["max_length"]})
     res.keys = [k[len("encoder."):] for k in res.keys]
     if res.mask is not None:
         res.mask = unprefixed(res.mask)
+    if res.mask_logits is not None:
+        res.mask_logits = unprefixed(res.mask_logits)
 
     with atomic_output_dir(out, force=args.force) as tmp:
         save_state_dict(unprefixed(res.merged_state_dict), tmp)
