@@ -180,6 +180,7 @@ def run(args) -> int:
     import torch
     from tqdm import tqdm
     from mergelab.io import atomic_output_dir, copy_model_files, save_state_dict
+    from mergelab.io.model_card import write_model_card
     from mergelab.adapt import adamerging, concrete_merge, plot_history, task_vectors_from
     from mergelab.adapt.functional import FunctionalModel
     from mergelab.adapt.text import (PooledEncoder, ShuffledBatches, accuracy_fn, prefixed, read_data_dir, tokenize,
@@ -270,6 +271,10 @@ def run(args) -> int:
         copy_model_files(Path(base_path), tmp)
         res.save_side_files(tmp)
         plot_history(res.history, tmp / "history.png", title=res.config["method"])
+        write_model_card(tmp, method=res.config["method"], base_model=base_path, models=model_paths, kind="merge",
+                         tags=["test-time-adaptation"], recipe={k: v for k, v in res.config.items() if k != "warnings"},
+                         extra="Coefficients and mask learned by entropy minimisation on unlabelled inputs "
+                               "(adapt_result.json, adapt_result.safetensors).")
     secs = [h["seconds"] for h in res.history if "seconds" in h]
     stages = stage_entropies(res.history)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -104,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
         for c in checkpoints:
             c.close()
-    out = save_smile(model, args.out_dir, overwrite=args.force, tokenizer_folder=model_folder(recipe.base_model))
+    out = save_smile(model, args.out_dir, overwrite=args.force, tokenizer_folder=model_folder(recipe.base_model),
+                     base_model=recipe.base_model, models=[m.path for m in recipe.models])
     rep = parameter_report(model, base_params, len(recipe.models))
     info = model.smile_info
     print(f"SMILE: upscaled {len(info['layers'])} Linear layers with {info['num_experts']} experts "

@@ -18,6 +18,7 @@ import yaml
 
 from mergelab.errors import MergelabError
 from mergelab.io import Checkpoint, TensorInfo, atomic_output_dir, open_checkpoint, parse_size, save_state_dict
+from mergelab.io.model_card import write_model_card
 from mergelab.io.lora import CONFIG, PREFIX, LoraCheckpoint, is_adapter, load_adapter
 from mergelab.kernels import svd as SK
 
@@ -232,6 +233,10 @@ def merge_to_adapter(recipe, out_dir: str | Path, rank: int, *, force: bool = Fa
                 {**recipe.raw, "compat": recipe.compat, "lora_rank": adapter_rank, "resolved_parameters": g,
                  "resolved_model_parameters": per,
                  "truncation_errors": {m: float(f"{e:.4g}") for m, e in layer_errors.items()}}, sort_keys=False))
+            write_model_card(tmp, method=method.name, base_model=recipe.base_model,
+                             models=[m.label for m in recipe.models], library_name="peft", kind="LoRA adapter merge",
+                             tags=["lora"], recipe={**recipe.raw, "lora_rank": adapter_rank, "resolved_parameters": g},
+                             extra=f"A PEFT LoRA adapter of rank {adapter_rank} on the base model.")
         errors = list(layer_errors.values())
         total = sum(n * n for _, _, _, n in factors.values())
         lost = sum((e * n) ** 2 for _, _, e, n in factors.values())

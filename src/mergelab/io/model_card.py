@@ -24,11 +24,12 @@ def _label(path: str | None) -> str | None:
 
 
 def model_card(*, method: str, base_model: str | None, models: Sequence[str], recipe: Mapping[str, Any] | None,
-               kind: str = "merge", tags: Sequence[str] = (), extra: str = "") -> str:
+               kind: str = "merge", tags: Sequence[str] = (), extra: str = "",
+               library_name: str = "transformers") -> str:
     base = _label(base_model)
     names = [_label(m) for m in models]
     front = {"base_model": ([base] if base else []) + [n for n in names if n != base],
-             "library_name": "transformers",
+             "library_name": library_name,
              "tags": ["mergelab", "merge", *tags]}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {kind}", ""]
     using = f" using {base} as the base" if base else ""

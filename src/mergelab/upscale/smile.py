@@ -22,6 +22,7 @@ import fnmatch
 import json
 import os
 import shutil
+from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mergelab.errors import MergelabError
+from mergelab.io.model_card import write_model_card
 from mergelab.kernels.svd import factored_svd, robust_svd, robust_svd_lowrank
 
 __all__ = [
@@ -468,7 +470,8 @@ def _smile_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def save_smile(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool = False,
-               tokenizer_folder: str | os.PathLike | None = None) -> str:
+               tokenizer_folder: str | os.PathLike | None = None, base_model: str | None = None,
+               models: Sequence[str] = ()) -> str:
     """Write ``config.json`` (transformers config, when the model has one), ``model.safetensors``
     and ``smile_config.json`` into ``out_dir`` atomically (temp folder beside it, then rename).
 
@@ -495,6 +498,9 @@ def save_smile(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool = F
                 "options": info, "layers": _smile_layers(model)}
         with open(os.path.join(tmp, SMILE_CONFIG_NAME), "w") as f:
             json.dump(meta, f, indent=2)
+        write_model_card(Path(tmp), method="SMILE", base_model=base_model, models=list(models), kind="upscaling",
+                         tags=["smile", "moe"], recipe={"options": info, "parameters": meta["parameters"]},
+                         extra="Load it with `mergelab.upscale.smile.load_smile(OUT_DIR)`.")
         if tokenizer_folder is not None:
             for name in TOKENIZER_FILES:
                 src = os.path.join(os.fspath(tokenizer_folder), name)
