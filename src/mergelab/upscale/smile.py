@@ -119,17 +119,19 @@ class SmileLinear(nn.Module):
                 f"top_k={self.top_k}, bias={self.bias is not None}")
 
     def router_logits(self, x: Tensor) -> Tensor:
-        """r_i = ||G_i x||_2 for each expert; x is [T, in], result [T, E]."""
-        g = F.linear(x, self.gate_weight).view(x.shape[0], self.num_experts, self.gate_k)
-        return g.norm(p=2, dim=2)
+        """r_i = ||G_i x||_2 for each expert; x is [..., in], result [..., E]."""
+        lead = x.shape[:-1]
+        g = F.linear(x.reshape(-1, self.in_features), self.gate_weight)
+        return g.view(-1, self.num_experts, self.gate_k).norm(p=2, dim=2).view(*lead, self.num_experts)
 
     def routing(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(weights [T, K], expert indices [T, K]): softmax over all experts, top-K, renormalised."""
-        n = x.shape[0]
+        """(weights [..., K], expert indices [..., K]) for x [..., in]: softmax over all experts,
+        top-K, renormalised."""
+        lead = x.shape[:-1]
         if self.num_experts == 1:
-            return (torch.ones(n, 1, dtype=x.dtype, device=x.device),
-                    torch.zeros(n, 1, dtype=torch.long, device=x.device))
-        p = F.softmax(self.router_logits(x), dim=1)
+            return (torch.ones(*lead, 1, dtype=x.dtype, device=x.device),
+                    torch.zeros(*lead, 1, dtype=torch.long, device=x.device))
+        p = F.softmax(self.router_logits(x), dim=-1)
         w, idx = torch.topk(p, self.top_k, dim=-1)
         return w / w.sum(dim=-1, keepdim=True), idx
 
@@ -140,18 +142,76 @@ class SmileLinear(nn.Module):
             return F.linear(x, self.expert_weight[e], b)
         return F.linear(F.linear(x, self.expert_A[e]), self.expert_B[e], b)
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.linear(x, self.weight, self.bias)
+    # "auto": every low-rank expert on every token with the unrouted ones weighted 0 (two GEMMs, no
+    # gather) while that costs at most MASKED_MAX_RATIO x the routed FLOPs; else tokens grouped by expert
+    MASKED_MAX_RATIO = 8
+
+    def expert_mode(self) -> str:
+        """How ``forward`` computes the experts: "masked" (all experts, zero weights) or "grouped"."""
+        if self.num_experts == 1:
+            return "masked"
+        if self.dense_experts or self.num_experts > self.MASKED_MAX_RATIO * self.top_k:
+            return "grouped"
+        return "masked"
+
+    def forward(self, x: Tensor, mode: str | None = None) -> Tensor:
+        """base(x) + sum over the top-K experts of weight * expert(x), for x [..., in].
+
+        ``mode`` ("masked" or "grouped", default ``expert_mode()``) only changes the float summation
+        order: both compute every token at once, without a per-token or per-slot loop in Python."""
+        lead = x.shape[:-1]
         h = x.reshape(-1, self.in_features)
+        out = F.linear(h, self.weight, self.bias)
         w, idx = self.routing(h)
-        delta = torch.zeros(h.shape[0], self.out_features, dtype=out.dtype, device=out.device)
-        for e in range(self.num_experts):
-            tok, slot = torch.where(idx == e)
-            if tok.numel() == 0:
-                continue
-            d = self.expert_delta(e, h[tok]) * w[tok, slot].unsqueeze(-1)
-            delta.index_add_(0, tok, d.to(delta.dtype))
-        return out + delta.view(out.shape)
+        w = w.to(out.dtype)
+        mode = mode or self.expert_mode()
+        if mode not in ("masked", "grouped"):
+            raise MergelabError(f"unknown SMILE expert mode {mode!r} (use masked or grouped)")
+        delta = self._masked(h, w, idx) if mode == "masked" else self._grouped(h, w, idx)
+        return out.add_(delta).view(*lead, self.out_features)
+
+    def _dense_routing(self, w: Tensor, idx: Tensor) -> Tensor:
+        """[T, E] routing weights: the top-K weights at their experts, 0 elsewhere."""
+        if self.num_experts == 1:
+            return w
+        return torch.zeros(w.shape[0], self.num_experts, dtype=w.dtype, device=w.device).scatter_(1, idx, w)
+
+    def _masked(self, h: Tensor, w: Tensor, idx: Tensor) -> Tensor:
+        dense = self._dense_routing(w, idx)                                   # [T, E]
+        n = h.shape[0]
+        if self.dense_experts:
+            delta = torch.zeros(n, self.out_features, dtype=w.dtype, device=h.device)
+            for e in range(self.num_experts):   # E GEMMs over all tokens (E == 1 or few experts)
+                delta.add_(F.linear(h, self.expert_weight[e]) * dense[:, e:e + 1])
+        else:
+            z = F.linear(h, self.expert_A.reshape(-1, self.in_features))          # [T, E*k], one GEMM
+            z = z.view(n, self.num_experts, self.k).mul_(dense.unsqueeze(-1))
+            delta = torch.zeros(n, self.out_features, dtype=z.dtype, device=h.device)
+            for e in range(self.num_experts):   # accumulate z_e @ B_e^T in place: no copy of the B's
+                delta.addmm_(z[:, e], self.expert_B[e].t())
+        if self.expert_bias is not None:
+            delta.addmm_(dense, self.expert_bias)
+        return delta
+
+    def _grouped(self, h: Tensor, w: Tensor, idx: Tensor) -> Tensor:
+        """Token-slot pairs sorted by expert (one argsort, one gather), then per expert one GEMM (pair) on
+        its contiguous rows and a weighted scatter-add: only the routed (token, expert) pairs are computed."""
+        n, top = idx.shape
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        tokens = order.div(top, rounding_mode="floor")
+        rows = h.index_select(0, tokens)
+        weights = w.reshape(-1).index_select(0, order).unsqueeze(-1)
+        delta = torch.zeros(n, self.out_features, dtype=w.dtype, device=h.device)
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                end = start + c
+                part = self.expert_delta(e, rows[start:end]).mul_(weights[start:end])
+                delta.index_add_(0, tokens[start:end], part.to(delta.dtype))
+            start += c
+        return delta
 
 
 # --------------------------------------------------------------------------------------------
