@@ -142,15 +142,16 @@ class SmileLinear(nn.Module):
             return F.linear(x, self.expert_weight[e], b)
         return F.linear(F.linear(x, self.expert_A[e]), self.expert_B[e], b)
 
-    # "auto": every low-rank expert on every token with the unrouted ones weighted 0 (two GEMMs, no
-    # gather) while that costs at most MASKED_MAX_RATIO x the routed FLOPs; else tokens grouped by expert
-    MASKED_MAX_RATIO = 8
+    # every low-rank expert on every token with the unrouted ones weighted 0 (a few large GEMMs, no
+    # gather) while the wasted (token, expert) pairs are few; beyond, tokens grouped by expert, which
+    # computes only the routed pairs (measured: benchmarks/smile_forward.py)
+    MASKED_MAX_WASTED_PAIRS = 512
 
-    def expert_mode(self) -> str:
-        """How ``forward`` computes the experts: "masked" (all experts, zero weights) or "grouped"."""
+    def expert_mode(self, tokens: int = 1) -> str:
+        """How ``forward`` computes the experts for ``tokens`` rows: "masked" or "grouped"."""
         if self.num_experts == 1:
             return "masked"
-        if self.dense_experts or self.num_experts > self.MASKED_MAX_RATIO * self.top_k:
+        if self.dense_experts or tokens * (self.num_experts - self.top_k) > self.MASKED_MAX_WASTED_PAIRS:
             return "grouped"
         return "masked"
 
@@ -158,17 +159,21 @@ class SmileLinear(nn.Module):
         """base(x) + sum over the top-K experts of weight * expert(x), for x [..., in].
 
         ``mode`` ("masked" or "grouped", default ``expert_mode()``) only changes the float summation
-        order: both compute every token at once, without a per-token or per-slot loop in Python."""
+        order: both compute every token at once, without a per-token or per-slot loop in Python, and
+        add the experts straight into the base's output (no separate delta buffer)."""
         lead = x.shape[:-1]
         h = x.reshape(-1, self.in_features)
         out = F.linear(h, self.weight, self.bias)
         w, idx = self.routing(h)
         w = w.to(out.dtype)
-        mode = mode or self.expert_mode()
-        if mode not in ("masked", "grouped"):
+        mode = mode or self.expert_mode(h.shape[0])
+        if mode == "masked":
+            out = self._masked(out, h, w, idx)
+        elif mode == "grouped":
+            out = self._grouped(out, h, w, idx)
+        else:
             raise MergelabError(f"unknown SMILE expert mode {mode!r} (use masked or grouped)")
-        delta = self._masked(h, w, idx) if mode == "masked" else self._grouped(h, w, idx)
-        return out.add_(delta).view(*lead, self.out_features)
+        return out.view(*lead, self.out_features)
 
     def _dense_routing(self, w: Tensor, idx: Tensor) -> Tensor:
         """[T, E] routing weights: the top-K weights at their experts, 0 elsewhere."""
@@ -176,42 +181,39 @@ class SmileLinear(nn.Module):
             return w
         return torch.zeros(w.shape[0], self.num_experts, dtype=w.dtype, device=w.device).scatter_(1, idx, w)
 
-    def _masked(self, h: Tensor, w: Tensor, idx: Tensor) -> Tensor:
+    def _masked(self, out: Tensor, h: Tensor, w: Tensor, idx: Tensor) -> Tensor:
+        """Every expert on every token, the unrouted ones weighted 0: a few large GEMMs, no gather."""
         dense = self._dense_routing(w, idx)                                   # [T, E]
-        n = h.shape[0]
         if self.dense_experts:
-            delta = torch.zeros(n, self.out_features, dtype=w.dtype, device=h.device)
-            for e in range(self.num_experts):   # E GEMMs over all tokens (E == 1 or few experts)
-                delta.add_(F.linear(h, self.expert_weight[e]) * dense[:, e:e + 1])
+            for e in range(self.num_experts):   # E GEMMs over all tokens (chosen for E == 1)
+                out.add_(F.linear(h, self.expert_weight[e]).mul_(dense[:, e:e + 1]))
         else:
-            z = F.linear(h, self.expert_A.reshape(-1, self.in_features))          # [T, E*k], one GEMM
-            z = z.view(n, self.num_experts, self.k).mul_(dense.unsqueeze(-1))
-            delta = torch.zeros(n, self.out_features, dtype=z.dtype, device=h.device)
+            z = F.linear(h, self.expert_A.reshape(-1, self.in_features))      # [T, E*k], one GEMM
+            z = z.view(h.shape[0], self.num_experts, self.k).mul_(dense.unsqueeze(-1).to(z.dtype))
             for e in range(self.num_experts):   # accumulate z_e @ B_e^T in place: no copy of the B's
-                delta.addmm_(z[:, e], self.expert_B[e].t())
+                out.addmm_(z[:, e], self.expert_B[e].t())
         if self.expert_bias is not None:
-            delta.addmm_(dense, self.expert_bias)
-        return delta
+            out.addmm_(dense.to(out.dtype), self.expert_bias)
+        return out
 
-    def _grouped(self, h: Tensor, w: Tensor, idx: Tensor) -> Tensor:
+    def _grouped(self, out: Tensor, h: Tensor, w: Tensor, idx: Tensor) -> Tensor:
         """Token-slot pairs sorted by expert (one argsort, one gather), then per expert one GEMM (pair) on
         its contiguous rows and a weighted scatter-add: only the routed (token, expert) pairs are computed."""
-        n, top = idx.shape
+        top = idx.shape[1]
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         tokens = order.div(top, rounding_mode="floor")
         rows = h.index_select(0, tokens)
         weights = w.reshape(-1).index_select(0, order).unsqueeze(-1)
-        delta = torch.zeros(n, self.out_features, dtype=w.dtype, device=h.device)
         start = 0
         for e, c in enumerate(counts):
             if c:
                 end = start + c
                 part = self.expert_delta(e, rows[start:end]).mul_(weights[start:end])
-                delta.index_add_(0, tokens[start:end], part.to(delta.dtype))
+                out.index_add_(0, tokens[start:end], part.to(out.dtype))
             start += c
-        return delta
+        return out
 
 
 # --------------------------------------------------------------------------------------------
