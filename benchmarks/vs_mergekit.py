@@ -232,6 +232,7 @@ CASES = [
          compare="stats", seed=42),
 ]
 CASE_KEYS = [c.key for c in CASES]
+COPY_KEY = "copy"   # the I/O reference row (read every input once, write the base's size once)
 
 
 def recipe_dict(case: Case, ck: dict, dtype: str, for_mergelab: bool) -> dict:
@@ -314,6 +315,33 @@ _, st, ru = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as f:
     json.dump({"rc": os.waitstatus_to_exitcode(st), "wall_s": time.perf_counter() - t0,
                "maxrss_kb": ru.ru_maxrss, "user_s": ru.ru_utime, "sys_s": ru.ru_stime}, f)
+"""
+
+
+# The I/O reference: what any merge of these checkpoints must at least do, as a plain copy in a fresh
+# process without torch: read every input file once (4 GB for base + 3 fine-tunes at 1gb) and write the
+# base's files once (1 GB) into a new folder, 16 MB at a time, with the same page cache state as the merges.
+_COPY = r"""
+import os, sys
+out, base, others = sys.argv[1], sys.argv[2], sys.argv[3:]
+os.makedirs(out, exist_ok=True)
+buf = bytearray(16 << 20)
+view = memoryview(buf)
+for d in [base, *others]:
+    for name in sorted(os.listdir(d)):
+        src = os.path.join(d, name)
+        if not os.path.isfile(src):
+            continue
+        dst = open(os.path.join(out, name), "wb", buffering=0) if d == base else None
+        with open(src, "rb", buffering=0) as fh:
+            while True:
+                n = fh.readinto(buf)
+                if not n:
+                    break
+                if dst is not None:
+                    dst.write(view[:n])
+        if dst is not None:
+            dst.close()
 """
 
 
@@ -531,12 +559,24 @@ def _fmt(x, spec):
 
 
 def make_table(rows: list[dict]) -> str:
-    hdr = ["method", "mergelab mode", "mergekit s", "mergelab s", "speed-up",
+    copy = next((r["copy"] for r in rows if r.get("key") == COPY_KEY and r.get("copy")), None)
+    copy_ok = copy is not None and copy["rc"] == 0
+    hdr = ["method", "mergelab mode", "mergekit s", "mergelab s", "speed-up", "mergelab / copy",
            "mergekit CPU s", "mergelab CPU s", "CPU-time ratio",
            "mergekit peak MB", "mergelab peak MB", "mem ratio", "mergekit anon MB",
            "mergelab anon MB", "agreement"]
     lines = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for r in rows:
+        if r.get("key") == COPY_KEY:
+            c = r.get("copy")
+            lines.append("| " + " | ".join([
+                COPY_KEY, "reference (no torch)", "-",
+                "-" if not c else (f"{c['wall_s']:.1f}" if c["rc"] == 0 else f"FAILED rc={c['rc']}"),
+                "-", "1.00x" if copy_ok else "-", "-",
+                "-" if not c else f"{c['cpu_s']:.1f}", "-", "-",
+                "-" if not c else f"{c['peak_rss_mb']:.0f}", "-", "-",
+                "-" if not c else f"{c['peak_anon_mb']:.0f}", "-"]) + " |")
+            continue
         mk, ml = r.get("mergekit"), r.get("mergelab")
         mk_ok = mk and mk["rc"] == 0
         ml_ok = ml and ml["rc"] == 0
@@ -572,6 +612,7 @@ def make_table(rows: list[dict]) -> str:
             r["key"], r["mode"],
             cell(mk, "wall_s", ".1f"), cell(ml, "wall_s", ".1f"),
             _fmt(speed, ".1f") + ("x" if speed else "") + vs,
+            f"{ml['wall_s'] / copy['wall_s']:.2f}x" if ml_ok and copy_ok else "-",
             cell(mk, "cpu_s", ".1f"), cell(ml, "cpu_s", ".1f"),
             _fmt(cpu, ".1f") + ("x" if cpu else ""),
             cell(mk, "peak_rss_mb", ".0f"), cell(ml, "peak_rss_mb", ".0f"),
@@ -627,6 +668,9 @@ def parse_args(argv=None):
     ap.add_argument("--profile", default="",
                     help="comma-separated tools to run under py-spy (50 Hz, all threads); "
                          "writes collapsed stacks and a per-function summary under WORKDIR")
+    ap.add_argument("--no-copy-row", action="store_true",
+                    help="skip the I/O reference row (a plain read-all-inputs, write-one-checkpoint "
+                         "copy in a fresh process, measured first, like a merge)")
     ap.add_argument("--generate-only", action="store_true")
     return ap.parse_args(argv)
 
@@ -682,6 +726,20 @@ def main(argv=None) -> int:
     inputs = [ck["base"], *ck["models"]]
     mk_cache: dict[str, dict] = {}
     rows = []
+    if not args.no_copy_row:
+        out = run_dir / "out" / "copy"
+        shutil.rmtree(out, ignore_errors=True)
+        warm = warm_read(inputs)
+        log(f"copy reference (read {len(inputs)} checkpoints, write 1; warm-up read {warm:.1f}s) ...")
+        res = run_measured([sys.executable, "-S", "-c", _COPY, str(out), *map(str, inputs)], env,
+                           run_dir / "logs" / "copy.log", args.timeout)
+        res["warm_read_s"] = warm
+        res["bytes_read"] = sum(f.stat().st_size for d in inputs for f in Path(d).iterdir() if f.is_file())
+        res["bytes_written"] = sum(f.stat().st_size for f in out.iterdir()) if out.exists() else 0
+        log(f"copy: rc={res['rc']} {res['wall_s']:.1f}s, read {res['bytes_read'] / 1e9:.2f} GB, "
+            f"wrote {res['bytes_written'] / 1e9:.2f} GB")
+        shutil.rmtree(out, ignore_errors=True)
+        rows.append({"key": COPY_KEY, "method": "copy", "mode": "reference", "copy": res})
     for case in cases:
         row = {"key": case.key, "method": case.method,
                "mode": "mergekit-compat" if case.compat else "default (paper)",
@@ -795,7 +853,7 @@ def main(argv=None) -> int:
     out_json.write_text(json.dumps({"info": info, "rows": rows, "table": table}, indent=2,
                                    default=str))
     print(f"\nresults: {out_json}")
-    failed = [r["key"] for r in rows for t in tools if r.get(t) and r[t]["rc"] != 0]
+    failed = [r["key"] for r in rows for t in (*tools, "copy") if r.get(t) and r[t]["rc"] != 0]
     return 1 if failed else 0
 
 
