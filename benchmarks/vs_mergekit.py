@@ -232,6 +232,8 @@ CASES = [
          compare="stats", seed=42),
 ]
 CASE_KEYS = [c.key for c in CASES]
+COPY_KEY = "copy"   # the I/O reference row (read every input once, write the base's size once)
+COPY_KEYS = (COPY_KEY, "copy-mmap")     # read()/write() and through memory maps
 
 
 def recipe_dict(case: Case, ck: dict, dtype: str, for_mergelab: bool) -> dict:
@@ -314,6 +316,65 @@ _, st, ru = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as f:
     json.dump({"rc": os.waitstatus_to_exitcode(st), "wall_s": time.perf_counter() - t0,
                "maxrss_kb": ru.ru_maxrss, "user_s": ru.ru_utime, "sys_s": ru.ru_stime}, f)
+"""
+
+
+# The I/O reference: what any merge of these checkpoints must at least do, as a plain copy in a fresh
+# process without torch: read every input file once (4 GB for base + 3 fine-tunes at 1gb) and write the
+# base's files once (1 GB) into a new folder, 16 MB at a time, with the same page cache state as the merges.
+_COPY = r"""
+import os, sys
+out, base, others = sys.argv[1], sys.argv[2], sys.argv[3:]
+os.makedirs(out, exist_ok=True)
+buf = bytearray(16 << 20)
+view = memoryview(buf)
+for d in [base, *others]:
+    for name in sorted(os.listdir(d)):
+        src = os.path.join(d, name)
+        if not os.path.isfile(src):
+            continue
+        dst = open(os.path.join(out, name), "wb", buffering=0) if d == base else None
+        with open(src, "rb", buffering=0) as fh:
+            while True:
+                n = fh.readinto(buf)
+                if not n:
+                    break
+                if dst is not None:
+                    dst.write(view[:n])
+        if dst is not None:
+            dst.close()
+"""
+
+
+# The same copy through memory maps, as mergelab reads its inputs: every input mapped and each of its
+# 8-byte words read once (a numpy sum over the mapping, so every byte reaches the CPU), the base's
+# files written from their mappings. Python's -S keeps site-packages (numpy) off the path: the
+# benchmark's own sys.path is passed in as the first argument.
+_COPY_MMAP = r"""
+import mmap, os, sys
+sys.path[:0] = [p for p in sys.argv[1].split(os.pathsep) if p]
+import numpy as np
+out, base, others = sys.argv[2], sys.argv[3], sys.argv[4:]
+os.makedirs(out, exist_ok=True)
+step = 16 << 20
+for d in [base, *others]:
+    for name in sorted(os.listdir(d)):
+        src = os.path.join(d, name)
+        if not os.path.isfile(src) or os.path.getsize(src) == 0:
+            continue
+        with open(src, "rb") as fh:
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        n = len(mm)
+        words = np.frombuffer(mm, dtype=np.uint64, count=n // 8)
+        for a in range(0, len(words), step // 8):
+            int(words[a:a + step // 8].sum())
+        if d == base:
+            fd = os.open(os.path.join(out, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            for a in range(0, n, step):
+                os.write(fd, mm[a:a + step])
+            os.close(fd)
+        del words
+        mm.close()
 """
 
 
@@ -531,12 +592,25 @@ def _fmt(x, spec):
 
 
 def make_table(rows: list[dict]) -> str:
-    hdr = ["method", "mergelab mode", "mergekit s", "mergelab s", "speed-up",
+    copies = [r["copy"] for r in rows if r.get("key") in COPY_KEYS and r.get("copy") and r["copy"]["rc"] == 0]
+    copy = min(copies, key=lambda c: c["wall_s"]) if copies else None    # the tighter floor
+    copy_ok = copy is not None
+    hdr = ["method", "mergelab mode", "mergekit s", "mergelab s", "speed-up", "mergelab / fastest copy",
            "mergekit CPU s", "mergelab CPU s", "CPU-time ratio",
            "mergekit peak MB", "mergelab peak MB", "mem ratio", "mergekit anon MB",
            "mergelab anon MB", "agreement"]
     lines = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for r in rows:
+        if r.get("key") in COPY_KEYS:
+            c = r.get("copy")
+            lines.append("| " + " | ".join([
+                r["key"], "reference (no torch)" if r["key"] == COPY_KEY else "reference (mmap, numpy)", "-",
+                "-" if not c else (f"{c['wall_s']:.1f}" if c["rc"] == 0 else f"FAILED rc={c['rc']}"),
+                "-", f"{c['wall_s'] / copy['wall_s']:.2f}x" if c and c["rc"] == 0 and copy_ok else "-", "-",
+                "-" if not c else f"{c['cpu_s']:.1f}", "-", "-",
+                "-" if not c else f"{c['peak_rss_mb']:.0f}", "-", "-",
+                "-" if not c else f"{c['peak_anon_mb']:.0f}", "-"]) + " |")
+            continue
         mk, ml = r.get("mergekit"), r.get("mergelab")
         mk_ok = mk and mk["rc"] == 0
         ml_ok = ml and ml["rc"] == 0
@@ -572,6 +646,7 @@ def make_table(rows: list[dict]) -> str:
             r["key"], r["mode"],
             cell(mk, "wall_s", ".1f"), cell(ml, "wall_s", ".1f"),
             _fmt(speed, ".1f") + ("x" if speed else "") + vs,
+            f"{ml['wall_s'] / copy['wall_s']:.2f}x" if ml_ok and copy_ok else "-",
             cell(mk, "cpu_s", ".1f"), cell(ml, "cpu_s", ".1f"),
             _fmt(cpu, ".1f") + ("x" if cpu else ""),
             cell(mk, "peak_rss_mb", ".0f"), cell(ml, "peak_rss_mb", ".0f"),
@@ -627,6 +702,9 @@ def parse_args(argv=None):
     ap.add_argument("--profile", default="",
                     help="comma-separated tools to run under py-spy (50 Hz, all threads); "
                          "writes collapsed stacks and a per-function summary under WORKDIR")
+    ap.add_argument("--no-copy-row", action="store_true",
+                    help="skip the I/O reference row (a plain read-all-inputs, write-one-checkpoint "
+                         "copy in a fresh process, measured first, like a merge)")
     ap.add_argument("--generate-only", action="store_true")
     return ap.parse_args(argv)
 
@@ -682,6 +760,23 @@ def main(argv=None) -> int:
     inputs = [ck["base"], *ck["models"]]
     mk_cache: dict[str, dict] = {}
     rows = []
+    if not args.no_copy_row:
+        for key, script, extra in ((COPY_KEY, _COPY, []), ("copy-mmap", _COPY_MMAP, [os.pathsep.join(sys.path)])):
+            out = run_dir / "out" / key
+            shutil.rmtree(out, ignore_errors=True)
+            warm = warm_read(inputs)
+            log(f"{key} reference (read {len(inputs)} checkpoints, write 1; warm-up read {warm:.1f}s) ...")
+            res = run_measured([sys.executable, "-S", "-c", script, *extra, str(out), *map(str, inputs)], env,
+                               run_dir / "logs" / f"{key}.log", args.timeout)
+            res["warm_read_s"] = warm
+            res["bytes_read"] = sum(f.stat().st_size for d in inputs for f in Path(d).iterdir() if f.is_file())
+            res["bytes_written"] = sum(f.stat().st_size for f in out.iterdir()) if out.exists() else 0
+            log(f"{key}: rc={res['rc']} {res['wall_s']:.1f}s, read {res['bytes_read'] / 1e9:.2f} GB, "
+                f"wrote {res['bytes_written'] / 1e9:.2f} GB")
+            if res["rc"] != 0:
+                log(f"{key} FAILED, log tail:\n{tail(res['log'])}")
+            shutil.rmtree(out, ignore_errors=True)
+            rows.append({"key": key, "method": "copy", "mode": "reference", "copy": res})
     for case in cases:
         row = {"key": case.key, "method": case.method,
                "mode": "mergekit-compat" if case.compat else "default (paper)",
@@ -795,7 +890,7 @@ def main(argv=None) -> int:
     out_json.write_text(json.dumps({"info": info, "rows": rows, "table": table}, indent=2,
                                    default=str))
     print(f"\nresults: {out_json}")
-    failed = [r["key"] for r in rows for t in tools if r.get(t) and r[t]["rc"] != 0]
+    failed = [r["key"] for r in rows for t in (*tools, "copy") if r.get(t) and r[t]["rc"] != 0]
     return 1 if failed else 0
 
 

@@ -116,6 +116,58 @@ def test_dare_rescales_and_is_seeded():
     assert torch.isclose(l1.abs().sum(), x.abs().sum())
 
 
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dare_integer_masks_keep_the_statistics(p):
+    """Masks from integer bits: kept fraction, the joint keeps of neighbours (two draws share one 64-bit
+    word), the expectation under 1/(1-p) and the L1 norm under mergekit's rescale, within 5 sigma."""
+    n = 1 << 20
+    x = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    out = K.dare(x, p, torch.Generator().manual_seed(7))
+    kept = out != 0
+    q = 1 - p
+    sigma = (q * (1 - q) / n) ** 0.5
+    assert abs(kept.float().mean().item() - q) < 5 * sigma
+    both = (kept[0::2] & kept[1::2]).float().mean().item()     # neighbours are independent
+    assert abs(both - q * q) < 5 * (q * q * (1 - q * q) / (n // 2)) ** 0.5
+    assert torch.equal(out[kept], x[kept] / q)                   # survivors exactly rescaled by 1/(1-p)
+    ones = K.dare(torch.ones(n), p, torch.Generator().manual_seed(8))
+    assert abs(ones.mean().item() - 1.0) < 5 * sigma / q          # unbiased
+    l1 = K.dare(x, p, torch.Generator().manual_seed(9), rescale="l1")
+    torch.testing.assert_close(l1.abs().sum(), x.abs().sum(), rtol=1e-5, atol=0)
+
+
+def test_dare_masks_are_seeded_in_place_and_dtype_independent():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(33, 17, generator=g)
+    a = K.dare(x, 0.4, torch.Generator().manual_seed(1), rescale="none")
+    assert torch.equal(a, K.dare(x, 0.4, torch.Generator().manual_seed(1), rescale="none"))
+    assert not torch.equal(a, K.dare(x, 0.4, torch.Generator().manual_seed(2), rescale="none"))
+    own = x.clone()
+    b = K.dare(own, 0.4, torch.Generator().manual_seed(1), rescale="none", inplace=True)
+    assert b.data_ptr() == own.data_ptr() and torch.equal(b, a)
+    assert not torch.equal(x, a)                                 # not in place: the input is untouched
+    # the same entries drop for float64, bfloat16 and non-contiguous inputs (the fallback mask path)
+    keep = a != 0
+    for y in (x.double(), x.bfloat16(), x.t().contiguous().t()):
+        z = K.dare(y, 0.4, torch.Generator().manual_seed(1), rescale="none")
+        assert torch.equal(z != 0, keep) and z.dtype == y.dtype
+    # a default generator follows torch.manual_seed
+    torch.manual_seed(5)
+    c = K.dare(x, 0.4)
+    torch.manual_seed(5)
+    assert torch.equal(c, K.dare(x, 0.4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_dare_on_cuda_is_bit_identical_to_cpu():
+    x = torch.randn(1000, 37, generator=torch.Generator().manual_seed(0))
+    for rescale in ("inverse", "l1", "none"):
+        cpu = K.dare(x, 0.3, torch.Generator().manual_seed(4), rescale=rescale)
+        gpu = K.dare(x.cuda(), 0.3, torch.Generator().manual_seed(4), rescale=rescale)
+        assert torch.equal(cpu != 0, gpu.cpu() != 0)
+        torch.testing.assert_close(cpu, gpu.cpu(), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("n,cos,expected", [(2, 0.5, 2 / 3), (2, 0.2, 1 / 3), (8, 0.2, 2 / 3)])
 def test_model_stock_t_worked_examples(n, cos, expected):
     # build n unit deltas with pairwise cosine `cos`: common part sqrt(cos) + orthogonal parts

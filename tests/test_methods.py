@@ -300,3 +300,78 @@ def test_a_parameter_of_the_other_semantics_is_refused_naming_both():
         resolve_params(get_method("ties"), {"trim_scope": "global"}, [{}], "mergekit")
     # average's own normalize exists in both semantics (as `mergelab methods` lists it)
     assert resolve_params(get_method("average"), {"normalize": False}, [{}], "paper")[0]["normalize"] is False
+
+
+# ---------------------------------------------------------------- the fused linear-combination pass
+def _per_tensor_reference(method, base, models, params, model_params, compat):
+    """The method's own per-tensor function (task vectors, stacking): what the fused pass replaces."""
+    from mergelab.methods import TensorJob, resolve_params
+    m = get_method(method)
+    g, per = resolve_params(m, params, model_params, compat, where=method)
+    out = {}
+    for k in FLOAT_KEYS:
+        b = base[k].float() if m.needs_base else None
+        out[k] = m.merge_tensor(TensorJob(k, b, [sd[k].float() for sd in models], g, per, compat))
+    return out
+
+
+@pytest.mark.parametrize("compat", ["paper", "mergekit"])
+@pytest.mark.parametrize("method,params,weights", [
+    ("task_arithmetic", {"lambda": 0.7}, [1.0, 0.5, 2.0]),
+    ("task_arithmetic", {"lambda": 0.6, "normalize": True}, [1.0, 3.0, 0.5]),
+    ("average", {}, [1.0, 2.0, 0.25]),
+    ("average", {"normalize": False}, [0.2, 0.3, 0.5]),
+])
+def test_fused_linear_combination_matches_the_per_tensor_path(compat, method, params, weights):
+    from mergelab.engine.streaming import _fused_combination
+    if compat == "paper" and method == "task_arithmetic":
+        params = {"lambda": params["lambda"]}          # normalize is a mergekit-mode parameter
+    base, models = tiny_models(seed=21)
+    model_params = [{"weight": w} for w in weights]
+    m = get_method(method)
+    from mergelab.methods import resolve_params
+    g, per = resolve_params(m, params, model_params, compat, where=method)
+    assert _fused_combination(m, g, per, compat, torch.device("cpu"), torch.float32) is not None
+    ref = _per_tensor_reference(method, base, models, params, model_params, compat)
+    b = base if m.needs_base else None
+    for block in (8, 1 << 20):    # merged in blocks of rows and whole
+        out = merge_state_dicts(b, models, method, params, model_params, compat=compat, block_elements=block)
+        for k in FLOAT_KEYS:
+            torch.testing.assert_close(out[k], ref[k], atol=1e-6, rtol=1e-6)
+        assert torch.equal(out["pos_ids"], base["pos_ids"])
+    hb, hms = tiny_models(seed=21, dtype=torch.bfloat16)          # bfloat16 inputs, float32 arithmetic
+    half = merge_state_dicts(hb if m.needs_base else None, hms, method, params, model_params, compat=compat)
+    href = _per_tensor_reference(method, hb, hms, params, model_params, compat)
+    for k in FLOAT_KEYS:
+        assert half[k].dtype == torch.bfloat16
+        torch.testing.assert_close(half[k], href[k].to(torch.bfloat16), atol=1e-2, rtol=1e-2)
+
+
+def test_fused_pass_is_skipped_where_it_cannot_see_every_input_and_names_bad_inputs():
+    from mergelab.engine.streaming import _fused_combination
+    from mergelab.methods import resolve_params
+    ta = get_method("task_arithmetic")
+    g, per = resolve_params(ta, {"lambda": 0.5}, [{}, {}], "paper", where="ta")
+    cpu = torch.device("cpu")
+    assert _fused_combination(ta, g, per, "paper", cpu, torch.float32) is None     # base coefficient 0
+    g1, per1 = resolve_params(ta, {"lambda": 0.25}, [{}, {}], "paper", where="ta")
+    assert _fused_combination(ta, g1, per1, "paper", cpu, torch.float32) == (0.5, [0.25, 0.25])
+    assert _fused_combination(ta, g1, per1, "paper", cpu, torch.float64) is None
+    assert _fused_combination(ta, g1, per1, "paper", torch.device("cuda"), torch.float32) is None
+    assert _fused_combination(get_method("ties"), g1, per1, "paper", cpu, torch.float32) is None
+    # base coefficient 0 (lambda 1/2, two models): the per-tensor path, still exact
+    base, models = tiny_models(n=2, seed=5)
+    out = merge_state_dicts(base, models, "task_arithmetic", {"lambda": 0.5})
+    for k in FLOAT_KEYS:
+        torch.testing.assert_close(out[k], base[k] + 0.5 * (models[0][k] - base[k] + models[1][k] - base[k]))
+    # a NaN or Inf in any input is named (the fused pass checks its result, then the inputs)
+    for where, value in (("base", float("nan")), (1, float("inf")), (0, float("-inf"))):
+        b, ms = tiny_models(n=2, seed=5)
+        (b if where == "base" else ms[where])["lin.weight"][2, 3] = value
+        label = "base" if where == "base" else f"models\\[{where}\\]"
+        with pytest.raises(MergelabError, match=label + r".*'lin.weight' contains NaN or Inf"):
+            merge_state_dicts(b, ms, "task_arithmetic", {"lambda": 0.3})
+    b, ms = tiny_models(n=2, seed=5)
+    ms[1]["lin.bias"][0] = float("nan")
+    with pytest.raises(MergelabError, match=r"models\[1\].*'lin.bias' contains NaN or Inf"):
+        merge_state_dicts(None, ms, "average", {})

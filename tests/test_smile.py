@@ -96,6 +96,83 @@ def test_one_expert_has_routing_weight_one_and_batched_shapes_work():
     torch.testing.assert_close(layer(x), x @ ws[0].T + bs[0], atol=1e-5, rtol=1e-5)
 
 
+# ---------------------------------------------------------------- vectorised forward vs the per-expert loop
+def _reference_forward(layer, x):
+    """The forward of mergelab <= 2026-11 (loop over experts, torch.where + gather + index_add per expert):
+    kept here as the reference the vectorised forward must reproduce."""
+    out = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    h = x.reshape(-1, layer.in_features)
+    w, idx = layer.routing(h)
+    delta = torch.zeros(h.shape[0], layer.out_features, dtype=out.dtype)
+    for e in range(layer.num_experts):
+        tok, slot = torch.where(idx == e)
+        if tok.numel() == 0:
+            continue
+        d = layer.expert_delta(e, h[tok]) * w[tok, slot].unsqueeze(-1)
+        delta.index_add_(0, tok, d.to(delta.dtype))
+    return out + delta.view(out.shape)
+
+
+def _random_smile(n_exp, k, top_k, bias, d_in=24, d_out=20, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(d_out, d_in, generator=gen)
+    b0 = torch.randn(d_out, generator=gen) if bias else None
+    ws = [w0 + torch.randn(d_out, d_in, generator=gen) * 0.3 for _ in range(n_exp)]
+    bs = [b0 + torch.randn(d_out, generator=gen) for _ in range(n_exp)] if bias else None
+    return smile_linear_from_weights(w0, b0, ws, bs, k=k, gate_k=3, top_k=top_k, svd="full"), gen
+
+
+@pytest.mark.parametrize("k", [4, -1])
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+def test_vectorised_forward_matches_the_per_expert_loop(k, top_k, bias):
+    layer, gen = _random_smile(5, k, top_k, bias)
+    for shape in [(37, 24), (3, 11, 24), (1, 24)]:
+        x = torch.randn(*shape, generator=gen)
+        ref = _reference_forward(layer, x)
+        for mode in (None, "masked", "grouped"):
+            got = layer(x, mode=mode)
+            assert got.shape == (*shape[:-1], 20)
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    # many tokens x unrouted experts: the default groups tokens by expert (only routed pairs computed)
+    assert layer.expert_mode(1) == ("grouped" if k == -1 else "masked")
+    assert layer.expert_mode(10_000) == "grouped"
+    x = torch.randn(4, 200, 24, generator=gen)
+    torch.testing.assert_close(layer(x), _reference_forward(layer, x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(MergelabError, match="expert mode"):
+        layer(x, mode="loop")
+
+
+def test_vectorised_forward_keeps_gradients_and_bfloat16():
+    layer, gen = _random_smile(4, 3, 2, True)
+    x = torch.randn(6, 24, generator=gen, requires_grad=True)
+    for mode in ("masked", "grouped"):
+        layer.zero_grad()
+        layer(x, mode=mode).square().sum().backward()
+        grads = [layer.expert_A.grad.clone(), layer.expert_B.grad.clone(), layer.expert_bias.grad.clone()]
+        layer.zero_grad()
+        _reference_forward(layer, x).square().sum().backward()
+        for g, ref in zip(grads, [layer.expert_A.grad, layer.expert_B.grad, layer.expert_bias.grad]):
+            torch.testing.assert_close(g, ref, atol=1e-4, rtol=1e-4)
+    half = layer.to(torch.bfloat16)
+    xb = x.detach().to(torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(half(xb).float(), _reference_forward(half, xb).float(), atol=5e-2, rtol=5e-2)
+
+
+def test_routing_accepts_any_leading_shape():
+    layer, gen = _random_smile(4, 3, 2, True)
+    x = torch.randn(2, 5, 24, generator=gen)
+    w, idx = layer.routing(x)
+    assert w.shape == idx.shape == (2, 5, 2)
+    w2, idx2 = layer.routing(x.reshape(10, 24))
+    assert torch.equal(idx.reshape(10, 2), idx2)
+    torch.testing.assert_close(w.reshape(10, 2), w2)
+    assert layer.router_logits(x).shape == (2, 5, 4)
+    one, _ = _random_smile(1, 3, 1, True)
+    assert [t.shape for t in one.routing(x)] == [(2, 5, 1), (2, 5, 1)]
+
+
 # ---------------------------------------------------------------- construction semantics
 def test_expert_factors_follow_fusionbench_layout():
     gen = torch.Generator().manual_seed(3)

@@ -113,8 +113,16 @@ def test_smoke_run_mergelab_only(tiny, tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     assert "| method |" in p.stdout
     res = json.loads(out.read_text())
-    assert [r["key"] for r in res["rows"]] == ["task_arithmetic", "ties-global"]
-    for r in res["rows"]:
+    assert [r["key"] for r in res["rows"]] == ["copy", "copy-mmap", "task_arithmetic", "ties-global"]
+    rows = res["rows"][2:]
+    # the I/O references read every input file once and wrote one checkpoint's worth
+    for copy in (res["rows"][0]["copy"], res["rows"][1]["copy"]):
+        assert copy["rc"] == 0 and copy["wall_s"] > 0
+        assert copy["bytes_read"] > 2.5 * copy["bytes_written"] > 0     # base + 2 fine-tunes read, base written
+    assert "| copy | reference (no torch) |" in p.stdout and "| copy-mmap | reference (mmap, numpy) |" in p.stdout
+    table = [line for line in p.stdout.splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in table}) == 1 and len(table) == 2 + 4   # header, rule, 4 rows
+    for r in rows:
         assert r["mergelab"]["rc"] == 0
         assert r["mergelab"]["wall_s"] > 0 and r["mergelab"]["peak_rss_mb"] > 0
         assert r["key"] in p.stdout

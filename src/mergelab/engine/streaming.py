@@ -332,6 +332,40 @@ def _selections_of(ranks: list[list[int | None]], deltas: Mapping[int, torch.Ten
     return out
 
 
+def _fused_combination(method: Method, params: dict, model_params: list[dict], compat: str, device: torch.device,
+                       compute_dtype: torch.dtype) -> tuple[float | None, list[float]] | None:
+    """The method's fixed coefficients where the fused pass applies (CPU, float32 arithmetic, no zero
+    coefficient: every input then reaches the output, so a NaN/Inf in any of them shows in it)."""
+    if method.linear_combination is None or device.type != "cpu" or compute_dtype != torch.float32:
+        return None
+    found = method.linear_combination(params, model_params, compat)
+    if found is None or any(c == 0 for c in [*found[1], *([] if found[0] is None else [found[0]])]):
+        return None
+    return found
+
+
+def _linear_combination(inputs: _Inputs, name: str, rows: tuple[int, int] | None, c_base: float | None,
+                        coefficients: Sequence[float]) -> torch.Tensor:
+    """``c_base * base + sum_i c_i * model_i`` in float32, one pass per input over the inputs as read (views
+    of the mapped files: no copy, no task vectors); the NaN/Inf check runs once, on the result, and only
+    when it fails are the inputs checked one by one to name the culprit."""
+    sources = ([(inputs.base, inputs.base_label, c_base)] if c_base is not None else []) + \
+        list(zip(inputs.models, inputs.labels, coefficients))
+    out = None
+    for ckpt, _, c in sources:
+        t = ckpt.get(name, rows)
+        if out is None:
+            out = t.to(torch.float32).mul_(c) if t.dtype != torch.float32 else torch.mul(t, c)
+        else:
+            out.add_(t, alpha=c)
+    if out.numel():
+        low, high = torch.aminmax(out)
+        if not bool(torch.isfinite(low) & torch.isfinite(high)):
+            for ckpt, label, _ in sources:
+                inputs._load(ckpt, name, label, rows, check=True)     # raises, naming the input
+    return out
+
+
 def _default_threads() -> int:
     import os
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
@@ -377,6 +411,7 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
         stages["global trim thresholds"] = time.perf_counter() - t0
     chunkable = method.chunkable(params, compat)
     select_weights = weights if method.select_weighted(compat) else None
+    combination = _fused_combination(method, params, model_params, compat, device, compute_dtype)
 
     def work(name: str) -> None:
         if not _mergeable(reference.dtype(name)):
@@ -384,6 +419,11 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
             return
         shape = reference.shape(name)
         blocks = row_blocks(shape, block_elements) if chunkable else None
+        if combination is not None:
+            for rows in blocks or [None]:
+                merged = _linear_combination(inputs, name, rows, *combination)
+                sink(name, merged.to(out_dtype or reference.dtype(name)), rows[0] if rows else 0)
+            return
         ranks = method.select(params, model_params, compat, _numel(shape)) if method.select else None
         selections = None
         if ranks and blocks:

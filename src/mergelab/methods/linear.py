@@ -24,12 +24,22 @@ def _average(job: TensorJob) -> torch.Tensor:
     return total
 
 
+def _average_coefficients(params: dict, model_params: list[dict], compat: str) -> tuple[None, list[float]] | None:
+    weights = [p.get("weight", 1.0) for p in model_params]
+    if not params.get("normalize", True):
+        return None, weights
+    s = sum(weights)
+    if abs(s) < 1e-12:
+        return None          # the per-tensor path reports it, naming the tensor
+    return None, [w / s for w in weights]
+
+
 register(Method(
     name="average", aliases=("linear",),
     summary="weighted average of the models' weights (model soup)",
     reference="Wortsman et al. 2022, arXiv 2203.05482",
     params=(weight_param(), Param("normalize", bool, True, "divide by the sum of weights")),
-    merge_tensor=_average, needs_base=False,
+    merge_tensor=_average, needs_base=False, linear_combination=_average_coefficients,
 ))
 
 
@@ -37,10 +47,21 @@ def _task_arithmetic(job: TensorJob) -> torch.Tensor:
     return sum_merge(job, lambda delta, p, i: delta)
 
 
+def _task_arithmetic_coefficients(params: dict, model_params: list[dict], compat: str) -> tuple[float, list[float]]:
+    """base + lambda * sum_i w_i (m_i - base) [/ sum_i w_i with mergekit's normalize] = c0 base + sum_i c_i m_i."""
+    weights = [p.get("weight", 1.0) for p in model_params]
+    scale = params["lambda"]
+    if compat == "mergekit" and params.get("normalize"):
+        total = sum(weights)
+        scale /= total if abs(total) >= 1e-8 else 1.0
+    coefficients = [scale * w for w in weights]
+    return 1.0 - sum(coefficients), coefficients
+
+
 register(Method(
     name="task_arithmetic",
     summary="base + lambda * sum of task vectors",
     reference="Ilharco et al. ICLR 2023, arXiv 2212.04089",
     params=(weight_param(), lambda_param(0.3), normalize_param(False)),
-    merge_tensor=_task_arithmetic,
+    merge_tensor=_task_arithmetic, linear_combination=_task_arithmetic_coefficients,
 ))

@@ -120,6 +120,10 @@ class Method:
     # adds them over all blocks in a first pass and hands the total to the merge pass as
     # ``TensorJob.stats`` (a tensor merged whole gets None: its kernel computes them itself)
     stats: Callable[[TensorJob], torch.Tensor | None] | None = None
+    # (base coefficient or None, model coefficients) when every merged tensor is this fixed linear
+    # combination of the inputs (average, task arithmetic), else None: the engine then computes it in
+    # one fused pass over the raw inputs (no task vectors, no copies) instead of calling ``merge_tensor``
+    linear_combination: Callable[[dict, list[dict], str], tuple[float | None, list[float]] | None] | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
