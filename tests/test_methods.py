@@ -229,7 +229,7 @@ def test_all_zero_deltas_give_base():
     for m in list_methods():
         if m.name == "average":
             continue
-        out = merge_state_dicts(base, same, m.name)
+        out = merge_state_dicts(base, same[:m.max_models or 2], m.name)
         for k in FLOAT_KEYS:
             assert torch.allclose(out[k], base[k]), (m.name, k)
 

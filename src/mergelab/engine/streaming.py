@@ -342,9 +342,12 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
               out_dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
               compute_dtype: torch.dtype = torch.float32, threads: int | None = None,
               progress: Progress | None = None, labels: Sequence[str] | None = None,
-              base_label: str = "base", block_elements: int = BLOCK_ELEMENTS) -> dict[str, float]:
+              base_label: str = "base", block_elements: int = BLOCK_ELEMENTS,
+              resolve: Callable[[str], tuple[dict, list[dict]]] | None = None) -> dict[str, float]:
     """Merge every tensor and hand each result (whole, or block by block) to ``sink``.
 
+    ``resolve(name)`` gives a tensor's own (shared, per-model) parameters where they vary over layers or
+    tensors (gradients, filters); without it every tensor gets ``params``/``model_params``.
     Returns the seconds spent per stage. ``sink`` is called from worker threads.
     """
     labels = list(labels or [f"model {i}" for i in range(len(models))])
@@ -360,25 +363,31 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
     if device.type == "cuda" and block_elements == BLOCK_ELEMENTS:
         block_elements = CUDA_BLOCK_ELEMENTS
     threads = threads or _default_threads()
-    inputs = _Inputs(base if method.needs_base else None, models, labels, base_label, device, compute_dtype)
+    inputs = _Inputs(base if method.needs_base or method.optional_base else None, models, labels, base_label, device, compute_dtype)
     mergeable = [n for n in names if _mergeable(reference.dtype(n))]
     weights = [p.get("weight", 1.0) for p in model_params]
     stages: dict[str, float] = {}
 
     thresholds = None
     densities = method.global_trim(params, model_params, compat) if method.global_trim else None
+    if densities is not None and resolve is not None:
+        raise MergelabError(f"{method.name}: a whole-model trim needs one density per model, not values per "
+                            "layer or tensor")
     if densities is not None:
         t0 = time.perf_counter()
         thresholds = _global_thresholds(densities, inputs, _largest_first(mergeable, reference), weights,
                                         threads, progress)
         stages["global trim thresholds"] = time.perf_counter() - t0
-    chunkable = method.chunkable(params, compat)
-    select_weights = weights if method.select_weighted(compat) else None
+    defaults = (params, model_params)
 
     def work(name: str) -> None:
         if not _mergeable(reference.dtype(name)):
             sink(name, reference.get(name).clone(), 0)
             return
+        params, model_params = resolve(name) if resolve is not None else defaults
+        chunkable = method.chunkable(params, compat)
+        weights = [p.get("weight", 1.0) for p in model_params]
+        select_weights = weights if method.select_weighted(compat) else None
         shape = reference.shape(name)
         blocks = row_blocks(shape, block_elements) if chunkable else None
         ranks = method.select(params, model_params, compat, _numel(shape)) if method.select else None
@@ -467,7 +476,12 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
     elif compat is not None and compat != recipe.compat:
         recipe.compat = compat
     method = get_method(recipe.method)
-    g, per = recipe.resolved()
+    if recipe.slices is not None:
+        from mergelab.engine.slices import merge_slices
+        return merge_slices(recipe, out_dir, force=force, device=device, threads=threads, progress=progress,
+                            shard_size=shard_size, block_elements=block_elements)
+    resolver = recipe.resolver()
+    g, per = resolver.resolve("", 0.0)
     out_dtype = parse_dtype(recipe.out_dtype or recipe.dtype)
     compute_dtype = parse_dtype(recipe.compute_dtype) or torch.float32
     max_shard = parse_size(shard_size if shard_size is not None else recipe.shard_size)
@@ -480,6 +494,7 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
         check_structure(reference, [m for m in models if m is not reference],
                         recipe.base_model or labels[0], [l for m, l in zip(models, labels) if m is not reference])
         names = reference.keys()
+        resolve = None if resolver.static else depth_resolver(resolver, names)
 
         def dtype_of(name: str) -> torch.dtype:
             d = reference.dtype(name)
@@ -491,7 +506,7 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
                 stages = run_merge(method, base, models, g, per, recipe.compat, writer.write, out_dtype=out_dtype,
                                    device=device or "cpu", compute_dtype=compute_dtype, threads=threads,
                                    progress=progress, labels=labels, base_label=recipe.base_model or "base",
-                                   block_elements=block_elements)
+                                   block_elements=block_elements, resolve=resolve)
             except BaseException:
                 writer.abort()
                 raise
@@ -519,6 +534,18 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
         for c in [base, *models]:
             if c is not None:
                 c.close()
+
+
+def depth_resolver(resolver, names: Sequence[str]) -> Callable[[str], tuple[dict, list[dict]]]:
+    """Per-tensor parameters of a ``models:`` recipe: layer i of L at depth t = i / (L-1), others at t = 0;
+    every value is resolved (and checked) here, before any tensor is read."""
+    from mergelab.methods.settings import depth_t, layer_count, layer_index
+    n_layers = layer_count(names)
+    table = {}
+    for name in names:
+        i = layer_index(name)
+        table[name] = resolver.resolve(name, 0.0 if i is None else depth_t(i, n_layers))
+    return table.__getitem__
 
 
 def _set_config_dtype(config_path: Path, dtype: torch.dtype | None) -> None:

@@ -120,6 +120,12 @@ class Method:
     # adds them over all blocks in a first pass and hands the total to the merge pass as
     # ``TensorJob.stats`` (a tensor merged whole gets None: its kernel computes them itself)
     stats: Callable[[TensorJob], torch.Tensor | None] | None = None
+    formula: str = ""           # one line for ``mergelab methods``
+    # mergekit's base policy IGNORED: a configured base_model is one more input (averaged, passed through)
+    base_is_input: bool = False
+    # mergekit's base policy OPTIONAL: the base is read and used when the recipe names one
+    optional_base: bool = False
+    max_models: int | None = None    # most models besides the base
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
@@ -132,6 +138,13 @@ class Method:
 
 
 REGISTRY: dict[str, Method] = {}
+# methods whose mergekit base policy is IGNORED, registered before ``Method.base_is_input`` existed
+_BASE_IS_INPUT = {"average"}
+
+
+def base_is_input(method: Method, compat: str) -> bool:
+    """Under mergekit semantics, is a configured base_model just one more input of this method?"""
+    return compat == "mergekit" and (method.base_is_input or method.name in _BASE_IS_INPUT)
 
 
 def register(method: Method) -> Method:
@@ -172,7 +185,8 @@ def resolve_params(method: Method, params: dict | None, model_params: list[dict 
             p = method.param(key)
             if p is None or p not in allowed:
                 names = ", ".join(p.name for p in allowed) or "none"
-                extra = " with --compat mergekit" if p is not None else ""
+                other = [m for m in COMPAT_MODES if m != compat]
+                extra = f" under {compat} semantics (it is a compat: {other[0]} parameter)" if p is not None else ""
                 raise MergelabError(f"{scope}: unknown parameter {key!r} for method {method.name!r}{extra} "
                                     f"(parameters: {names})")
             if per_model and not p.per_model:
@@ -190,6 +204,9 @@ def resolve_params(method: Method, params: dict | None, model_params: list[dict 
     for mp in per:
         resolved_models.append({p.name: mp.get(p.name, resolved_global[p.name])
                                 for p in allowed if p.per_model})
+    if method.max_models is not None and n > method.max_models:
+        raise MergelabError(f"{where}: method {method.name!r} takes at most {method.max_models} model(s) "
+                            f"besides the base, got {n}")
     if method.prepare is not None:
         method.prepare(resolved_global, resolved_models, compat)
     return resolved_global, resolved_models
