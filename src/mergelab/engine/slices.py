@@ -149,11 +149,11 @@ def check_slices(recipe: Recipe) -> None:
 
 def merge_slices(recipe: Recipe, out_dir, *, force: bool = False, device: str | None = None,
                  threads: int | None = None, progress=None, shard_size=None, block_elements: int | None = None):
-    from mergelab.engine.streaming import BLOCK_ELEMENTS, MergeSummary, _mergeable, run_merge
+    from mergelab.engine.streaming import BLOCK_ELEMENTS, MergeSummary, _mergeable, merge_dtypes, run_merge
     started = time.perf_counter()
     method = get_method(recipe.method)
     out_dtype = parse_dtype(recipe.out_dtype or recipe.dtype)
-    compute_dtype = parse_dtype(recipe.compute_dtype) or torch.float32
+    round_dtype, compute_dtype = merge_dtypes(recipe, method)
     max_shard = parse_size(shard_size if shard_size is not None else recipe.shard_size)
     paths: list[str] = []
     for sl in recipe.slices:
@@ -229,7 +229,8 @@ def merge_slices(recipe: Recipe, out_dir, *, force: bool = False, device: str | 
                                    progress=progress, labels=labels,
                                    base_label=f"{plan.spec.sources[plan.base_index].path} (slices[{si}])"
                                    if plan.base_index is not None else "base",
-                                   block_elements=block_elements or BLOCK_ELEMENTS, resolve=table.__getitem__)
+                                   block_elements=block_elements or BLOCK_ELEMENTS, resolve=table.__getitem__,
+                                   round_dtype=round_dtype)
                     for k, v in st.items():
                         stages[k] = stages.get(k, 0.0) + v
             except BaseException:

@@ -117,15 +117,20 @@ class _Inputs:
     """Reads one tensor (or block of rows) of every input as float32 on the compute device."""
 
     def __init__(self, base: Checkpoint | None, models: Sequence[Checkpoint], labels: Sequence[str],
-                 base_label: str, device: torch.device, compute_dtype: torch.dtype):
+                 base_label: str, device: torch.device, compute_dtype: torch.dtype | None,
+                 round_dtype: torch.dtype | None = None):
         self.base, self.models, self.labels, self.base_label = base, list(models), list(labels), base_label
-        self.device, self.compute_dtype = device, compute_dtype
+        self.device, self.compute_dtype, self.round_dtype = device, compute_dtype, round_dtype
 
     def _load(self, ckpt: Checkpoint, name: str, label: str, rows: tuple[int, int] | None,
               check: bool) -> torch.Tensor:
         """A tensor owned by the merge (never a view of a caller's state dict), so kernels may work in place."""
         src = ckpt.get(name, rows)
-        t = src.to(self.device, non_blocking=True).to(self.compute_dtype)
+        t = src.to(self.device, non_blocking=True)
+        if self.round_dtype is not None:
+            t = t.to(self.round_dtype)
+        if self.compute_dtype is not None:
+            t = t.to(self.compute_dtype)
         if t.data_ptr() == src.data_ptr() and not ckpt.fresh_tensors:
             t = t.clone()
         if check and t.numel():
@@ -340,14 +345,17 @@ Sink = Callable[[str, torch.Tensor, int], None]   # (name, tensor or block of ro
 def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoint], params: dict,
               model_params: list[dict], compat: str, sink: Sink,
               out_dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-              compute_dtype: torch.dtype = torch.float32, threads: int | None = None,
+              compute_dtype: torch.dtype | None = torch.float32, threads: int | None = None,
               progress: Progress | None = None, labels: Sequence[str] | None = None,
               base_label: str = "base", block_elements: int = BLOCK_ELEMENTS,
-              resolve: Callable[[str], tuple[dict, list[dict]]] | None = None) -> dict[str, float]:
+              resolve: Callable[[str], tuple[dict, list[dict]]] | None = None,
+              round_dtype: torch.dtype | None = None) -> dict[str, float]:
     """Merge every tensor and hand each result (whole, or block by block) to ``sink``.
 
     ``resolve(name)`` gives a tensor's own (shared, per-model) parameters where they vary over layers or
     tensors (gradients, filters); without it every tensor gets ``params``/``model_params``.
+    ``round_dtype``: inputs are first cast to it and results rounded to it (mergekit's ``dtype``);
+    ``compute_dtype`` None: the kernels compute in each tensor's (rounded) input dtype.
     Returns the seconds spent per stage. ``sink`` is called from worker threads.
     """
     labels = list(labels or [f"model {i}" for i in range(len(models))])
@@ -363,7 +371,8 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
     if device.type == "cuda" and block_elements == BLOCK_ELEMENTS:
         block_elements = CUDA_BLOCK_ELEMENTS
     threads = threads or _default_threads()
-    inputs = _Inputs(base if method.needs_base or method.optional_base else None, models, labels, base_label, device, compute_dtype)
+    inputs = _Inputs(base if method.needs_base or method.optional_base else None, models, labels, base_label, device,
+                     compute_dtype, round_dtype)
     mergeable = [n for n in names if _mergeable(reference.dtype(n))]
     weights = [p.get("weight", 1.0) for p in model_params]
     stages: dict[str, float] = {}
@@ -425,6 +434,8 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
             raise
         except (RuntimeError, ValueError) as e:
             raise MergelabError(f"{name}: {method.name} failed: {str(e).splitlines()[0]}") from e
+        if round_dtype is not None:
+            merged = merged.to(round_dtype)
         sink(name, merged.to(out_dtype or reference.dtype(name)), rows[0] if rows else 0)
 
     t0 = time.perf_counter()
@@ -483,7 +494,7 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
     resolver = recipe.resolver()
     g, per = resolver.resolve("", 0.0)
     out_dtype = parse_dtype(recipe.out_dtype or recipe.dtype)
-    compute_dtype = parse_dtype(recipe.compute_dtype) or torch.float32
+    round_dtype, compute_dtype = merge_dtypes(recipe, method)
     max_shard = parse_size(shard_size if shard_size is not None else recipe.shard_size)
 
     base = open_checkpoint(recipe.base_model) if recipe.base_model else None
@@ -506,7 +517,7 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
                 stages = run_merge(method, base, models, g, per, recipe.compat, writer.write, out_dtype=out_dtype,
                                    device=device or "cpu", compute_dtype=compute_dtype, threads=threads,
                                    progress=progress, labels=labels, base_label=recipe.base_model or "base",
-                                   block_elements=block_elements, resolve=resolve)
+                                   block_elements=block_elements, resolve=resolve, round_dtype=round_dtype)
             except BaseException:
                 writer.abort()
                 raise
@@ -534,6 +545,23 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
         for c in [base, *models]:
             if c is not None:
                 c.close()
+
+
+def merge_dtypes(recipe: Recipe, method: Method) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """(round_dtype, compute_dtype) of a recipe.
+
+    Paper semantics: every kernel computes in ``compute_dtype`` (float32 by default), results are cast to
+    ``out_dtype``/``dtype``. mergekit semantics (0.1.5 ``GatherTensors(dtype=...)``): inputs are cast to
+    the recipe's ``dtype`` first; the kernels compute in that dtype (or in the inputs' own dtype when it is
+    unset) except mergekit's float32 kernels (slerp, linear), and results are rounded to it before
+    ``out_dtype``. An explicit ``compute_dtype`` in the recipe wins."""
+    from mergelab.methods.registry import float32_kernel
+    explicit = parse_dtype(recipe.compute_dtype) if "compute_dtype" in recipe.raw else None
+    if recipe.compat != "mergekit":
+        return None, explicit or parse_dtype(recipe.compute_dtype) or torch.float32
+    if explicit is not None:
+        return parse_dtype(recipe.dtype), explicit
+    return parse_dtype(recipe.dtype), torch.float32 if float32_kernel(method) else None
 
 
 def depth_resolver(resolver, names: Sequence[str]) -> Callable[[str], tuple[dict, list[dict]]]:

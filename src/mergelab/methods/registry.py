@@ -126,6 +126,8 @@ class Method:
     # mergekit's base policy OPTIONAL: the base is read and used when the recipe names one
     optional_base: bool = False
     max_models: int | None = None    # most models besides the base
+    # mergekit computes this method in float32 whatever the recipe dtype (its "batched" kernels)
+    float32_kernel: bool = False
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
@@ -140,6 +142,12 @@ class Method:
 REGISTRY: dict[str, Method] = {}
 # methods whose mergekit base policy is IGNORED, registered before ``Method.base_is_input`` existed
 _BASE_IS_INPUT = {"average"}
+_FLOAT32_KERNEL = {"average"}
+
+
+def float32_kernel(method: Method) -> bool:
+    """Does mergekit compute this method in float32 (slerp, linear) rather than in the recipe's dtype?"""
+    return method.float32_kernel or method.name in _FLOAT32_KERNEL
 
 
 def base_is_input(method: Method, compat: str) -> bool:

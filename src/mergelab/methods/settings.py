@@ -132,13 +132,29 @@ class Level:
     per_model: list[dict[str, Any]]
 
 
-def _split_no_effect(raw: Mapping | None) -> dict:
-    return {k: v for k, v in (raw or {}).items() if k not in NO_EFFECT_PARAMS}
+# parameter names of mergekit 0.1.5's methods: a recipe may carry one its method does not use (mergekit
+# ignores it, e.g. ``density`` left in a task_arithmetic recipe); other unknown names are typos
+MERGEKIT_PARAM_NAMES = {"t", "weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "int8_mask",
+                        "select_topk", "nuslerp_flatten", "nuslerp_row_wise", "normalize_weights", "eps", "max_iter",
+                        "tol", "r", "alpha", "scale", "filter_wise"}
 
 
-def _check_level(method: Method, compat: str, params: Mapping | None, scope: str, per_model: bool) -> dict:
+def _unused(method: Method, compat: str, key: str) -> bool:
+    """Under mergekit semantics, a mergekit parameter this method does not take is ignored (as mergekit does)."""
+    if compat != "mergekit" or key not in MERGEKIT_PARAM_NAMES:
+        return False
+    p = method.param(key)
+    return p is None or p not in method.params_for(compat)
+
+
+def _check_level(method: Method, compat: str, params: Mapping | None, scope: str, per_model: bool,
+                 ignored: list[str] | None = None) -> dict:
     """Check names (as ``resolve_params`` does) and every value of each setting of one mapping."""
-    params = _split_no_effect(params)
+    params = {k: v for k, v in (params or {}).items() if k not in NO_EFFECT_PARAMS}
+    for key in [k for k in params if _unused(method, compat, k)]:
+        del params[key]
+        if ignored is not None:
+            ignored.append(f"{scope}.{key}")
     # names, scopes and duplicates: checked by resolve_params on scalar stand-ins
     stand_in = {k: _first_value(v) for k, v in params.items()}
     probe = [stand_in] if per_model else []
@@ -198,9 +214,10 @@ class ParamResolver:
                  model_where: Callable[[int], str] | None = None):
         self.method, self.compat, self.where = method, compat, where
         model_where = model_where or (lambda i: f"{where}: models[{i}].parameters")
-        self.top = _check_level(method, compat, top, f"{where}: parameters", per_model=False)
-        self.slice = _check_level(method, compat, slice_params, f"{where}: slice parameters", per_model=False)
-        self.models = [_check_level(method, compat, mp, model_where(i), per_model=True)
+        self.ignored: list[str] = []       # mergekit parameters this method does not take (mergekit ignores them)
+        self.top = _check_level(method, compat, top, f"{where}: parameters", False, self.ignored)
+        self.slice = _check_level(method, compat, slice_params, f"{where}: slice parameters", False, self.ignored)
+        self.models = [_check_level(method, compat, mp, model_where(i), True, self.ignored)
                        for i, mp in enumerate(model_params)]
         self.n = len(self.models)
         settings = [*self.top.values(), *self.slice.values(), *(v for m in self.models for v in m.values())]

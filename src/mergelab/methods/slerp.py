@@ -99,5 +99,5 @@ register(Method(
             "lerp if |cos theta| > 0.9995",
     params=(Param("t", float, 0.5, "interpolation factor: 0 = base, 1 = the other model (mergekit: required)",
                   low=0.0, high=1.0),),
-    merge_tensor=_slerp, stats=_slerp_stats, max_models=1,
+    merge_tensor=_slerp, stats=_slerp_stats, max_models=1, float32_kernel=True,
 ))

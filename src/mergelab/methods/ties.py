@@ -11,6 +11,7 @@ from mergelab.methods.registry import Method, Param, TensorJob, register
 
 torch = lazy_module("torch")
 K = lazy_module("mergelab.kernels")
+MS = lazy_module("mergelab.methods.mergekit_sparsify")
 
 
 def _ties_trimmer(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.Tensor]:
@@ -26,6 +27,9 @@ def _ties_trimmer(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.T
         if density <= 0:
             return torch.zeros_like(delta)
         threshold = job.thresholds[i] if scope == "global" else job.selections[i][0]
+        if job.compat == "mergekit" and job.rows is None and threshold and \
+                MS.straddles(delta, threshold, None, max(1, int(density * delta.numel()))):
+            return MS.magnitude(delta, density)     # ties at the cut: mergekit's own choice among them
         return K.zero_below(delta, threshold)   # in place: delta is the job's own row
     return trim
 
