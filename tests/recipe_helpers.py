@@ -43,12 +43,38 @@ def mergekit_exe() -> Path:
     pytest.skip(f"mergekit 0.1.5 venv not found at {venv} (set MERGELAB_MERGEKIT_INSTALL=1 to create it)")
 
 
-def run_mergekit(recipe: Path, out: Path) -> None:
+_BATCH = r"""
+import json, sys, traceback, yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+failed = {}
+for recipe, out in json.loads(sys.argv[1]):
+    try:
+        text = open(recipe).read()
+        run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), out,
+                  options=MergeOptions(copy_tokenizer=False, allow_crimes=True, quiet=True), config_source=text)
+    except Exception:
+        failed[recipe] = traceback.format_exc()[-2000:]
+print(json.dumps(failed))
+"""
+
+
+def run_mergekit_batch(jobs: list[tuple[Path, Path]]) -> dict[str, str]:
+    """Run mergekit 0.1.5 on every (recipe, out) in one process (one torch import); returns failures."""
+    import json
     exe = mergekit_exe()
-    r = subprocess.run([str(exe), str(recipe), str(out), "--no-copy-tokenizer", "--allow-crimes"],
+    r = subprocess.run([str(exe.parent / "python"), "-c", _BATCH, json.dumps([[str(a), str(b)] for a, b in jobs])],
                        capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     if r.returncode != 0:
-        raise AssertionError(f"mergekit failed on {recipe}:\n{r.stderr[-3000:]}")
+        raise AssertionError(f"mergekit runner failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def run_mergekit(recipe: Path, out: Path) -> None:
+    failed = run_mergekit_batch([(recipe, out)])
+    if failed:
+        raise AssertionError(f"mergekit failed on {recipe}:\n{failed[str(recipe)]}")
 
 
 def make_llama(path: Path, seed: int, layers: int = 4, dtype: torch.dtype = torch.float32, base: Path | None = None,
@@ -59,10 +85,12 @@ def make_llama(path: Path, seed: int, layers: int = 4, dtype: torch.dtype = torc
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {}),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM, {"head_dim": 8}),
     }
+    tie = arch == "gemma2"     # Gemma ties its head to the embeddings (mergekit's architecture has no lm_head)
     cfg_cls, model_cls, extra = cfgs[arch]
     cfg = cfg_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False,
+                  num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=tie,
                   **extra)
     torch.manual_seed(seed)
     model = model_cls(cfg)

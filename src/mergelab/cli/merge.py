@@ -56,6 +56,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"merged {summary.merged} tensors ({summary.parameters / 1e6:.1f} M parameters, "
           f"{summary.copied} copied from the base) with {summary.method}, {semantics}, "
           f"in {summary.seconds:.1f} s -> {summary.out_dir} ({summary.shards} shard(s), {gb:.2f} GB)")
+    for note in summary.notes:
+        print(f"note: ignored, as mergekit does: {note}")
     return 0
 
 

@@ -176,6 +176,7 @@ def merge_slices(recipe: Recipe, out_dir, *, force: bool = False, device: str | 
 
         # per slice: views of its sources under the output names, and each output tensor's depth t
         segments = []
+        notes: list[str] = []
         layout = []
         source_layers: list[int] = []            # output layer -> source layer of the slice's first source
         pre_layout = []
@@ -203,6 +204,7 @@ def merge_slices(recipe: Recipe, out_dir, *, force: bool = False, device: str | 
                         maps[j][out] = src_name
             views = [RenamedCheckpoint(ckpt(s.path), m) for s, m in zip(srcs, maps)]
             resolver = _resolver(recipe, plan, si)
+            notes += [n for n in resolver.ignored if n not in notes]
             order = [n for n in maps[0]]
             src_names = {n: [maps[j][n] for j in plan.model_indices] for n in order}
             table = {n: resolver.resolve(n, t_of[n], src_names[n]) for n in order}
@@ -249,7 +251,8 @@ def merge_slices(recipe: Recipe, out_dir, *, force: bool = False, device: str | 
         return MergeSummary(method=method.name, compat=recipe.compat, tensors=len(layout), merged=merged,
                             copied=len(layout) - merged, parameters=parameters,
                             seconds=time.perf_counter() - started, out_dir=Path(out_dir).expanduser().resolve(),
-                            bytes_written=writer.total_bytes, shards=len(writer.filenames), stages=stages)
+                            bytes_written=writer.total_bytes, shards=len(writer.filenames), stages=stages,
+                            notes=notes)
     finally:
         for c in ckpts.values():
             c.close()

@@ -42,6 +42,7 @@ class MergeSummary:
     bytes_written: int = 0
     shards: int = 0
     stages: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)     # what the recipe had that this merge ignored, as mergekit
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -349,7 +350,7 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
               progress: Progress | None = None, labels: Sequence[str] | None = None,
               base_label: str = "base", block_elements: int = BLOCK_ELEMENTS,
               resolve: Callable[[str], tuple[dict, list[dict]]] | None = None,
-              round_dtype: torch.dtype | None = None) -> dict[str, float]:
+              round_dtype: torch.dtype | None = None, round_results: bool = True) -> dict[str, float]:
     """Merge every tensor and hand each result (whole, or block by block) to ``sink``.
 
     ``resolve(name)`` gives a tensor's own (shared, per-model) parameters where they vary over layers or
@@ -434,7 +435,7 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
             raise
         except (RuntimeError, ValueError) as e:
             raise MergelabError(f"{name}: {method.name} failed: {str(e).splitlines()[0]}") from e
-        if round_dtype is not None:
+        if round_dtype is not None and round_results:
             merged = merged.to(round_dtype)
         sink(name, merged.to(out_dtype or reference.dtype(name)), rows[0] if rows else 0)
 
@@ -495,6 +496,9 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
     g, per = resolver.resolve("", 0.0)
     out_dtype = parse_dtype(recipe.out_dtype or recipe.dtype)
     round_dtype, compute_dtype = merge_dtypes(recipe, method)
+    round_results = True
+    if recipe.compat == "mergekit" and method.float32_result and recipe.out_dtype is None:
+        out_dtype, round_results = torch.float32, False     # mergekit writes this method's float32 results
     max_shard = parse_size(shard_size if shard_size is not None else recipe.shard_size)
 
     base = open_checkpoint(recipe.base_model) if recipe.base_model else None
@@ -517,7 +521,8 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
                 stages = run_merge(method, base, models, g, per, recipe.compat, writer.write, out_dtype=out_dtype,
                                    device=device or "cpu", compute_dtype=compute_dtype, threads=threads,
                                    progress=progress, labels=labels, base_label=recipe.base_model or "base",
-                                   block_elements=block_elements, resolve=resolve, round_dtype=round_dtype)
+                                   block_elements=block_elements, resolve=resolve, round_dtype=round_dtype,
+                                   round_results=round_results)
             except BaseException:
                 writer.abort()
                 raise
@@ -540,7 +545,8 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
         return MergeSummary(method=method.name, compat=recipe.compat, tensors=len(names), merged=merged,
                             copied=len(names) - merged, parameters=parameters,
                             seconds=time.perf_counter() - started, out_dir=Path(out_dir).expanduser().resolve(),
-                            bytes_written=writer.total_bytes, shards=len(writer.filenames), stages=stages)
+                            bytes_written=writer.total_bytes, shards=len(writer.filenames), stages=stages,
+                            notes=list(resolver.ignored))
     finally:
         for c in [base, *models]:
             if c is not None:

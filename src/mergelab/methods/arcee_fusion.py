@@ -7,7 +7,8 @@ imp = |m - base| * KL_row,  KL_row = sum_lastdim p log(p/q), p = softmax(m, -1) 
 Q(q) = sorted(imp)[int(q (n - 1))] (over at most 10^6 entries sampled with replacement when larger)
 thr = Q(.5) + 1.5 (Q(.75) - Q(.25)) ; out = base + (m - base) [imp >= thr]
 ```
-No parameters. mergekit samples with torch's unseeded generator above 10^6 entries; mergelab with its seeded
+No parameters. Its float32 mask promotes the result: under mergekit semantics a half-precision merge without
+``out_dtype`` is written in float32, as mergekit writes it. mergekit samples with torch's unseeded generator above 10^6 entries; mergelab with its seeded
 one (tensors that large agree in distribution only). Each tensor is merged whole.
 """
 
@@ -47,5 +48,5 @@ register(Method(
     reference="mergekit 0.1.5 arcee_fusion (arcee.ai)",
     formula="imp = |m - base| KL(softmax m || softmax base) per row; keep where imp >= median + 1.5 IQR",
     params=(Param("seed", int, 0, "seed of the quantile sample of tensors above 10^6 entries"),),
-    merge_tensor=_arcee_fusion, max_models=1, chunkable=lambda params, compat: False,
+    merge_tensor=_arcee_fusion, max_models=1, chunkable=lambda params, compat: False, float32_result=True,
 ))

@@ -10,7 +10,8 @@ ramplus_tl: rho_i = #(nz_i & overlap) / max(#(nz_i & unique), epsilon) ; lambda_
             theta = base + sum_i tau_i nz_i (lambda_i unique + overlap / max(c, 1))
 ```
 Defaults epsilon 1e-5; ramplus_tl r 0.1, alpha 0.2. ``ram`` is element-wise (merged in blocks of rows);
-``ramplus_tl`` counts over the whole tensor (merged whole).
+``ramplus_tl`` counts over the whole tensor (merged whole); its float32 ``lambda_i`` promotes the result, so
+under mergekit semantics a half-precision merge without ``out_dtype`` is written in float32, as mergekit does.
 """
 
 from __future__ import annotations
@@ -60,5 +61,5 @@ register(Method(
     formula="lambda_i = 1 + r clamp(shared_i/unique_i, 0, alpha); base + sum_i tau_i nz_i (lambda_i unique + overlap/c)",
     params=(Param("r", float, 0.1, "boost scale", low=0.0), Param("alpha", float, 0.2, "cap of the overlap ratio",
                                                                      low=0.0), EPSILON),
-    merge_tensor=_ramplus, chunkable=lambda params, compat: False,
+    merge_tensor=_ramplus, chunkable=lambda params, compat: False, float32_result=True,
 ))

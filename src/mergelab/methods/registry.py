@@ -128,6 +128,8 @@ class Method:
     max_models: int | None = None    # most models besides the base
     # mergekit computes this method in float32 whatever the recipe dtype (its "batched" kernels)
     float32_kernel: bool = False
+    # mergekit returns (and writes) this method's results in float32 whatever the inputs (arcee_fusion)
+    float32_result: bool = False
 
     def param(self, name: str) -> Param | None:
         for p in self.params:

@@ -75,8 +75,12 @@ def is_static(setting: Any) -> bool:
     return not isinstance(setting, (list, tuple, Mapping))
 
 
-def check_setting(param: Param, setting: Any, where: str) -> Any:
-    """Validate a setting's form and every value in it; returns it with values coerced (tuples for lists)."""
+def check_setting(param: Param, setting: Any, where: str, ignored: list[str] | None = None) -> Any:
+    """Validate a setting's form and every value in it; returns it with values coerced (tuples for lists).
+
+    With ``ignored`` (mergekit semantics), keys of a ``{filter, value}`` entry other than those two are dropped
+    and noted there, as mergekit does: ``{pattern: self_attn, value: ...}`` (an old spelling) has no filter, so
+    it matches every tensor."""
     if isinstance(setting, Mapping):
         setting = [setting]
     if isinstance(setting, (list, tuple)):
@@ -86,6 +90,10 @@ def check_setting(param: Param, setting: Any, where: str) -> Any:
             out = []
             for i, e in enumerate(setting):
                 unknown = set(e) - {"filter", "value"}
+                if unknown and ignored is not None and "value" in e:
+                    ignored.extend(f"{where}: '{param.name}'[{i}].{k} (no filter: the entry matches every tensor)"
+                                   for k in sorted(unknown))
+                    unknown = set()
                 if unknown or "value" not in e:
                     raise MergelabError(f"{where}: '{param.name}'[{i}] must be {{filter: NAME_PART, value: V}}"
                                         + (f", got key {sorted(unknown)[0]!r}" if unknown else ""))
@@ -96,7 +104,7 @@ def check_setting(param: Param, setting: Any, where: str) -> Any:
                 if isinstance(value, Mapping) or isinstance(value, (list, tuple)) and \
                         any(isinstance(v, (Mapping, list, tuple)) for v in value):
                     raise MergelabError(f"{where}: '{param.name}'[{i}].value must be a value or a list of values")
-                out.append((flt, check_setting(param, value, f"{where}: '{param.name}'[{i}].value")))
+                out.append((flt, check_setting(param, value, f"{where}: '{param.name}'[{i}].value", ignored)))
             return ("filters", tuple(out))
         if any(isinstance(e, (Mapping, list, tuple)) for e in setting):
             raise MergelabError(f"{where}: '{param.name}' mixes filters and values; give a list of values "
@@ -154,7 +162,7 @@ def _check_level(method: Method, compat: str, params: Mapping | None, scope: str
     for key in [k for k in params if _unused(method, compat, k)]:
         del params[key]
         if ignored is not None:
-            ignored.append(f"{scope}.{key}")
+            ignored.append(f"{scope}.{key} (not a parameter of {method.name})")
     # names, scopes and duplicates: checked by resolve_params on scalar stand-ins
     stand_in = {k: _first_value(v) for k, v in params.items()}
     probe = [stand_in] if per_model else []
@@ -162,7 +170,7 @@ def _check_level(method: Method, compat: str, params: Mapping | None, scope: str
     out = {}
     for key, value in params.items():
         p = method.param(key)
-        out[p.name] = check_setting(p, value, scope)
+        out[p.name] = check_setting(p, value, scope, ignored if compat == "mergekit" else None)
     return out
 
 
