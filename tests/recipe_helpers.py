@@ -101,7 +101,8 @@ def make_llama(path: Path, seed: int, layers: int = 4, dtype: torch.dtype = torc
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for k, v in sd.items():
-                v.copy_(bsd[k] + scale * torch.randn(v.shape, generator=g))
+                if k in bsd:    # a tied head is the embedding
+                    v.copy_(bsd[k] + scale * torch.randn(v.shape, generator=g))
     else:
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():

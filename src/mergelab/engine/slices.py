@@ -92,13 +92,37 @@ def _layer_names(names: Sequence[str]) -> dict[int, list[str]]:
     return by_layer
 
 
+def slice_roles(recipe: Recipe, sl: SliceSpec, at: str) -> tuple[int | None, list[int]]:
+    """(index of the slice's base among its sources or None, indices of the sources merged as models)."""
+    method = get_method(recipe.method)
+    for j, src in enumerate(sl.sources):
+        if any(_same_path(src.path, o.path) for o in sl.sources[:j]):
+            raise MergelabError(f"{at}: {src.path} is listed twice among the sources (as mergekit, one model "
+                                "may be one input of a slice only)")
+    base = sl.base_model or recipe.base_model
+    base_index = None
+    if base is not None and not base_is_input(method, recipe.compat):
+        base_index = next((j for j, s in enumerate(sl.sources) if _same_path(s.path, base)), None)
+    if method.needs_base and base_index is None:
+        raise MergelabError(f"{at}: method {method.name!r} needs the base model ({base}) among the slice's "
+                            "sources" if base else f"{at}: method {method.name!r} needs a base_model")
+    models = [j for j in range(len(sl.sources)) if j != base_index]
+    if not method.needs_base and not method.optional_base:
+        base_index = None
+    if len(models) < method.min_models or (method.max_models is not None and len(models) > method.max_models):
+        most = f"at most {method.max_models}" if method.max_models is not None else "any number of"
+        raise MergelabError(f"{at}: method {method.name!r} takes at least {method.min_models} and {most} "
+                            f"source(s) besides the base, got {len(models)}")
+    return base_index, models
+
+
 def plan_slices(recipe: Recipe, n_layers: Callable[[str], int]) -> list[_SlicePlan]:
     """Lengths, offsets, base and models of every slice; errors name the slice."""
     where = str(recipe.source or "recipe")
-    method = get_method(recipe.method)
     plans, offset = [], 0
     for si, sl in enumerate(recipe.slices):
         at = f"{where}: slices[{si}]"
+        base_index, models = slice_roles(recipe, sl, at)
         ranges = [src.layer_range or (0, n_layers(src.path)) for src in sl.sources]
         for src, (a, b) in zip(sl.sources, ranges):
             if b > n_layers(src.path):
@@ -108,20 +132,6 @@ def plan_slices(recipe: Recipe, n_layers: Callable[[str], int]) -> list[_SlicePl
         if len(lengths) != 1:
             raise MergelabError(f"{at}: all sources of a slice must have the same number of layers, got "
                                 f"{sorted(b - a for a, b in ranges)}")
-        base = sl.base_model or recipe.base_model
-        base_index = None
-        if base is not None and not base_is_input(method, recipe.compat):
-            base_index = next((j for j, s in enumerate(sl.sources) if _same_path(s.path, base)), None)
-        if method.needs_base and base_index is None:
-            raise MergelabError(f"{at}: method {method.name!r} needs the base model ({base}) among the slice's "
-                                "sources" if base else f"{at}: method {method.name!r} needs a base_model")
-        models = [j for j in range(len(sl.sources)) if j != base_index]
-        if not method.needs_base and not method.optional_base:
-            base_index = None
-        if len(models) < method.min_models or (method.max_models is not None and len(models) > method.max_models):
-            most = f"at most {method.max_models}" if method.max_models is not None else "any number of"
-            raise MergelabError(f"{at}: method {method.name!r} takes at least {method.min_models} and {most} "
-                                f"source(s) besides the base, got {len(models)}")
         length = lengths.pop()
         plans.append(_SlicePlan(sl, length, offset, ranges, base_index, models))
         offset += length
@@ -138,13 +148,10 @@ def _resolver(recipe: Recipe, plan: _SlicePlan, si: int) -> ParamResolver:
 
 def check_slices(recipe: Recipe) -> None:
     """Parameter names and values of every slice, before any checkpoint is opened."""
+    where = str(recipe.source or "recipe")
     for si, sl in enumerate(recipe.slices):
-        method = get_method(recipe.method)
-        base = sl.base_model or recipe.base_model
-        idx = [j for j, s in enumerate(sl.sources)
-               if base is None or base_is_input(method, recipe.compat) or not _same_path(s.path, base)]
-        plan = _SlicePlan(sl, 0, 0, [], None, idx)
-        _resolver(recipe, plan, si)
+        base_index, models = slice_roles(recipe, sl, f"{where}: slices[{si}]")
+        _resolver(recipe, _SlicePlan(sl, 0, 0, [], base_index, models), si)
 
 
 def merge_slices(recipe: Recipe, out_dir, *, force: bool = False, device: str | None = None,
