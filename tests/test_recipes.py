@@ -96,7 +96,8 @@ def test_precedence_source_over_slice_over_top(llama, tmp_path):
 def test_int8_mask_and_memory_switches_change_nothing(llama, tmp_path):
     base, a, b = llama
     rec = {"merge_method": "ties", "base_model": str(base),
-           "models": [{"model": str(a), "parameters": {"density": 0.3}}, {"model": str(b), "parameters": {"density": 0.6}}]}
+           "models": [{"model": str(a), "parameters": {"density": 0.3}},
+                      {"model": str(b), "parameters": {"density": 0.6}}]}
     merge(write(tmp_path, rec), tmp_path / "plain")
     rec["parameters"] = {"int8_mask": True}
     merge(write(tmp_path, rec, "i8.yaml"), tmp_path / "i8")
@@ -288,7 +289,8 @@ def test_bad_slices_one_clear_error(llama, tmp_path, slices, match):
 def test_slerp_slice_needs_its_base_among_sources(llama, tmp_path):
     base, a, b = llama
     rec = {"merge_method": "slerp", "base_model": str(base), "parameters": {"t": 0.5},
-           "slices": [{"sources": [{"model": str(a), "layer_range": [0, 4]}, {"model": str(b), "layer_range": [0, 4]}]}]}
+           "slices": [{"sources": [{"model": str(a), "layer_range": [0, 4]},
+                                   {"model": str(b), "layer_range": [0, 4]}]}]}
     with pytest.raises(MergelabError, match="base model"):
         merge(write(tmp_path, rec), tmp_path / "o")
 

@@ -8,7 +8,8 @@ Q(q) = sorted(imp)[int(q (n - 1))] (over at most 10^6 entries sampled with repla
 thr = Q(.5) + 1.5 (Q(.75) - Q(.25)) ; out = base + (m - base) [imp >= thr]
 ```
 No parameters. Its float32 mask promotes the result: under mergekit semantics a half-precision merge without
-``out_dtype`` is written in float32, as mergekit writes it. mergekit samples with torch's unseeded generator above 10^6 entries; mergelab with its seeded
+``out_dtype`` is written in float32, as mergekit writes it. mergekit samples with torch's unseeded generator
+above 10^6 entries; mergelab with its seeded
 one (tensors that large agree in distribution only). Each tensor is merged whole.
 """
 

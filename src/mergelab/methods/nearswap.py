@@ -1,7 +1,8 @@
 """NearSwap: move the base toward the other model by at most ``t`` per entry (entries closer than t are
 swapped to the other model's).
 
-mergekit 0.1.5 ``merge_methods/nearswap.py`` (ALGORITHMS-2 §13.7; huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001);
+mergekit 0.1.5 ``merge_methods/nearswap.py`` (ALGORITHMS-2 §13.7;
+huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001);
 both semantics are the same.
 ```
 w = clamp(t / max(|base - m|, 1e-6), 0, 1) ; out = w m + (1 - w) base

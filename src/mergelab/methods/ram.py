@@ -58,7 +58,8 @@ register(Method(
     name="ramplus_tl",
     summary="RAM with unique entries boosted by each model's overlap ratio (tensor-local)",
     reference="mergekit 0.1.5 ramplus_tl (arXiv 2601.13572)",
-    formula="lambda_i = 1 + r clamp(shared_i/unique_i, 0, alpha); base + sum_i tau_i nz_i (lambda_i unique + overlap/c)",
+    formula="lambda_i = 1 + r clamp(shared_i/unique_i, 0, alpha); "
+            "base + sum_i tau_i nz_i (lambda_i unique + overlap/c)",
     params=(Param("r", float, 0.1, "boost scale", low=0.0), Param("alpha", float, 0.2, "cap of the overlap ratio",
                                                                      low=0.0), EPSILON),
     merge_tensor=_ramplus, chunkable=lambda params, compat: False, float32_result=True,

@@ -37,9 +37,6 @@ LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
 
 # mergekit options that only change memory use or speed, never the merged values: accepted and ignored
 NO_EFFECT_PARAMS = ("int8_mask",)
-NO_EFFECT_OPTIONS = {"lazy_unpickle", "low_cpu_memory", "allow_crimes", "cuda", "copy_tokenizer", "out_shard_size",
-                     "trust_remote_code", "random_seed", "read_to_gpu", "multi_stream", "num_threads",
-                     "clone_tensors", "safe_serialization", "lora_merge_cache", "quiet", "verbose", "transformers_cache"}
 
 
 def layer_index(name: str) -> int | None:

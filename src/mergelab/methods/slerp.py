@@ -48,8 +48,9 @@ def slerp_coefficients(t: float, a: torch.Tensor, b: torch.Tensor,
     else:
         a2, b2 = a.reshape(1, -1), b.reshape(1, -1)
         n = a2.shape[1]
-        parts_a = [torch.linalg.vector_norm(a2[:, s:s + CHUNK].to(dtype), dim=1, keepdim=True) for s in range(0, n, CHUNK)]
-        parts_b = [torch.linalg.vector_norm(b2[:, s:s + CHUNK].to(dtype), dim=1, keepdim=True) for s in range(0, n, CHUNK)]
+        starts = range(0, n, CHUNK)
+        parts_a = [torch.linalg.vector_norm(a2[:, s:s + CHUNK].to(dtype), dim=1, keepdim=True) for s in starts]
+        parts_b = [torch.linalg.vector_norm(b2[:, s:s + CHUNK].to(dtype), dim=1, keepdim=True) for s in starts]
         na = torch.linalg.vector_norm(torch.stack(parts_a), dim=0)
         nb = torch.linalg.vector_norm(torch.stack(parts_b), dim=0)
         na = torch.where(na > EPS, na, 1)
