@@ -385,7 +385,8 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
                             "layer or tensor")
     if densities is not None:
         t0 = time.perf_counter()
-        thresholds = _global_thresholds(densities, inputs, _largest_first(mergeable, reference), weights,
+        thresholds = _global_thresholds(densities, inputs, _largest_first(mergeable, reference),
+                                        weights if method.select_weighted(compat) else [1.0] * len(weights),
                                         threads, progress)
         stages["global trim thresholds"] = time.perf_counter() - t0
     defaults = (params, model_params)
@@ -533,8 +534,9 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
             copy_model_files(src_folder, tmp, tok_folder)
             _set_config_dtype(tmp / "config.json", out_dtype)
             (tmp / "mergelab_recipe.yaml").write_text(yaml.safe_dump(
-                {**recipe.raw, "compat": recipe.compat, "resolved_parameters": g,
-                 "resolved_model_parameters": per}, sort_keys=False))
+                {**recipe.raw, "compat": recipe.compat,
+                 **({"resolved_parameters": g, "resolved_model_parameters": per} if resolver.static
+                    else {"resolved_parameters": "per tensor (gradients or filters)"})}, sort_keys=False))
         parameters = 0
         for _, _, shape in layout:
             n = 1
