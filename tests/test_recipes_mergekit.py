@@ -17,12 +17,18 @@ import torch
 import yaml
 
 from mergelab import load_state_dict, merge
-from tests.recipe_helpers import make_llama, run_mergekit_batch
+from tests.recipe_helpers import make_llama, mergekit_exe, run_mergekit_batch
 
 HERE = Path(__file__).resolve().parent
 CORPUS = sorted((HERE / "recipes").glob("*.yml"))
 RANDOM = {"dare_ties", "dare_linear", "della", "della_linear"}
 DROPPED_KEYS = ("tokenizer_source", "chat_template")   # tokenizer handling: a separate issue
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _mergekit_present():
+    """Skip (or install, with MERGELAB_MERGEKIT_INSTALL=1) before building any checkpoint."""
+    return mergekit_exe()
 
 
 def _compare(mk: Path, ml: Path, random: bool) -> tuple[bool, float, str]:
