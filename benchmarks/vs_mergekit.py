@@ -11,8 +11,8 @@ What it does (see benchmarks/README.md for how to run it):
      (both tools read from a warm page cache), and records wall time, CPU time and peak memory
      (``ru_maxrss`` of the child from ``wait4``, plus the peak of ``RssAnon`` sampled from
      ``/proc`` every 20 ms, i.e. the memory that is not the mmapped input files);
-  4. compares the outputs tensor by tensor (max abs difference) where mergelab runs in
-     mergekit-compatible mode; for DARE (random masks) it compares statistics instead;
+  4. compares the outputs tensor by tensor (max abs difference) where mergelab runs under
+     mergekit semantics; for DARE and DELLA (random masks) it compares statistics instead;
   5. prints a Markdown table with the ratios and writes everything as JSON.
 
 The benchmark is not part of the test suite; tests/test_vs_mergekit_smoke.py runs it at
@@ -212,12 +212,13 @@ class Case:
     method: str              # merge_method
     model_params: dict       # per-model parameters
     params: dict             # global parameters
-    compat: bool = True      # mergelab --compat mergekit; False = mergelab's default (paper) mode
+    compat: bool = True      # mergelab --compat mergekit; False = --compat paper (the papers' semantics)
     mergekit: bool = True    # mergekit runs this recipe
     compare: str = "exact"   # exact | stats | none
     mergekit_row: str = ""   # for mergelab-only rows: which mergekit row to take the ratio to
     seed: int | None = None
     extra_mergelab_params: dict = field(default_factory=dict)
+    n_models: int | None = None   # fine-tunes merged (None: all); slerp takes one besides the base
 
 
 CASES = [
@@ -229,6 +230,9 @@ CASES = [
     Case("breadcrumbs", "breadcrumbs", {"weight": 1.0, "density": 0.1, "gamma": 0.01},
          {"lambda": 1.0}),
     Case("dare_ties", "dare_ties", {"weight": 1.0, "density": 0.5}, {"lambda": 1.0},
+         compare="stats", seed=42),
+    Case("slerp", "slerp", {}, {"t": 0.3}, n_models=1),
+    Case("della", "della", {"weight": 1.0, "density": 0.5, "epsilon": 0.1}, {"lambda": 1.0},
          compare="stats", seed=42),
 ]
 CASE_KEYS = [c.key for c in CASES]
@@ -245,7 +249,8 @@ def recipe_dict(case: Case, ck: dict, dtype: str, for_mergelab: bool) -> dict:
     return {
         "merge_method": case.method,
         "base_model": str(ck["base"]),
-        "models": [{"model": str(p), "parameters": dict(case.model_params)} for p in ck["models"]],
+        "models": [{"model": str(p), **({"parameters": dict(case.model_params)} if case.model_params else {})}
+                   for p in ck["models"][:case.n_models]],
         "parameters": params,
         "dtype": "float32",
         "out_dtype": dtype,
@@ -779,7 +784,7 @@ def main(argv=None) -> int:
             rows.append({"key": key, "method": "copy", "mode": "reference", "copy": res})
     for case in cases:
         row = {"key": case.key, "method": case.method,
-               "mode": "mergekit-compat" if case.compat else "default (paper)",
+               "mode": "mergekit semantics" if case.compat else "paper semantics",
                "mergekit_row": case.mergekit_row}
         outs = {}
         for tool in tools:
@@ -809,8 +814,7 @@ def main(argv=None) -> int:
                 e = mk_env
             else:
                 cmd = [sys.executable, "-m", "mergelab", "merge", str(rec), str(out), "--force"]
-                if case.compat:
-                    cmd += ["--compat", "mergekit"]
+                cmd += ["--compat", "mergekit" if case.compat else "paper"]
                 if args.device != "cpu":
                     cmd += ["--device", args.device]
                 cmd += args.mergelab_args.split()

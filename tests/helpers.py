@@ -37,7 +37,9 @@ def make_model_folders(root: Path, n: int = 3, seed: int = 0, scale: float = 0.0
 
 def write_recipe(path: Path, base: Path, models: list[Path], method: str, params: dict | None = None,
                  model_params: list[dict] | None = None, **extra) -> Path:
+    """A recipe file; ``compat: paper`` unless given (a recipe without it means mergekit's semantics)."""
     import yaml
+    extra.setdefault("compat", "paper")
     recipe = {"base_model": str(base),
               "models": [{"model": str(m), **({"parameters": p} if p else {})}
                          for m, p in zip(models, model_params or [None] * len(models))],

@@ -200,13 +200,13 @@ def _merge(cwd, capsys, recipe_text, *extra):
 
 def readme_merge_commands(block, world, cwd, capsys):
     lines = commands(block["body"])
-    assert lines == ["mergelab merge recipe.yaml OUT_DIR", "mergelab methods", "mergelab methods --compat mergekit"]
+    assert lines == ["mergelab merge recipe.yaml OUT_DIR", "mergelab methods", "mergelab methods --compat paper"]
     _merge(cwd, capsys, doc_yaml("README.md", "base_model: ./base", world))
     from transformers import AutoModel
     AutoModel.from_pretrained(cwd / "OUT_DIR")                 # "transformers.AutoModel.from_pretrained(OUT_DIR)"
     assert not (cwd / "OUT_DIR" / "model.safetensors.index.json").exists()   # one file below --shard-size
     assert "normalize" in run_cli(["methods"], cwd, capsys)
-    assert "normalize" in run_cli(["methods", "--compat", "mergekit"], cwd, capsys)
+    assert "normalize" in run_cli(["methods", "--compat", "paper"], cwd, capsys)
 
 
 def readme_recipe(block, world, cwd, capsys):
@@ -447,6 +447,13 @@ def lora_experts_python(block, world, cwd, capsys):
     assert ns["gate"].shape == (2, 32) and ns["expert_A"].shape == (4, 32)
 
 
+def readme_slices(block, world, cwd, capsys):
+    from mergelab.engine.recipe import load_recipe
+    (cwd / "recipe.yaml").write_text(block["body"])
+    r = load_recipe(cwd / "recipe.yaml", validate=False)   # 24-32 layers: run on Llama stand-ins in test_recipes
+    assert r.method == "passthrough" and [s.sources[0].layer_range for s in r.slices] == [(0, 24), (8, 32)]
+
+
 def moe_command(block, world, cwd, capsys):
     [cmd] = commands(block["body"])
     parse_only(cmd)                     # run for real on Llama stand-ins in tests/test_moe.py
@@ -521,6 +528,7 @@ HANDLERS = {
     ("svd_lora.md", "mergelab lora-merge recipe.yaml OUT_DIR --rank 16"): lora_merge_command,
     ("svd_lora.md", "from mergelab.io.lora import lora_experts"): lora_experts_python,
     ("README.md", "mergelab moe moe.yaml OUT_DIR"): moe_command,
+    ("README.md", "slices:"): readme_slices,
     ("moe.md", "mergelab moe moe.yaml OUT_DIR"): moe_command,
     ("moe.md", "base_model: ./base"): moe_config,
 }

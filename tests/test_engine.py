@@ -330,11 +330,11 @@ def test_bin_with_arbitrary_objects_is_refused(folders, tmp_path, capsys):
     assert "owned" not in capsys.readouterr().out
 
 
-def test_bad_yaml_and_unsupported_slices(tmp_path, capsys):
+def test_bad_yaml_and_empty_slices(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("models: [\n")
     expect_error(capsys, ["merge", tmp_path / "bad.yaml", tmp_path / "o"], "invalid YAML at line")
     (tmp_path / "sl.yaml").write_text("slices: []\nmerge_method: ties\n")
-    expect_error(capsys, ["merge", tmp_path / "sl.yaml", tmp_path / "o"], "slices are not supported")
+    expect_error(capsys, ["merge", tmp_path / "sl.yaml", tmp_path / "o"], "'slices' must be a non-empty list")
 
 
 def test_console_script_entry_point(folders, tmp_path):

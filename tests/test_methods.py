@@ -207,8 +207,21 @@ def test_mergekit_compat_matches_port(name, params, sparsify, consensus, normali
 
 def test_mergekit_mode_rejects_paper_only_params():
     base, models = tiny_models()
-    with pytest.raises(MergelabError, match="trim_scope.*mergekit"):
-        merge_state_dicts(base, models, "ties", {"trim_scope": "global"}, compat="mergekit")
+    with pytest.raises(MergelabError, match="merge.*mergekit"):
+        merge_state_dicts(base, models, "ties", {"merge": "sum"}, compat="mergekit")
+
+
+def test_mergekit_mode_keeps_the_whole_model_trim():
+    """trim_scope: global has a clear meaning under mergekit semantics too: the paper's whole-model top-k."""
+    base, models = tiny_models()
+    per = [{"density": 0.2}] * len(models)
+    glob = merge_state_dicts(base, models, "ties", {"trim_scope": "global"}, per, compat="mergekit")
+    paper = merge_state_dicts(base, models, "ties", {"trim_scope": "global", "lambda": 1.0}, per, compat="paper")
+    tensor = merge_state_dicts(base, models, "ties", {}, per, compat="mergekit")
+    changed = lambda out: sum(int((out[k] != base[k]).sum()) for k in FLOAT_KEYS)
+    # the same entries survive the trim as under paper semantics (only the mixing differs)
+    assert all(torch.equal(glob[k] != base[k], paper[k] != base[k]) for k in FLOAT_KEYS)
+    assert changed(glob) != changed(tensor) or any(not torch.equal(glob[k], tensor[k]) for k in FLOAT_KEYS)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -229,7 +242,7 @@ def test_all_zero_deltas_give_base():
     for m in list_methods():
         if m.name == "average":
             continue
-        out = merge_state_dicts(base, same, m.name)
+        out = merge_state_dicts(base, same[:m.max_models or 2], m.name)
         for k in FLOAT_KEYS:
             assert torch.allclose(out[k], base[k]), (m.name, k)
 
@@ -295,9 +308,9 @@ def test_a_parameter_of_the_other_semantics_is_refused_naming_both():
     with pytest.raises(MergelabError, match=r"'normalize' for method 'ties' with --compat paper \(it exists only "
                                             r"with --compat mergekit\)"):
         resolve_params(get_method("ties"), {"normalize": True}, [{}], "paper")
-    with pytest.raises(MergelabError, match=r"'trim_scope' for method 'ties' with --compat mergekit \(it exists "
+    with pytest.raises(MergelabError, match=r"'merge' for method 'ties' with --compat mergekit \(it exists "
                                             r"only with --compat paper\)"):
-        resolve_params(get_method("ties"), {"trim_scope": "global"}, [{}], "mergekit")
+        resolve_params(get_method("ties"), {"merge": "sum"}, [{}], "mergekit")
     # average's own normalize exists in both semantics (as `mergelab methods` lists it)
     assert resolve_params(get_method("average"), {"normalize": False}, [{}], "paper")[0]["normalize"] is False
 

@@ -28,13 +28,14 @@ def _write(path, docs):
 
 
 def _three_stages(base, fts, density=0.5):
-    return [
+    """compat: paper, to compare with merge_state_dicts (whose default is the papers' semantics)."""
+    return [{**doc, "compat": "paper"} for doc in [
         {"name": "final_mix", "merge_method": "task_arithmetic", "base_model": str(base),
          "models": [{"model": "mid"}, {"model": str(fts[0])}], "parameters": {"lambda": 0.5}},
         {"name": "soup", "merge_method": "average", "models": [{"model": str(fts[0])}, {"model": str(fts[1])}]},
         {"name": "mid", "merge_method": "ties", "base_model": str(base),
          "models": [{"model": "soup"}, {"model": str(fts[2])}], "parameters": {"density": density}},
-    ]
+    ]]
 
 
 def test_three_stages_run_in_dependency_order_and_equal_the_manual_chain(models, tmp_path):

@@ -86,8 +86,8 @@ def test_union_of_two_vocabularies_loads_and_rows_follow_mergekits_rules(world, 
     out = load_state_dict(tmp_path / "out")
     srcs = {n: _rows_by_token(world / n) for n in ("base", "ft_a", "ft_b")}
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        for token in ("w7", "<s>"):          # in both fine-tunes: the plain average of their rows
-            want = sum(srcs[n][1][name][srcs[n][0][token]] for n in ("ft_a", "ft_b")) / 2
+        for token in ("w7", "<s>"):   # mergekit's linear averages the listed base too: mean of three rows
+            want = sum(srcs[n][1][name][srcs[n][0][token]] for n in ("base", "ft_a", "ft_b")) / 3
             assert torch.allclose(out[name][vocab[token]], want, atol=1e-6)
         # only ft_a has a2: every model gets ft_a's row (donor), so the average is that row
         v_a, sd_a = srcs["ft_a"]
@@ -146,9 +146,6 @@ def test_union_rows_equal_mergekits_token_by_token(world, tmp_path, method, sour
     """mergekit orders the union's new tokens by a set's iteration order: rows are compared by token."""
     recipe = _recipe(world, tmp_path, method, tokenizer_source=source, compat="mergekit")
     raw = yaml.safe_load(recipe.read_text())
-    if method == "linear":   # mergekit's linear averages a listed base_model too: leave it out (ft_a is the reference)
-        raw.pop("base_model")
-        recipe.write_text(yaml.safe_dump(raw))
     raw.pop("compat")
     mk_recipe = tmp_path / "mk.yaml"
     mk_recipe.write_text(yaml.safe_dump(raw))

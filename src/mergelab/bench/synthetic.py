@@ -26,6 +26,8 @@ DEMO_PARAMS = {
     "breadcrumbs_ties": {"keep": 0.1, "top_remove": 0.01, "lambda": 1.0},
     "dare_linear": {"density": 0.5, "lambda": 0.4, "seed": 0},
     "dare_ties": {"density": 0.5, "lambda": 1.0, "seed": 0},
+    "della": {"density": 0.5, "epsilon": 0.1},
+    "della_linear": {"density": 0.5, "epsilon": 0.1},
 }
 
 
@@ -79,8 +81,10 @@ def run_demo(out: str | Path | None = None, quiet: bool = False) -> int:
         mean_norm = sum(v.norm() for v in task_vecs) / len(task_vecs)
         rows = []
         for method in list_methods():
-            recipe = {"base_model": str(base), "models": [{"model": str(t)} for t in tasks],
-                      "merge_method": method.name, "parameters": DEMO_PARAMS.get(method.name, {})}
+            n = method.max_models or len(tasks)      # slerp, nearswap, ... take one model besides the base
+            recipe = {"base_model": str(base), "models": [{"model": str(t)} for t in tasks[:n]],
+                      "merge_method": method.name, "parameters": DEMO_PARAMS.get(method.name, {}),
+                      "compat": "paper"}
             started = time.perf_counter()
             summary = merge(recipe, root / "merged" / method.name, force=True)
             seconds = time.perf_counter() - started

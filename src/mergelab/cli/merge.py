@@ -33,6 +33,10 @@ def _tune_for_streaming(threads: int) -> None:
         pass
 
 
+SEMANTICS = {"mergekit": "mergekit 0.1.5 semantics (compat: paper for the papers')",
+             "paper": "paper semantics (compat: paper)"}
+
+
 def _run(args: argparse.Namespace) -> int:
     import torch
 
@@ -80,9 +84,12 @@ def _run_stages(args: argparse.Namespace) -> int:
 
 def _print_summary(summary) -> None:
     gb = summary.bytes_written / 1e9
+    semantics = SEMANTICS[summary.compat]
     print(f"merged {summary.merged} tensors ({summary.parameters / 1e6:.1f} M parameters, "
-          f"{summary.copied} copied from the base) with {summary.method} [{summary.compat}] "
+          f"{summary.copied} copied from the base) with {summary.method}, {semantics}, "
           f"in {summary.seconds:.1f} s -> {summary.out_dir} ({summary.shards} shard(s), {gb:.2f} GB)")
+    for note in summary.notes:
+        print(f"note: ignored, as mergekit does: {note}")
 
 
 def add_parser(sub) -> None:
@@ -91,7 +98,8 @@ def add_parser(sub) -> None:
     p.add_argument("out_dir", help="output folder (a Hugging Face model folder)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--compat", choices=("paper", "mergekit"), default=None,
-                   help="semantics: the papers' (default) or mergekit 0.1.5's")
+                   help="semantics: mergekit 0.1.5's (default, so mergekit recipes run unchanged) or the papers'; "
+                        "wins over the recipe's 'compat'")
     p.add_argument("--device", default=None, help="where the per-tensor math runs: cpu (default) or cuda")
     p.add_argument("--threads", type=int, default=None, help="tensors merged in parallel")
     p.add_argument("--shard-size", default=None, help="largest output shard, e.g. 2GB")

@@ -12,9 +12,12 @@ dtype: float32          # mergekit: merge dtype; mergelab computes in float32 an
 out_dtype: bfloat16     # optional, wins over dtype
 tokenizer_source: base  # optional
 # mergelab additions
-compat: paper           # or mergekit
+compat: paper           # the papers' semantics; without it a recipe means what mergekit 0.1.5 makes of it
 ```
-Keys of other commands (SMILE, adapt, recycle, bench) are kept in ``Recipe.extra``.
+or, instead of ``models``, mergekit's ``slices`` (``sources`` with ``layer_range``, per-slice ``base_model`` and
+``parameters``). Parameter values may be scalars, gradients over layer depth or ``{filter, value}`` lists
+(``mergelab.methods.settings``). Keys of other commands (SMILE, adapt, recycle, bench) are kept in
+``Recipe.extra``.
 """
 
 from __future__ import annotations
@@ -30,11 +33,16 @@ from mergelab.io import parse_dtype
 from mergelab.io.chat_template import check_chat_template
 from mergelab.io.reference import _HUB_ID, resolve_reference
 from mergelab.io.vocab import TokenizerSpec, parse_tokenizer_spec
-from mergelab.methods import COMPAT_MODES, get_method, resolve_params
+from mergelab.methods import COMPAT_MODES, get_method
+from mergelab.methods.registry import base_is_input
+from mergelab.methods.settings import ParamResolver
 
 KNOWN_KEYS = {"base_model", "models", "merge_method", "parameters", "dtype", "out_dtype", "tokenizer_source",
-              "compat", "compute_dtype", "shard_size", "device", "name", "chat_template", "tokenizer"}
-UNSUPPORTED = {"slices": "per-layer slices are not supported; list whole models under 'models'"}
+              "compat", "compute_dtype", "shard_size", "device", "name", "slices", "chat_template", "tokenizer"}
+UNSUPPORTED: dict[str, str] = {}
+# a recipe without 'compat' means what mergekit makes of it (its users' recipes run unchanged); the
+# in-memory API (merge_state_dicts) and the benchmark use the papers' semantics
+DEFAULT_RECIPE_COMPAT = "mergekit"
 
 
 @dataclass
@@ -49,6 +57,21 @@ class ModelEntry:
 
 
 @dataclass
+class SliceSource:
+    path: str
+    layer_range: tuple[int, int] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SliceSpec:
+    """One output slice: its sources' layer ranges (all of one length), optional base and parameters."""
+    sources: list[SliceSource]
+    base_model: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Recipe:
     method: str
     base_model: str | None
@@ -57,7 +80,7 @@ class Recipe:
     dtype: str | None = None
     out_dtype: str | None = None
     compute_dtype: str = "float32"
-    compat: str = "paper"
+    compat: str = DEFAULT_RECIPE_COMPAT
     tokenizer_source: str | None = None
     chat_template: str | None = None        # 'auto', a built-in name or a Jinja string (io.chat_template)
     tokenizer: TokenizerSpec | None = None  # output tokenizer and vocabulary alignment (io.vocab)
@@ -65,12 +88,27 @@ class Recipe:
     source: Path | None = None              # the YAML file, if read from one
     extra: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    slices: list[SliceSpec] | None = None   # mergekit 'slices' (then ``models`` lists every source once)
+
+    def resolver(self, method_name: str | None = None) -> ParamResolver:
+        """Per-tensor parameters of a ``models:`` recipe (gradients, filters), validated now."""
+        method = get_method(method_name or self.method)
+        return ParamResolver(method, self.compat, self.params, [m.params for m in self.models],
+                             where=str(self.source or "recipe"))
 
     def resolved(self, method_name: str | None = None) -> tuple[dict, list[dict]]:
-        """Global and per-model parameters with defaults, validated (raises MergelabError)."""
-        method = get_method(method_name or self.method)
-        return resolve_params(method, self.params, [m.params for m in self.models], self.compat,
-                              where=str(self.source or "recipe"))
+        """Global and per-model parameters with defaults, validated (raises MergelabError).
+
+        A recipe whose values change over layers or tensors (gradients, filters, slices) has no single set:
+        callers that need one get an error; the streaming merge resolves them tensor by tensor."""
+        where = str(self.source or "recipe")
+        if self.slices is not None:
+            raise MergelabError(f"{where}: 'slices' are supported by 'mergelab merge' only")
+        r = self.resolver(method_name)
+        if not r.static:
+            raise MergelabError(f"{where}: per-layer or filtered parameter values are supported by "
+                                "'mergelab merge' only; give one number per parameter")
+        return r.resolve("", 0.0)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.raw, sort_keys=False)
@@ -122,11 +160,61 @@ def load_recipe(source: str | Path | Mapping[str, Any], *, compat: str | None = 
             raise MergelabError(f"{where}: {why}")
     base_dir = path.parent if path else None
 
-    models_raw = raw.get("models")
-    if not isinstance(models_raw, list) or not models_raw:
-        raise MergelabError(f"{where}: 'models' must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
     base = raw.get("base_model")
     base_path = _resolve_path(base, base_dir, f"{where}: base_model") if base is not None else None
+    slices = None
+    if "slices" in raw:
+        if "models" in raw:
+            raise MergelabError(f"{where}: give either 'models' or 'slices', not both")
+        slices = parse_slices(raw["slices"], base_dir, where)
+        models = slice_models(slices, base_path)
+    else:
+        models = parse_models(raw.get("models"), base_path, base_dir, where)
+    method = raw.get("merge_method")
+    if method is None and method_required:
+        raise MergelabError(f"{where}: missing 'merge_method'")
+    params = raw.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise MergelabError(f"{where}: 'parameters' must be a mapping")
+    mode = compat or raw.get("compat", DEFAULT_RECIPE_COMPAT)
+    if mode not in COMPAT_MODES:
+        raise MergelabError(f"{where}: compat must be one of {', '.join(COMPAT_MODES)}, got {mode!r}")
+    for key in ("dtype", "out_dtype", "compute_dtype"):
+        parse_dtype(raw.get(key), f"{where}: {key}")
+    if slices is None and method is not None and base_path is not None and validate:
+        m = get_method(str(method))
+        if base_is_input(m, mode):
+            models = parse_models(raw.get("models"), base_path, base_dir, where, keep_base=True)
+    recipe = Recipe(
+        method=str(method) if method is not None else "",
+        base_model=base_path, models=models, params=dict(params),
+        dtype=raw.get("dtype"), out_dtype=raw.get("out_dtype"),
+        compute_dtype=raw.get("compute_dtype", "float32"), compat=mode,
+        tokenizer_source=raw.get("tokenizer_source"), shard_size=raw.get("shard_size", "2GB"),
+        chat_template=check_chat_template(raw.get("chat_template"), where),
+        tokenizer=parse_tokenizer_spec(raw.get("tokenizer"), raw.get("tokenizer_source"), where,
+                                       lambda v, w: _existing_folder(v, base_dir, w)),
+        source=path, extra={k: v for k, v in raw.items() if k not in KNOWN_KEYS}, raw=raw, slices=slices,
+    )
+    if validate and method is not None:
+        m = get_method(recipe.method)
+        if m.needs_base and base_path is None and not (slices and all(s.base_model for s in slices)):
+            raise MergelabError(f"{where}: method {m.name!r} needs a 'base_model'")
+        if slices is None:
+            recipe.resolver()
+        else:
+            from mergelab.engine.slices import check_slices
+            check_slices(recipe)
+    return recipe
+
+
+def parse_models(models_raw: Any, base_path: str | None, base_dir: Path | None, where: str,
+                 keep_base: bool = False) -> list[ModelEntry]:
+    """The ``models:`` list; the base, where it is listed too, is left out (it is the base, not a fine-tune),
+    unless ``keep_base`` (mergekit's methods that ignore the base: it is one more input, added last when not
+    listed)."""
+    if not isinstance(models_raw, list) or not models_raw:
+        raise MergelabError(f"{where}: 'models' must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
     models: list[ModelEntry] = []
     for i, entry in enumerate(models_raw):
         if isinstance(entry, str):
@@ -139,10 +227,6 @@ def load_recipe(source: str | Path | Mapping[str, Any], *, compat: str | None = 
         params = entry.get("parameters") or {}
         if not isinstance(params, dict):
             raise MergelabError(f"{where}: models[{i}].parameters must be a mapping")
-        for k, v in params.items():
-            if isinstance(v, (list, dict)):
-                raise MergelabError(f"{where}: models[{i}].parameters.{k}: per-layer lists and filters are not "
-                                    "supported; give one number")
         ref = entry["model"]
         lora = None
         if isinstance(ref, str) and "+" in ref and not Path(ref).expanduser().exists():
@@ -150,37 +234,73 @@ def load_recipe(source: str | Path | Mapping[str, Any], *, compat: str | None = 
             mpath, lora = resolved.path, resolved.lora
         else:
             mpath = _resolve_path(ref, base_dir, f"{where}: models[{i}]")
-        if lora is None and base_path is not None and Path(mpath).resolve() == Path(base_path).resolve():
-            continue  # mergekit lets the base appear among the models; it is the base, not a fine-tune
+        if lora is None and base_path is not None and _same_path(mpath, base_path):
+            if not keep_base:
+                continue
         models.append(ModelEntry(mpath, dict(params), lora))
+    if keep_base and base_path is not None and not any(_same_path(m.path, base_path) for m in models):
+        models.append(ModelEntry(base_path))
     if not models:
         raise MergelabError(f"{where}: no models to merge besides the base")
+    return models
 
-    method = raw.get("merge_method")
-    if method is None and method_required:
-        raise MergelabError(f"{where}: missing 'merge_method'")
-    params = raw.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise MergelabError(f"{where}: 'parameters' must be a mapping")
-    mode = compat or raw.get("compat", "paper")
-    if mode not in COMPAT_MODES:
-        raise MergelabError(f"{where}: compat must be one of {', '.join(COMPAT_MODES)}, got {mode!r}")
-    for key in ("dtype", "out_dtype", "compute_dtype"):
-        parse_dtype(raw.get(key), f"{where}: {key}")
-    recipe = Recipe(
-        method=str(method) if method is not None else "",
-        base_model=base_path, models=models, params=dict(params),
-        dtype=raw.get("dtype"), out_dtype=raw.get("out_dtype"),
-        compute_dtype=raw.get("compute_dtype", "float32"), compat=mode,
-        tokenizer_source=raw.get("tokenizer_source"), shard_size=raw.get("shard_size", "2GB"),
-        chat_template=check_chat_template(raw.get("chat_template"), where),
-        tokenizer=parse_tokenizer_spec(raw.get("tokenizer"), raw.get("tokenizer_source"), where,
-                                       lambda v, w: _existing_folder(v, base_dir, w)),
-        source=path, extra={k: v for k, v in raw.items() if k not in KNOWN_KEYS}, raw=raw,
-    )
-    if validate and method is not None:
-        m = get_method(recipe.method)
-        if m.needs_base and base_path is None:
-            raise MergelabError(f"{where}: method {m.name!r} needs a 'base_model'")
-        recipe.resolved()
-    return recipe
+
+def _same_path(a: str, b: str) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def parse_slices(raw: Any, base_dir: Path | None, where: str) -> list[SliceSpec]:
+    """mergekit's ``slices:``: ``[{sources: [{model, layer_range: [a, b], parameters}], base_model, parameters}]``."""
+    if not isinstance(raw, list) or not raw:
+        raise MergelabError(f"{where}: 'slices' must be a non-empty list of {{sources: [...]}}")
+    out = []
+    for si, sl in enumerate(raw):
+        at = f"{where}: slices[{si}]"
+        if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list) or not sl["sources"]:
+            raise MergelabError(f"{at} must be a mapping with a non-empty 'sources' list")
+        unknown = set(sl) - {"sources", "base_model", "parameters"}
+        if unknown:
+            raise MergelabError(f"{at}: unknown key {sorted(unknown)[0]!r} (keys: sources, base_model, parameters)")
+        params = sl.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise MergelabError(f"{at}.parameters must be a mapping")
+        sources = []
+        for j, src in enumerate(sl["sources"]):
+            sat = f"{at}.sources[{j}]"
+            if isinstance(src, str):
+                src = {"model": src}
+            if not isinstance(src, dict) or "model" not in src:
+                raise MergelabError(f"{sat} must be a mapping with a 'model' key")
+            unknown = set(src) - {"model", "layer_range", "parameters"}
+            if unknown:
+                raise MergelabError(f"{sat}: unknown key {sorted(unknown)[0]!r} (keys: model, layer_range, parameters)")
+            lr = src.get("layer_range")
+            if lr is not None:
+                if (not isinstance(lr, (list, tuple)) or len(lr) != 2
+                        or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
+                        or lr[0] < 0 or lr[1] <= lr[0]):
+                    raise MergelabError(f"{sat}.layer_range must be [start, end) with 0 <= start < end, got {lr!r}")
+                lr = (lr[0], lr[1])
+            sp = src.get("parameters") or {}
+            if not isinstance(sp, dict):
+                raise MergelabError(f"{sat}.parameters must be a mapping")
+            sources.append(SliceSource(_resolve_path(src["model"], base_dir, sat), lr, dict(sp)))
+        sbase = sl.get("base_model")
+        sbase = _resolve_path(sbase, base_dir, f"{at}.base_model") if sbase is not None else None
+        out.append(SliceSpec(sources, sbase, dict(params)))
+    return out
+
+
+def slice_models(slices: list[SliceSpec], base_path: str | None) -> list[ModelEntry]:
+    """Every model the slices read, once, in order of first use (the base left out)."""
+    seen: list[str] = []
+    for sl in slices:
+        for src in sl.sources:
+            if base_path is not None and _same_path(src.path, base_path):
+                continue
+            if not any(_same_path(src.path, p) for p in seen):
+                seen.append(src.path)
+    models = [ModelEntry(p) for p in seen]
+    if not models and base_path is not None:
+        models = [ModelEntry(base_path)]     # slices of the base alone (a frankenmerge of one model)
+    return models

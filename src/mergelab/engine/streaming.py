@@ -45,6 +45,7 @@ class MergeSummary:
     bytes_written: int = 0
     shards: int = 0
     stages: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)     # what the recipe had that this merge ignored, as mergekit
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -120,15 +121,20 @@ class _Inputs:
     """Reads one tensor (or block of rows) of every input as float32 on the compute device."""
 
     def __init__(self, base: Checkpoint | None, models: Sequence[Checkpoint], labels: Sequence[str],
-                 base_label: str, device: torch.device, compute_dtype: torch.dtype):
+                 base_label: str, device: torch.device, compute_dtype: torch.dtype | None,
+                 round_dtype: torch.dtype | None = None):
         self.base, self.models, self.labels, self.base_label = base, list(models), list(labels), base_label
-        self.device, self.compute_dtype = device, compute_dtype
+        self.device, self.compute_dtype, self.round_dtype = device, compute_dtype, round_dtype
 
     def _load(self, ckpt: Checkpoint, name: str, label: str, rows: tuple[int, int] | None,
               check: bool) -> torch.Tensor:
         """A tensor owned by the merge (never a view of a caller's state dict), so kernels may work in place."""
         src = ckpt.get(name, rows)
-        t = src.to(self.device, non_blocking=True).to(self.compute_dtype)
+        t = src.to(self.device, non_blocking=True)
+        if self.round_dtype is not None:
+            t = t.to(self.round_dtype)
+        if self.compute_dtype is not None:
+            t = t.to(self.compute_dtype)
         if t.data_ptr() == src.data_ptr() and not ckpt.fresh_tensors:
             t = t.clone()
         if check and t.numel():
@@ -377,11 +383,17 @@ Sink = Callable[[str, torch.Tensor, int], None]   # (name, tensor or block of ro
 def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoint], params: dict,
               model_params: list[dict], compat: str, sink: Sink,
               out_dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-              compute_dtype: torch.dtype = torch.float32, threads: int | None = None,
+              compute_dtype: torch.dtype | None = torch.float32, threads: int | None = None,
               progress: Progress | None = None, labels: Sequence[str] | None = None,
-              base_label: str = "base", block_elements: int = BLOCK_ELEMENTS) -> dict[str, float]:
+              base_label: str = "base", block_elements: int = BLOCK_ELEMENTS,
+              resolve: Callable[[str], tuple[dict, list[dict]]] | None = None,
+              round_dtype: torch.dtype | None = None, round_results: bool = True) -> dict[str, float]:
     """Merge every tensor and hand each result (whole, or block by block) to ``sink``.
 
+    ``resolve(name)`` gives a tensor's own (shared, per-model) parameters where they vary over layers or
+    tensors (gradients, filters); without it every tensor gets ``params``/``model_params``.
+    ``round_dtype``: inputs are first cast to it and results rounded to it (mergekit's ``dtype``);
+    ``compute_dtype`` None: the kernels compute in each tensor's (rounded) input dtype.
     Returns the seconds spent per stage. ``sink`` is called from worker threads.
     """
     labels = list(labels or [f"model {i}" for i in range(len(models))])
@@ -397,26 +409,36 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
     if device.type == "cuda" and block_elements == BLOCK_ELEMENTS:
         block_elements = CUDA_BLOCK_ELEMENTS
     threads = threads or _default_threads()
-    inputs = _Inputs(base if method.needs_base else None, models, labels, base_label, device, compute_dtype)
+    inputs = _Inputs(base if method.needs_base or method.optional_base else None, models, labels, base_label, device,
+                     compute_dtype, round_dtype)
     mergeable = [n for n in names if _mergeable(reference.dtype(n))]
     weights = [p.get("weight", 1.0) for p in model_params]
     stages: dict[str, float] = {}
 
     thresholds = None
     densities = method.global_trim(params, model_params, compat) if method.global_trim else None
+    if densities is not None and resolve is not None:
+        raise MergelabError(f"{method.name}: a whole-model trim needs one density per model, not values per "
+                            "layer or tensor")
     if densities is not None:
         t0 = time.perf_counter()
-        thresholds = _global_thresholds(densities, inputs, _largest_first(mergeable, reference), weights,
+        thresholds = _global_thresholds(densities, inputs, _largest_first(mergeable, reference),
+                                        weights if method.select_weighted(compat) else [1.0] * len(weights),
                                         threads, progress)
         stages["global trim thresholds"] = time.perf_counter() - t0
-    chunkable = method.chunkable(params, compat)
-    select_weights = weights if method.select_weighted(compat) else None
-    combination = _fused_combination(method, params, model_params, compat, device, compute_dtype)
+    defaults = (params, model_params)
+    # one fused pass for fixed linear combinations (average, task arithmetic) with one set of parameters
+    combination = (_fused_combination(method, params, model_params, compat, device, compute_dtype)
+                   if resolve is None else None)
 
     def work(name: str) -> None:
         if not _mergeable(reference.dtype(name)):
             sink(name, reference.get(name).clone(), 0)
             return
+        params, model_params = resolve(name) if resolve is not None else defaults
+        chunkable = method.chunkable(params, compat)
+        weights = [p.get("weight", 1.0) for p in model_params]
+        select_weights = weights if method.select_weighted(compat) else None
         shape = reference.shape(name)
         blocks = row_blocks(shape, block_elements) if chunkable else None
         if combination is not None:
@@ -459,6 +481,8 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
             raise
         except (RuntimeError, ValueError) as e:
             raise MergelabError(f"{name}: {method.name} failed: {str(e).splitlines()[0]}") from e
+        if round_dtype is not None and round_results:
+            merged = merged.to(round_dtype)
         sink(name, merged.to(out_dtype or reference.dtype(name)), rows[0] if rows else 0)
 
     t0 = time.perf_counter()
@@ -510,9 +534,17 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
     elif compat is not None and compat != recipe.compat:
         recipe.compat = compat
     method = get_method(recipe.method)
-    g, per = recipe.resolved()
+    if recipe.slices is not None:
+        from mergelab.engine.slices import merge_slices
+        return merge_slices(recipe, out_dir, force=force, device=device, threads=threads, progress=progress,
+                            shard_size=shard_size, block_elements=block_elements)
+    resolver = recipe.resolver()
+    g, per = resolver.resolve("", 0.0)
     out_dtype = parse_dtype(recipe.out_dtype or recipe.dtype)
-    compute_dtype = parse_dtype(recipe.compute_dtype) or torch.float32
+    round_dtype, compute_dtype = merge_dtypes(recipe, method)
+    round_results = True
+    if recipe.compat == "mergekit" and method.float32_result and recipe.out_dtype is None:
+        out_dtype, round_results = torch.float32, False     # mergekit writes this method's float32 results
     max_shard = parse_size(shard_size if shard_size is not None else recipe.shard_size)
 
     base = open_checkpoint(recipe.base_model) if recipe.base_model else None
@@ -532,6 +564,7 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
         check_structure(reference, [m for m in models if m is not reference],
                         recipe.base_model or labels[0], [l for m, l in zip(models, labels) if m is not reference])
         names = reference.keys()
+        resolve = None if resolver.static else depth_resolver(resolver, names)
 
         def dtype_of(name: str) -> torch.dtype:
             d = reference.dtype(name)
@@ -543,7 +576,8 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
                 stages = run_merge(method, base, models, g, per, recipe.compat, writer.write, out_dtype=out_dtype,
                                    device=device or "cpu", compute_dtype=compute_dtype, threads=threads,
                                    progress=progress, labels=labels, base_label=recipe.base_model or "base",
-                                   block_elements=block_elements)
+                                   block_elements=block_elements, resolve=resolve, round_dtype=round_dtype,
+                                   round_results=round_results)
             except BaseException:
                 writer.abort()
                 raise
@@ -561,8 +595,9 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
                                              [model_folder(p) for p in [recipe.base_model, *paths] if p])
             if template is not None:
                 write_chat_template(tmp, template)
-            resolved = {**recipe.raw, "compat": recipe.compat, "resolved_parameters": g,
-                        "resolved_model_parameters": per}
+            resolved = {**recipe.raw, "compat": recipe.compat,
+                        **({"resolved_parameters": g, "resolved_model_parameters": per} if resolver.static
+                           else {"resolved_parameters": "per tensor (gradients or filters)"})}
             (tmp / "mergelab_recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
             write_model_card(tmp, method=method.name, base_model=recipe.base_model, models=labels, recipe=resolved)
         parameters = 0
@@ -575,7 +610,8 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
         return MergeSummary(method=method.name, compat=recipe.compat, tensors=len(names), merged=merged,
                             copied=len(names) - merged, parameters=parameters,
                             seconds=time.perf_counter() - started, out_dir=Path(out_dir).expanduser().resolve(),
-                            bytes_written=writer.total_bytes, shards=len(writer.filenames), stages=stages)
+                            bytes_written=writer.total_bytes, shards=len(writer.filenames), stages=stages,
+                            notes=list(resolver.ignored))
     finally:
         for c in [base, *models]:
             if c is not None:
@@ -592,6 +628,35 @@ def _set_config_value(config_path: Path, key: str, value) -> None:
         return
     config[key] = value
     config_path.write_text(json.dumps(config, indent=2))
+
+
+def merge_dtypes(recipe: Recipe, method: Method) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """(round_dtype, compute_dtype) of a recipe.
+
+    Paper semantics: every kernel computes in ``compute_dtype`` (float32 by default), results are cast to
+    ``out_dtype``/``dtype``. mergekit semantics (0.1.5 ``GatherTensors(dtype=...)``): inputs are cast to
+    the recipe's ``dtype`` first; the kernels compute in that dtype (or in the inputs' own dtype when it is
+    unset) except mergekit's float32 kernels (slerp, linear), and results are rounded to it before
+    ``out_dtype``. An explicit ``compute_dtype`` in the recipe wins."""
+    from mergelab.methods.registry import float32_kernel
+    explicit = parse_dtype(recipe.compute_dtype) if "compute_dtype" in recipe.raw else None
+    if recipe.compat != "mergekit":
+        return None, explicit or parse_dtype(recipe.compute_dtype) or torch.float32
+    if explicit is not None:
+        return parse_dtype(recipe.dtype), explicit
+    return parse_dtype(recipe.dtype), torch.float32 if float32_kernel(method) else None
+
+
+def depth_resolver(resolver, names: Sequence[str]) -> Callable[[str], tuple[dict, list[dict]]]:
+    """Per-tensor parameters of a ``models:`` recipe: layer i of L at depth t = i / (L-1), others at t = 0;
+    every value is resolved (and checked) here, before any tensor is read."""
+    from mergelab.methods.settings import depth_t, layer_count, layer_index
+    n_layers = layer_count(names)
+    table = {}
+    for name in names:
+        i = layer_index(name)
+        table[name] = resolver.resolve(name, 0.0 if i is None else depth_t(i, n_layers))
+    return table.__getitem__
 
 
 def _set_config_dtype(config_path: Path, dtype: torch.dtype | None) -> None:

@@ -11,6 +11,7 @@ from mergelab.methods.registry import Method, Param, TensorJob, register
 
 torch = lazy_module("torch")
 K = lazy_module("mergelab.kernels")
+MS = lazy_module("mergelab.methods.mergekit_sparsify")
 
 
 def _breadcrumbs_sparsify(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.Tensor]:
@@ -22,6 +23,8 @@ def _breadcrumbs_sparsify(job: TensorJob) -> Callable[[torch.Tensor, dict, int],
             if int(p["keep"] * job.numel) <= 0:
                 return torch.zeros_like(delta)
             low, high = job.selections[i]
+            if job.rows is None and MS.straddles(delta, low, high, int(p["keep"] * delta.numel())):
+                return MS.magnitude_outliers(delta, p["keep"], p["top_remove"])   # ties at a cut: as mergekit
             return K.keep_band(delta, low, high)    # in place: delta is the job's own row
         return band
     return lambda d, p, i: K.breadcrumbs_rows(d, p["keep"], p["top_remove"])

@@ -124,6 +124,16 @@ class Method:
     # combination of the inputs (average, task arithmetic), else None: the engine then computes it in
     # one fused pass over the raw inputs (no task vectors, no copies) instead of calling ``merge_tensor``
     linear_combination: Callable[[dict, list[dict], str], tuple[float | None, list[float]] | None] | None = None
+    formula: str = ""           # one line for ``mergelab methods``
+    # mergekit's base policy IGNORED: a configured base_model is one more input (averaged, passed through)
+    base_is_input: bool = False
+    # mergekit's base policy OPTIONAL: the base is read and used when the recipe names one
+    optional_base: bool = False
+    max_models: int | None = None    # most models besides the base
+    # mergekit computes this method in float32 whatever the recipe dtype (its "batched" kernels)
+    float32_kernel: bool = False
+    # mergekit returns (and writes) this method's results in float32 whatever the inputs (arcee_fusion)
+    float32_result: bool = False
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
@@ -136,6 +146,19 @@ class Method:
 
 
 REGISTRY: dict[str, Method] = {}
+# methods whose mergekit base policy is IGNORED, registered before ``Method.base_is_input`` existed
+_BASE_IS_INPUT = {"average"}
+_FLOAT32_KERNEL = {"average"}
+
+
+def float32_kernel(method: Method) -> bool:
+    """Does mergekit compute this method in float32 (slerp, linear) rather than in the recipe's dtype?"""
+    return method.float32_kernel or method.name in _FLOAT32_KERNEL
+
+
+def base_is_input(method: Method, compat: str) -> bool:
+    """Under mergekit semantics, is a configured base_model just one more input of this method?"""
+    return compat == "mergekit" and (method.base_is_input or method.name in _BASE_IS_INPUT)
 
 
 def register(method: Method) -> Method:
@@ -197,6 +220,9 @@ def resolve_params(method: Method, params: dict | None, model_params: list[dict 
     for mp in per:
         resolved_models.append({p.name: mp.get(p.name, resolved_global[p.name])
                                 for p in allowed if p.per_model})
+    if method.max_models is not None and n > method.max_models:
+        raise MergelabError(f"{where}: method {method.name!r} takes at most {method.max_models} model(s) "
+                            f"besides the base, got {n}")
     if method.prepare is not None:
         method.prepare(resolved_global, resolved_models, compat)
     return resolved_global, resolved_models

@@ -11,11 +11,12 @@ from mergelab.methods.registry import Method, Param, TensorJob, register
 
 torch = lazy_module("torch")
 K = lazy_module("mergelab.kernels")
+MS = lazy_module("mergelab.methods.mergekit_sparsify")
 
 
 def _ties_trimmer(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.Tensor]:
     """TIES trim of one (weighted) delta with the threshold of its scope (model, tensor or row)."""
-    scope = "per_tensor" if job.compat == "mergekit" else job.params.get("trim_scope", "global")
+    scope = job.params.get("trim_scope", "per_tensor" if job.compat == "mergekit" else "global")
 
     def trim(delta: torch.Tensor, p: dict, i: int) -> torch.Tensor:
         density = p["density"]
@@ -26,6 +27,9 @@ def _ties_trimmer(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.T
         if density <= 0:
             return torch.zeros_like(delta)
         threshold = job.thresholds[i] if scope == "global" else job.selections[i][0]
+        if job.compat == "mergekit" and scope == "per_tensor" and job.rows is None and threshold and \
+                MS.straddles(delta, threshold, None, max(1, int(density * delta.numel()))):
+            return MS.magnitude(delta, density)     # ties at the cut: mergekit's own choice among them
         return K.zero_below(delta, threshold)   # in place: delta is the job's own row
     return trim
 
@@ -35,14 +39,14 @@ def _ties(job: TensorJob) -> torch.Tensor:
 
 
 def _ties_global_trim(params: dict, model_params: list[dict], compat: str) -> list[float] | None:
-    if compat == "mergekit" or params.get("trim_scope") != "global":
+    if params.get("trim_scope") != "global":
         return None
     return [p["density"] for p in model_params]
 
 
 def _ties_select(params: dict, model_params: list[dict], compat: str, n: int) -> list[list[int | None]] | None:
     """Per-tensor trim ranks: TIES code (kthvalue of n - int(n*d)) or mergekit (exactly max(1, int(d*n)) kept)."""
-    if compat != "mergekit" and params.get("trim_scope") != "per_tensor":
+    if params.get("trim_scope", "per_tensor" if compat == "mergekit" else "global") != "per_tensor":
         return None
     ranks = []
     for p in model_params:
@@ -67,7 +71,7 @@ register(Method(
         lambda_param(1.0),
         MERGE_MODE,
         Param("trim_scope", str, "global", "top-k over the whole model (paper), per tensor (mergekit) or per row",
-              choices=("global", "per_tensor", "per_row"), modes=("paper",)),
+              choices=("global", "per_tensor", "per_row"), mergekit_default="per_tensor"),
         normalize_param(True),
     ),
     merge_tensor=_ties, global_trim=_ties_global_trim, select=_ties_select,

@@ -1,0 +1,123 @@
+"""DELLA: drop delta entries at random with a keep probability that grows with their rank in the row (MagPrune),
+rescale to the tensor's L1 norm, then TIES sign consensus (``della``) or a plain sum (``della_linear``).
+
+Deep et al., "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling",
+arXiv 2406.11617; formulas as mergekit 0.1.5 ``sparsify.py::della_magprune`` and
+``generalized_task_arithmetic.py`` (ALGORITHMS-2 §13.5; the paper itself not re-read, so both semantics
+use these formulas).
+```
+delta_i = theta_i - base ; per row (1-D tensors: one row) r = rank of |delta| (1 = smallest)
+rn = (r - min r) / (max r - min r) ; p = (density - epsilon) + 2 epsilon rn     # largest kept w.p. d + eps
+M ~ Bernoulli(p) ; delta_i = delta_i * M * (||delta_i||_1 / ||delta_i * M||_1)  (if rescale; whole tensor)
+delta_i *= weight_i ; della: keep entries whose sign is the sign of sum_i delta_i (0 -> +), divide by the
+sum of the kept weights (normalize) ; della_linear: sum, divide by sum of weights if normalize
+theta = base + lambda * mixed
+```
+Defaults (mergekit): density 1.0 (nothing dropped), epsilon 0.15, lambda 1, rescale true, normalize true
+for ``della`` and false for ``della_linear``; 0 < density - epsilon and density + epsilon < 1 is required
+when density < 1. Masks come from mergelab's seeded generator per (seed, tensor, model, block), so a run is
+reproducible; mergekit draws from torch's unseeded global generator: outputs agree in distribution
+(kept fraction, norms), not entry by entry. A row of one element (mergekit raises) keeps it with
+probability ``density``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from mergelab._lazy import lazy_module
+from mergelab.errors import MergelabError
+from mergelab.methods.common import _mergekit_mix, lambda_param, weight_param
+from mergelab.methods.registry import Method, Param, TensorJob, register
+
+torch = lazy_module("torch")
+
+
+def magprune_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """Keep probabilities of mergekit's ``della_magprune`` (ranks along dim 1; 1-D tensors as one row)."""
+    x = delta.unsqueeze(0) if delta.dim() < 2 else delta
+    ranks = torch.argsort(x.abs(), dim=1, descending=False).argsort(dim=1).to(torch.float32) + 1
+    lo = ranks.min(dim=1, keepdim=True).values
+    hi = ranks.max(dim=1, keepdim=True).values
+    span = hi - lo
+    rn = ((ranks - lo) / torch.where(span > 0, span, 1)).clamp(0, 1)
+    return ((density - epsilon) + rn * 2 * epsilon).reshape(delta.shape)
+
+
+def _masked(delta: torch.Tensor, p: dict, gen: torch.Generator) -> torch.Tensor:
+    probs = magprune_probabilities(delta, p["density"], p["epsilon"])
+    return delta * torch.bernoulli(probs.cpu(), generator=gen).to(delta.device, delta.dtype)
+
+
+def _sparsify(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.Tensor]:
+    def drop(delta: torch.Tensor, p: dict, i: int) -> torch.Tensor:
+        if p["density"] >= 1:
+            return delta
+        if p["density"] <= 0:
+            return torch.zeros_like(delta)
+        kept = _masked(delta, p, job.generator(i))
+        if not job.params["rescale"]:
+            return kept
+        if job.stats is not None:
+            before, after = float(job.stats[2 * i]), float(job.stats[2 * i + 1])
+        else:
+            before, after = float(delta.abs().sum()), float(kept.abs().sum())
+        if before < 1e-7 or after < 1e-7:
+            return kept
+        return kept.mul_(before / after)
+    return drop
+
+
+def _stats(job: TensorJob) -> torch.Tensor | None:
+    """L1 norms of each delta before and after the drop, over the whole tensor (same seeded masks)."""
+    if not job.params["rescale"]:
+        return None
+    sums = []
+    for i, (delta, p) in enumerate(zip(job.deltas(), job.model_params)):
+        kept = _masked(delta, p, job.generator(i)) if 0 < p["density"] < 1 else delta
+        sums += [delta.abs().sum(dtype=torch.float64).cpu(), kept.abs().sum(dtype=torch.float64).cpu()]
+    return torch.stack(sums)
+
+
+def _check(params: dict, model_params: list[dict], compat: str) -> None:
+    for i, p in enumerate(model_params):
+        d, e = p["density"], p["epsilon"]
+        if 0 < d < 1 and not (d - e > 0 and d + e < 1):
+            raise MergelabError(f"della: model {i}: density ({d}) +/- epsilon ({e}) must lie in (0, 1)")
+
+
+def _della(job: TensorJob) -> torch.Tensor:
+    return _mergekit_mix(job, _sparsify(job), consensus=True)
+
+
+def _della_linear(job: TensorJob) -> torch.Tensor:
+    return _mergekit_mix(job, _sparsify(job), consensus=False)
+
+
+def _params(normalize: bool) -> tuple[Param, ...]:
+    return (
+        weight_param(),
+        Param("density", float, 1.0, "mean fraction of each task vector kept", per_model=True, low=0.0, high=1.0),
+        Param("epsilon", float, 0.15, "keep probabilities span density +/- epsilon by magnitude rank",
+              per_model=True, low=0.0, high=1.0),
+        lambda_param(1.0),
+        Param("rescale", bool, True, "rescale kept entries to the tensor's L1 norm"),
+        Param("normalize", bool, normalize, "divide by the sum of (kept) weights"),
+        Param("seed", int, 0, "seed of the random drop masks (fixed per tensor and model)"),
+    )
+
+
+register(Method(
+    name="della",
+    summary="MagPrune random drop (keep probability by magnitude rank), L1 rescale, TIES sign consensus",
+    reference="Deep et al. 2024, arXiv 2406.11617; mergekit 0.1.5 della",
+    formula="p = d - eps + 2 eps rank/(n-1) per row; delta *= Bernoulli(p), L1-rescaled; sign-consensus mean",
+    params=_params(True), merge_tensor=_della, stats=_stats, prepare=_check,
+))
+register(Method(
+    name="della_linear",
+    summary="MagPrune random drop and L1 rescale, then a weighted sum (no sign consensus)",
+    reference="Deep et al. 2024, arXiv 2406.11617; mergekit 0.1.5 della_linear",
+    formula="p = d - eps + 2 eps rank/(n-1) per row; delta *= Bernoulli(p), L1-rescaled; base + lambda sum w delta",
+    params=_params(False), merge_tensor=_della_linear, stats=_stats, prepare=_check,
+))
