@@ -137,7 +137,7 @@ def run_search(cfg: SearchConfig, out_dir: str | Path, *, ray_address: str | Non
     planned = min(budget, len(points)) if points is not None else budget
 
     store = TrialStore(out, cfg.digest(), resume)
-    reused = len(store.records)
+    reused = 0
     ctx = make_context(cfg, labels, layer_of)
     study = optuna.create_study(directions=directions, sampler=_sampler(cfg))
     for p in points or []:
@@ -158,6 +158,7 @@ def run_search(cfg: SearchConfig, out_dir: str | Path, *, ray_address: str | Non
                     if not _same(rec["params"], flat[t.number]):
                         raise MergelabError(f"{out}: --resume: trial {t.number} asks other parameters than the "
                                             "stored one (a different Optuna version?); use another OUT_DIR")
+                    reused += 1
                     continue
                 jobs.append({"number": t.number, "params": flat[t.number], "context": ctx,
                              "merge": to_merge(cfg, flat[t.number], labels or [])})

@@ -128,7 +128,18 @@ def run_trial(job: dict) -> dict:
     finally:
         torch.set_num_threads(before)
     rec["seconds"] = time.perf_counter() - t0
+    rec["node"] = _node()
     return rec
+
+
+def _node() -> str | None:
+    """The Ray node this trial ran on (None outside Ray)."""
+    import sys
+    ray = sys.modules.get("ray")
+    try:
+        return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
+    except Exception:
+        return None
 
 
 def write_inputs(ctx: dict, st_base: dict, st_models: list[dict], deltas, merge_spec: dict, root: Path) -> list[str]:
