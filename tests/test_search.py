@@ -214,3 +214,66 @@ def test_two_node_ray_cluster(lms, tmp_path, monkeypatch):
     recs = [json.loads(l) for l in (tmp_path / "cluster" / "trials.jsonl").read_text().splitlines()]
     assert len({r["node"] for r in recs}) == 2
     assert s["best"] == local["best"] and _params(tmp_path / "cluster") == _params(tmp_path / "local")
+
+
+CHEAP_SCORE = """
+from safetensors.torch import load_file
+from pathlib import Path
+
+def score(model_dir):
+    sd = load_file(str(Path(model_dir) / "model.safetensors"))
+    return float(sd["transformer.h.0.mlp.c_fc.weight"].double().sum())
+"""
+
+
+def test_grid_cmaes_random_are_reproducible(lms, tmp_path):
+    root, _ = lms
+    (tmp_path / "cheapobj.py").write_text(CHEAP_SCORE)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        grid = write_search(root, "g", space={"lambda": {"low": 0.2, "high": 1.0, "steps": 3},
+                                              "weight": [0.5, 1.0]},
+                            algorithm="grid", trials=100, naive_probe=0,
+                            objective={"type": "python", "function": "cheapobj:score"})
+        s = run_search(load_search_config(grid), tmp_path / "grid")
+        assert s["trials_planned"] == 3 * 2 * 2             # lambda x weight[0] x weight[1], then it stops
+        pts = {(p["lambda"], p["weight[0]"], p["weight[1]"]) for p in _params(tmp_path / "grid")}
+        assert len(pts) == 12
+        for algo in ("cmaes", "random"):
+            f = write_search(root, algo, space={"lambda": {"low": 0.2, "high": 1.0}, "weight": {"low": 0, "high": 1}},
+                             algorithm=algo, trials=6, batch=3, naive_probe=0,
+                             objective={"type": "python", "function": "cheapobj:score"})
+            a = run_search(load_search_config(f), tmp_path / f"{algo}1")
+            b = run_search(load_search_config(f), tmp_path / f"{algo}2")
+            assert _params(tmp_path / f"{algo}1") == _params(tmp_path / f"{algo}2") and a["best"] == b["best"]
+            assert len({p["lambda"] for p in _params(tmp_path / f"{algo}1")}) == 6
+    finally:
+        sys.path.remove(str(tmp_path))
+
+
+def test_multi_objective_pareto_front_with_a_command(lms, tmp_path):
+    root, _ = lms
+    # the command gets the merged folder and prints the size of its weights file in MB
+    cmd = (f"{sys.executable} -c \"import os, sys; "
+           "print(os.path.getsize(os.path.join(sys.argv[1], 'model.safetensors')) / 1e6)\" {model_dir}")
+    f = write_search(root, "mo", space={"method": "ties", "lambda": {"low": 0.2, "high": 1.5},
+                                        "density": {"low": 0.05, "high": 0.9}},
+                     algorithm="tpe", trials=6, batch=3, naive_probe=0,
+                     objectives=[{"type": "perplexity", "files": {"a": "val_a.txt", "b": "val_b.txt"},
+                                  "per_file": True, "block": 64, "max_tokens": 256},
+                                 {"type": "command", "name": "mb", "command": cmd, "direction": "minimize"}])
+    doc = yaml.safe_load(f.read_text())
+    doc.pop("objective")
+    f.write_text(yaml.safe_dump(doc))
+    s = run_search(load_search_config(f), tmp_path / "mo")
+    assert [o["name"] for o in s["objectives"]] == ["perplexity:a", "perplexity:b", "mb"]
+    recs = [r for r in map(json.loads, (tmp_path / "mo" / "trials.jsonl").read_text().splitlines())]
+    assert all(r["state"] == "complete" and len(r["values"]) == 3 for r in recs), recs[0].get("error")
+    assert all(0.01 < r["values"][2] < 10 for r in recs)     # the command's number came back
+    front = {r["number"] for r in pareto_front(recs, ["minimize"] * 3)}
+    assert {r["number"] for r in s["pareto_front"]} == front and s["best"]["number"] in front
+    for r in recs:       # nothing outside the front dominates a front member
+        if r["number"] in front:
+            assert not any(all(q["values"][i] <= r["values"][i] for i in range(3)) and q["values"] != r["values"]
+                           for q in recs)
+    assert (tmp_path / "mo" / "pareto.json").is_file()
