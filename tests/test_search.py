@@ -277,3 +277,50 @@ def test_multi_objective_pareto_front_with_a_command(lms, tmp_path):
             assert not any(all(q["values"][i] <= r["values"][i] for i in range(3)) and q["values"] != r["values"]
                            for q in recs)
     assert (tmp_path / "mo" / "pareto.json").is_file()
+
+
+def test_tasks_objective_scores_validation_and_test_once(tmp_path):
+    """The benchmark's task pool as objective: tiny BERTs, TSV tasks, one frozen head per task."""
+    import random
+
+    from safetensors.torch import save_file
+
+    from mergelab.bench.evaluate import evaluate
+    from tests.helpers import make_model_folders
+    base, fts = make_model_folders(tmp_path, n=2, scale=0.05)
+    rng = random.Random(0)
+    tasks = []
+    for k, ft in enumerate(fts):
+        name = f"toy{k}"
+        lines = [f"{c}\t" + " ".join(f"w{rng.randrange(10) + 10 * (c + k)}" for _ in range(6))
+                 for c in (0, 1) for _ in range(30)]
+        (tmp_path / f"{name}.tsv").write_text("\n".join(lines) + "\n")
+        g = torch.Generator().manual_seed(k)
+        save_file({"weight": torch.randn(2, 32, generator=g), "bias": torch.zeros(2)}, str(ft / "head.safetensors"))
+        (ft / "meta.json").write_text(json.dumps({"task": name}))
+        tasks.append({"name": name, "path": f"{name}.tsv", "format": "tsv"})
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump({"name": "toy", "tasks": tasks, "protocol": {
+        "n_train": 20, "n_val": 20, "n_test": 20, "max_len": 8}}))
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"base_model": str(base), "models": [str(f) for f in fts],
+                                                          "merge_method": "task_arithmetic"}))
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({"recipe": "recipe.yaml", "space": {"lambda": {"low": 0.0, "high": 2.0}},
+                                 "objective": {"type": "tasks", "suite": "suite.yaml", "per_task": True},
+                                 "algorithm": "random", "trials": 3, "executor": "local", "naive_probe": 1,
+                                 "final_split": "test"}))
+    s = run_search(load_search_config(f), tmp_path / "out")
+    assert [o["name"] for o in s["objectives"]] == ["tasks:toy0", "tasks:toy1"]
+    assert s["timing"]["naive_values_match_cached"] is True
+    # the reported numbers are the benchmark's own evaluation of best_model, on val and (once) on test
+    from mergelab.bench import data, train
+    from mergelab.bench.runner import load_head
+    from transformers import AutoModel, AutoTokenizer
+    enc = AutoModel.from_pretrained(tmp_path / "out" / "best_model", attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(base)
+    for k, ft in enumerate(fts):
+        td = data.load_task(f"toy{k}", 20, 20, 20, seed=0)
+        for split, want in (("val", s["best"]["values"][f"tasks:toy{k}"]),
+                            ("test", s["final"]["tasks"][f"toy{k}"]["accuracy"])):
+            sp = getattr(td, split)
+            r = evaluate(enc, load_head(ft), train.tokenize(tok, sp.texts, 8), sp.labels, pad_id=tok.pad_token_id or 0)
+            assert r.accuracy == want, (split, k)

@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
         if t["naive_seconds_per_trial"] is not None:
             line += f", naive (merge to disk + reload) {t['naive_seconds_per_trial']:.2f}"
         print(line)
+    if t.get("naive_errors"):
+        print(f"  the naive reference failed: {t['naive_errors'][0]}")
     print(f"  {s['trials_run_now']} trials run now, {s['trials_reused']} reused; "
           f"{s['executor']} with {s['workers']} worker(s); wrote {args.out_dir}/best_model, best_recipe.yaml, "
           "trials.csv, plots/")

@@ -42,6 +42,7 @@ def timing(records: list[dict], naive: list[dict], wall: float, ran: int) -> dic
         "worker_load_seconds": _mean(loads), "workers_that_loaded": len({r["pid"] for r in now if "load_seconds" in r}),
         "trials_per_hour": 3600.0 * ran / wall if wall > 0 and ran else None,
         "naive_values_match_cached": all(agree) if agree else None,
+        "naive_errors": [r.get("error") for r in naive if r.get("state") != "complete"],
     }
 
 
@@ -189,5 +190,6 @@ def final_evaluation(cfg: SearchConfig, sd: dict) -> dict:
         ev = TasksEvaluator(o, cfg.recipe.get("base_model"), [m["model"] for m in cfg.recipe["models"]])
         _load_into(ev.encoder, sd, "tasks objective")
         accs = ev.accuracies(ev.encoder, cfg.final_split)
-        result[o.get("name", "tasks")] = {t: {"accuracy": r.accuracy, "se": r.se, "n": r.n} for t, r in accs.items()}
+        result[o.get("name", "tasks")] = {t: {"accuracy": r.accuracy, "se": r.se, "n": r.n,
+                                              "correct": [bool(c) for c in r.correct]} for t, r in accs.items()}
     return result

@@ -145,12 +145,11 @@ def _node() -> str | None:
 def write_inputs(ctx: dict, st_base: dict, st_models: list[dict], deltas, merge_spec: dict, root: Path) -> list[str]:
     """The scaled models as folders (safetensors + the base's config), so that a plain recipe names them."""
     from mergelab.io import save_state_dict
+    if merge_spec["layers"] is None:
+        return [entry["model"] for entry in ctx["recipe"]["models"]]
     models = scaled_models(st_base, st_models, deltas, ctx["layer_of"], merge_spec["layers"])
     paths = []
-    for i, (sd, entry) in enumerate(zip(models, ctx["recipe"]["models"])):
-        if merge_spec["layers"] is None:
-            paths.append(entry["model"])
-            continue
+    for i, sd in enumerate(models):
         d = root / f"model{i}"
         d.mkdir(parents=True, exist_ok=True)
         save_state_dict(sd, d)
