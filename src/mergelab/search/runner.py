@@ -122,7 +122,9 @@ def run_search(cfg: SearchConfig, out_dir: str | Path, *, ray_address: str | Non
     from mergelab.io import open_checkpoint
     progress = progress or (lambda *a, **k: None)
     out = Path(out_dir).expanduser().resolve()
-    budget = trials or cfg.trials
+    budget = trials if trials is not None else cfg.trials
+    if budget < 1:
+        raise MergelabError(f"--trials must be at least 1, got {budget}")
     kind = executor or ("ray" if ray_address else cfg.executor)
     workers = workers or cfg.workers
     outputs = objectives_names(cfg)
@@ -205,6 +207,8 @@ def run_search(cfg: SearchConfig, out_dir: str | Path, *, ray_address: str | Non
 
     records = [store.records[i] for i in range(planned)]
     complete = [r for r in records if _ok(r, len(outputs))]
+    if not complete:
+        raise MergelabError(f"no trial completed; the first error: {records[0].get('error', 'no value')}")
     best = pick_best(complete, directions)
     front = pareto_front(complete, directions) if len(outputs) > 1 else [best]
     from mergelab.search.report import finish
