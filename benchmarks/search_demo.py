@@ -85,7 +85,21 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--trials", type=int, default=24)
     ap.add_argument("--scaling-trials", type=int, default=12)
+    ap.add_argument("--report-only", action="store_true", help="rebuild the report from the runs in WORK")
     args = ap.parse_args()
+    if args.report_only:
+        def load(name: str) -> dict:
+            s = json.loads((args.work / name / "summary.json").read_text())
+            s["command"] = (f"mergelab search {args.work / (name if not name.startswith('scale') else 'scaling')}"
+                            f".yaml {args.work / name} --quiet" + {"scale_w1": " --workers 1", "scale_w2": " --workers 2",
+                                                                 "scale_cluster": " --ray-address 127.0.0.1:PORT"
+                                                                 }.get(name, ""))
+            return s
+        runs = {n: load(n) for n in ("grid", "tpe_global", "tpe_layers")}
+        scaling = {"ray, 1 worker": load("scale_w1"), "ray, 2 workers": load("scale_w2"),
+                   "2-node cluster (1 CPU each)": load("scale_cluster")}
+        report(args, runs, scaling)
+        return 0
     args.work.mkdir(parents=True, exist_ok=True)
     models = finetunes(args.cache)
     recipe = write(args.work / "recipe.yaml", {"base_model": str(args.base), "models": [{"model": m} for m in models],
@@ -147,7 +161,8 @@ def report(args, runs: dict, scaling: dict) -> None:
              "Command: `PYTHONPATH=src python benchmarks/search_demo.py --cache CACHE --base BASE --work WORK "
              f"--out {args.out}` (trials {args.trials}, scaling trials {args.scaling_trials}).", "",
              "## Search vs grid (test accuracy of the model chosen on validation)", "",
-             "| search | trials | chosen | val mean | test " + " | test ".join(TASKS) + " | test mean | vs grid (paired 95% CI) |",
+             "| search | trials | chosen | val mean | test " + " | test ".join(TASKS)
+             + " | test mean | vs grid (paired 95% CI) |",
              "|---|---|---|---|" + "---|" * len(TASKS) + "---|---|"]
     grid_test = test_results(runs["grid"])
     for name, s in runs.items():
@@ -162,17 +177,23 @@ def report(args, runs: dict, scaling: dict) -> None:
         else:
             d, se = paired(r, grid_test)
             vs = f"{100 * d:+.2f} pt [{100 * (d - 1.96 * se):+.2f}, {100 * (d + 1.96 * se):+.2f}]"
-        lines.append(f"| {name} | {s['trials_planned']} | {chosen} | {100 * list(s['best']['values'].values())[0]:.2f} | "
+        val = 100 * list(s["best"]["values"].values())[0]
+        lines.append(f"| {name} | {s['trials_planned']} | {chosen} | {val:.2f} | "
                      + " | ".join(f"{100 * r[t]['accuracy']:.1f}" for t in TASKS)
                      + f" | {100 * mean_test(r):.2f} | {vs} |")
     t = runs["tpe_layers"]["timing"]
+    recs = [json.loads(line) for line in (args.work / "tpe_layers" / "trials.jsonl").read_text().splitlines()]
+    merges = [r["merge_seconds"] for r in recs if r.get("cache_hit") and "merge_seconds" in r]
+    merge_s = sum(merges) / len(merges)
     lines += ["", "## Seconds per trial: cached vs naive (same run: tpe_layers)", "",
               "| path | seconds per trial |", "|---|---|",
-              f"| cached (task vectors held by the worker, merge in memory, score) | {t['cached_seconds_per_trial']:.2f} |",
+              f"| cached (task vectors held by the worker, merge in memory, score) | "
+              f"{t['cached_seconds_per_trial']:.2f} (merge {merge_s:.2f}) |",
               f"| naive (merge to disk from the checkpoints, reload the merged folder, score) | "
               f"{t['naive_seconds_per_trial']:.2f} |",
               f"| ratio naive / cached | {t['naive_over_cached']:.2f}x |",
-              f"| first trial of a worker: reading base + fine-tunes + eval model | {t['worker_load_seconds']:.1f} s once |",
+              f"| first trial of a worker: reading base + fine-tunes + eval model | "
+              f"{t['worker_load_seconds']:.1f} s once |",
               "", f"Naive values equal the cached ones: {t['naive_values_match_cached']}.", "",
               "## Trials per hour (the same 'scaling' search, TPE, per-layer space)", "",
               "| where | trials | wall s (search loop) | trials/hour | workers that loaded task vectors |",

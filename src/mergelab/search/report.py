@@ -34,7 +34,8 @@ def timing(records: list[dict], naive: list[dict], wall: float, ran: int) -> dic
     naive_s = [r["trial_seconds"] for r in naive if r.get("state") == "complete"]
     c, n = _mean(cached), _mean(naive_s)
     by_number = {r["number"]: r for r in records}
-    agree = [all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7) for a, b in zip(r["values"], by_number[r["number"]]["values"]))
+    agree = [all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7)
+                 for a, b in zip(r["values"], by_number[r["number"]]["values"]))
              for r in naive if r.get("state") == "complete"]
     return {
         "cached_seconds_per_trial": c, "naive_seconds_per_trial": n,
