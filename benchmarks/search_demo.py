@@ -90,10 +90,10 @@ def main() -> int:
     if args.report_only:
         def load(name: str) -> dict:
             s = json.loads((args.work / name / "summary.json").read_text())
-            s["command"] = (f"mergelab search {args.work / (name if not name.startswith('scale') else 'scaling')}"
-                            f".yaml {args.work / name} --quiet" + {"scale_w1": " --workers 1", "scale_w2": " --workers 2",
-                                                                 "scale_cluster": " --ray-address 127.0.0.1:PORT"
-                                                                 }.get(name, ""))
+            flags = {"scale_w1": " --workers 1", "scale_w2": " --workers 2",
+                     "scale_cluster": " --ray-address 127.0.0.1:PORT"}.get(name, "")
+            yaml_name = "scaling" if name.startswith("scale") else name
+            s["command"] = f"mergelab search {args.work / yaml_name}.yaml {args.work / name} --quiet{flags}"
             return s
         runs = {n: load(n) for n in ("grid", "tpe_global", "tpe_layers")}
         scaling = {"ray, 1 worker": load("scale_w1"), "ray, 2 workers": load("scale_w2"),
