@@ -28,7 +28,7 @@ def _mean(xs: list[float]) -> float | None:
 def timing(records: list[dict], naive: list[dict], wall: float, ran: int) -> dict[str, Any]:
     """Seconds per trial: cached (merge in memory + score, task vectors already held), the first trial of
     each worker (which reads them), and naive (merge to disk from the checkpoints + reload), same run."""
-    now = [r for r in records if r.get("state") == "complete" and "trial_seconds" in r and not r.get("resumed")]
+    now = [r for r in records if r.get("state") == "complete" and "trial_seconds" in r]
     cached = [r["trial_seconds"] for r in now if r.get("cache_hit")]
     loads = [r["load_seconds"] for r in now if "load_seconds" in r]
     naive_s = [r["trial_seconds"] for r in naive if r.get("state") == "complete"]
