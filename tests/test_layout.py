@@ -1,6 +1,7 @@
 """The package's shape: layers import only downwards, no import cycles, and the CLI answers without torch.
 
-Layers (lowest first): errors -> kernels -> methods -> io -> engine -> upscale, adapt -> bench -> recycle -> cli.
+Layers (lowest first): errors -> kernels -> methods -> io -> engine -> upscale, adapt -> bench -> recycle, search
+-> cli.
 A module may import its own layer or any lower one; a lazy import inside a function counts too (it is
 still a dependency), and so does ``lazy_module("...")``. The module-level import graph has no cycle.
 """
@@ -24,7 +25,7 @@ LAYERS = {
     "engine": 4,
     "upscale": 5, "adapt": 5,
     "bench": 6,
-    "recycle": 7,
+    "recycle": 7, "search": 7,
     "cli": 8,
     "__init__": 9, "__main__": 9,
 }
@@ -154,7 +155,8 @@ print("HEAVY:" + ",".join(heavy))
 @pytest.mark.parametrize("argvs", [
     [["--help"]],
     [["methods"], ["methods", "--compat", "mergekit"]],
-    [[cmd, "--help"] for cmd in ("merge", "methods", "demo", "upscale", "moe", "lora-merge", "adapt", "recycle", "bench")],
+    [[cmd, "--help"] for cmd in ("merge", "methods", "demo", "upscale", "moe", "lora-merge", "adapt", "recycle", "bench",
+                                 "search")],
     [["merge"], ["no-such-command"], ["merge", "r.yaml", "out", "--threads", "x"]],
 ], ids=["help", "methods", "every-command-help", "argument-errors"])
 def test_cli_answers_without_importing_torch(argvs):

@@ -36,7 +36,7 @@ def _ray():
 
 
 class RayExecutor:
-    """Runs jobs as Ray tasks, ``cpus_per_run`` CPUs each.
+    """Runs jobs as Ray tasks, ``cpus_per_run`` CPUs each (and ``gpus_per_run`` GPUs, ``memory_per_run`` bytes).
 
     Without ``address`` a private local Ray runtime is started (no server to set up) with
     ``num_cpus`` CPUs and stopped by ``close()``; with an address (``ray://...`` or ``host:port``,
@@ -45,10 +45,12 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, num_cpus: int | None = None, cpus_per_run: int = 1):
+    def __init__(self, address: str | None = None, num_cpus: int | None = None, cpus_per_run: float = 1,
+                 gpus_per_run: float = 0, memory_per_run: int | None = None):
         ray = _ray()
         self.ray = ray
         self.cpus_per_run = cpus_per_run
+        self.resources = {"num_gpus": gpus_per_run, **({"memory": memory_per_run} if memory_per_run else {})}
         self.started = False
         if not ray.is_initialized():
             # address "local": always a private runtime, never a cluster left by `ray start`;
@@ -83,7 +85,7 @@ class RayExecutor:
 
     def run(self, fn: Callable[[dict], dict], jobs: Sequence[dict]) -> Iterator[dict]:
         ray = self.ray
-        remote = ray.remote(num_cpus=self.cpus_per_run, max_retries=0)(fn)
+        remote = ray.remote(num_cpus=self.cpus_per_run, max_retries=0, **self.resources)(fn)
         pending = {remote.remote(job): i for i, job in enumerate(jobs)}
         try:
             while pending:
@@ -101,9 +103,10 @@ class RayExecutor:
             self.started = False
 
 
-def make_executor(kind: str, address: str | None = None, num_cpus: int | None = None, cpus_per_run: int = 1):
+def make_executor(kind: str, address: str | None = None, num_cpus: int | None = None, cpus_per_run: float = 1,
+                  gpus_per_run: float = 0, memory_per_run: int | None = None):
     if kind == "local":
         return LocalExecutor()
     if kind == "ray":
-        return RayExecutor(address, num_cpus, cpus_per_run)
+        return RayExecutor(address, num_cpus, cpus_per_run, gpus_per_run, memory_per_run)
     raise MergelabError(f"executor must be 'local' or 'ray', got {kind!r}")
