@@ -170,12 +170,12 @@ def parse_only(cmd: str) -> None:
 
     text = re.sub(r"\s\.\.\.", "", cmd.replace("[", " ").replace("]", " "))
     argv = [tok.split("|")[0] for tok in shlex.split(text)]
-    placeholders = {"K": "4", "G": "2", "T": "1", "N": "1", "PATTERN": "query", "ADDR": "auto", "E": "0.05",
+    placeholders = {"K": "4", "G": "2", "T": "1", "N": "1", "W": "1", "PATTERN": "query", "ADDR": "auto", "E": "0.05",
                     "DIR": "d", "R": "4"}
     argv = [placeholders.get(a, a) for a in argv]
     assert argv[0] == "mergelab", cmd
     if len(argv) == 2 and argv[1] in {"merge", "adapt", "bench", "recycle", "methods", "lora-merge", "upscale",
-                                      "demo", "moe"}:
+                                      "demo", "moe", "search"}:
         argv.append("--help")                      # a bare command name in prose: it must exist
     try:
         build_parser().parse_args(argv[1:])
@@ -454,6 +454,27 @@ def readme_slices(block, world, cwd, capsys):
     assert r.method == "passthrough" and [s.sources[0].layer_range for s in r.slices] == [(0, 24), (8, 32)]
 
 
+def search_config(block, world, cwd, capsys):
+    """A documented search file: checked by its loader (running one is tests/test_search.py's job)."""
+    from mergelab.search.config import load_search_config
+    (cwd / "recipe.yaml").write_text(doc_yaml("README.md", "base_model: ./base", world))
+    for name in ("val_code.txt", "val_prose.txt"):
+        (cwd / name).write_text("w1 w2 w3\n")
+    body = block["body"]
+    if "type: tasks" in body:   # the task pool needs the benchmark's cached fine-tunes and heads: swap it
+        body = substitute(body, [("objective: {type: tasks, suite: demo}",
+                                  "objective: {type: perplexity, files: {code: val_code.txt}}"),
+                                 ("final_split: test", "")])
+    (cwd / "search.yaml").write_text(body)
+    cfg = load_search_config(cwd / "search.yaml")
+    assert cfg is not None
+
+
+def search_commands(block, world, cwd, capsys):
+    for cmd in commands(block["body"]):
+        parse_only(cmd)
+
+
 def moe_command(block, world, cwd, capsys):
     [cmd] = commands(block["body"])
     parse_only(cmd)                     # run for real on Llama stand-ins in tests/test_moe.py
@@ -529,6 +550,10 @@ HANDLERS = {
     ("svd_lora.md", "from mergelab.io.lora import lora_experts"): lora_experts_python,
     ("README.md", "mergelab moe moe.yaml OUT_DIR"): moe_command,
     ("README.md", "slices:"): readme_slices,
+    ("README.md", "# search.yaml"): search_config,
+    ("README.md", "mergelab search search.yaml OUT_DIR"): search_commands,
+    ("search.md", "mergelab search search.yaml OUT_DIR"): search_commands,
+    ("search.md", "recipe: recipe.yaml"): search_config,
     ("moe.md", "mergelab moe moe.yaml OUT_DIR"): moe_command,
     ("moe.md", "base_model: ./base"): moe_config,
 }
