@@ -13,6 +13,7 @@ out_dtype: bfloat16     # optional, wins over dtype
 tokenizer_source: base  # optional
 # mergelab additions
 compat: paper           # or mergekit
+lines: {beta: 0.5}      # optional LiNeS post-processing (alpha: auto | number), see methods/lines.py
 ```
 Keys of other commands (SMILE, adapt, recycle, bench) are kept in ``Recipe.extra``.
 """
@@ -28,9 +29,10 @@ import yaml
 from mergelab.errors import MergelabError
 from mergelab.io import parse_dtype
 from mergelab.methods import COMPAT_MODES, get_method, resolve_params
+from mergelab.methods.lines import LinesConfig, resolve_lines
 
 KNOWN_KEYS = {"base_model", "models", "merge_method", "parameters", "dtype", "out_dtype", "tokenizer_source",
-              "compat", "compute_dtype", "shard_size", "device", "name"}
+              "compat", "compute_dtype", "shard_size", "device", "name", "lines"}
 UNSUPPORTED = {"slices": "per-layer slices are not supported; list whole models under 'models'",
                "tokenizer": "the 'tokenizer' section is not supported; use tokenizer_source: base"}
 
@@ -56,6 +58,7 @@ class Recipe:
     source: Path | None = None              # the YAML file, if read from one
     extra: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    lines: LinesConfig | None = None        # LiNeS post-processing (methods.lines), None when off
 
     def resolved(self, method_name: str | None = None) -> tuple[dict, list[dict]]:
         """Global and per-model parameters with defaults, validated (raises MergelabError)."""
@@ -150,10 +153,13 @@ def load_recipe(source: str | Path | Mapping[str, Any], *, compat: str | None = 
         compute_dtype=raw.get("compute_dtype", "float32"), compat=mode,
         tokenizer_source=raw.get("tokenizer_source"), shard_size=raw.get("shard_size", "2GB"),
         source=path, extra={k: v for k, v in raw.items() if k not in KNOWN_KEYS}, raw=raw,
+        lines=resolve_lines(raw.get("lines"), where),
     )
     if validate and method is not None:
         m = get_method(recipe.method)
         if m.needs_base and base_path is None:
             raise MergelabError(f"{where}: method {m.name!r} needs a 'base_model'")
         recipe.resolved()
+        if recipe.lines is not None and not m.needs_base:
+            raise MergelabError(f"{where}: 'lines' scales task vectors; method {m.name!r} does not use a base model")
     return recipe
