@@ -12,7 +12,7 @@ import importlib
 from mergelab.methods.registry import (COMPAT_MODES, REGISTRY, Method, Param, TensorJob, get_method, list_methods,
                                        register, resolve_params)
 
-METHOD_MODULES = ("linear", "ties", "breadcrumbs", "dare", "model_stock", "svd")
+METHOD_MODULES = ("linear", "ties", "breadcrumbs", "dare", "model_stock", "svd", "wudi")
 
 for _name in METHOD_MODULES:
     importlib.import_module(f"mergelab.methods.{_name}")
