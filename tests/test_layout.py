@@ -1,6 +1,6 @@
 """The package's shape: layers import only downwards, no import cycles, and the CLI answers without torch.
 
-Layers (lowest first): errors -> kernels -> methods -> io -> engine -> upscale, adapt -> bench -> recycle -> cli.
+Layers (lowest first): errors -> kernels -> methods -> io -> engine -> upscale, adapt, databased -> bench -> recycle -> cli.
 A module may import its own layer or any lower one; a lazy import inside a function counts too (it is
 still a dependency), and so does ``lazy_module("...")``. The module-level import graph has no cycle.
 """
@@ -22,7 +22,7 @@ LAYERS = {
     "methods": 2,
     "io": 3,
     "engine": 4,
-    "upscale": 5, "adapt": 5,
+    "upscale": 5, "adapt": 5, "databased": 5,
     "bench": 6,
     "recycle": 7,
     "cli": 8,
