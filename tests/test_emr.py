@@ -81,3 +81,20 @@ def test_folder_round_trip_with_a_real_model(tmp_path):
         save_emr(folder, base, r)
     with pytest.raises(MergelabError, match="not an EMR folder"):
         load_emr(tmp_path / "src", 0)
+
+
+def test_cli_writes_a_folder_that_loads_per_task(tmp_path, capsys):
+    from mergelab.cli import main
+    from mergelab.io import load_state_dict
+    from tests.helpers import make_model_folders, write_recipe
+    base, fts = make_model_folders(tmp_path, n=2)
+    rec = write_recipe(tmp_path / "r.yaml", base, fts, "emr")
+    assert main(["emr", str(rec), str(tmp_path / "out")]) == 0
+    assert "extra per task" in capsys.readouterr().out
+    b = load_state_dict(str(base))
+    r = emr_from_state_dicts(b, [load_state_dict(str(f)) for f in fts])
+    model = load_emr(tmp_path / "out", "ft2")
+    want = r.task_state_dict(b, 1)
+    assert all(torch.equal(model.state_dict()[k], want[k]) for k in want)
+    assert main(["emr", str(rec), str(tmp_path / "out")]) == 2          # exists: one line, exit 2
+    assert "already exists" in capsys.readouterr().err

@@ -154,7 +154,8 @@ print("HEAVY:" + ",".join(heavy))
 @pytest.mark.parametrize("argvs", [
     [["--help"]],
     [["methods"], ["methods", "--compat", "mergekit"]],
-    [[cmd, "--help"] for cmd in ("merge", "methods", "demo", "upscale", "lora-merge", "adapt", "recycle", "bench")],
+    [[cmd, "--help"] for cmd in ("merge", "methods", "demo", "upscale", "lora-merge", "adapt", "recycle", "bench",
+                                 "emr")],
     [["merge"], ["no-such-command"], ["merge", "r.yaml", "out", "--threads", "x"]],
 ], ids=["help", "methods", "every-command-help", "argument-errors"])
 def test_cli_answers_without_importing_torch(argvs):
