@@ -25,6 +25,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--rows", default=None, help="comma-separated subset of row names")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tasks", default=None, help="comma-separated subset of the suite's tasks")
     ap.add_argument("--cache-dir", default=None)
     a = ap.parse_args(argv)
     import torch
@@ -39,6 +40,11 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     suite = get_suite(a.suite)
+    if a.tasks:
+        unknown = [t for t in a.tasks.split(",") if t not in suite.tasks]
+        if unknown:
+            raise SystemExit(f"task {unknown[0]!r} is not in suite {suite.name} ({', '.join(suite.tasks)})")
+        suite.tasks = a.tasks.split(",")
     t0 = time.perf_counter()
     base = train.load_base_encoder()
     tasks = prepare_tasks(suite.tasks, suite.protocol, base[1])

@@ -52,6 +52,8 @@ def diagonal_fisher(model: torch.nn.Module, loader: Iterable, *, head: Callable 
         raise MergelabError(f"Fisher estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
     forward = forward or run_batch
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise MergelabError("Fisher merging: no parameter of the model requires gradients (frozen model?)")
     names, tensors = list(params), list(params.values())
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     seen = 0
