@@ -37,7 +37,8 @@ def main(src: str, dst: str) -> int:
     ties = [rows["ties"]["correct"][t] for t in tasks] if "ties" in rows else None
     ind = rows.get("individual")
     lines = [f"# Leaderboard methods on the {r['suite']} suite (all-MiniLM-L6-v2, {len(tasks)} tasks)", "",
-             "Command: `PYTHONPATH=src HF_HUB_OFFLINE=1 python scripts/leaderboard_rows.py --out runs/leaderboard` "
+             "Command: `PYTHONPATH=src HF_HUB_OFFLINE=1 python scripts/leaderboard_rows.py --out runs/leaderboard"
+             + (f" --tasks {','.join(tasks)}" if len(tasks) < 6 else "") + "` "
              f"(threads {r['threads']}, on a shared 2-core CPU), then `python scripts/leaderboard_report.py "
              "runs/leaderboard/result.json docs/results/leaderboard-text6.md`.", "",
              "Test accuracy (%), 95% CI = ±1.96 binomial SE of the average over tasks; 'vs TIES' is the paired "
