@@ -14,7 +14,7 @@ DATA = {"ties": "none (density, lambda on val)", "regmean": "unlabelled train, 2
         "fisher_per_example@32": "unlabelled train, 32/task (+ heads)", "wudi@40x1e-4": "none",
         "wudi": "none", "emr": "none; task id at test", "ties+lines": "none (beta on val)",
         "wemoe@test": "unlabelled test, all 600/task (+ heads)", "individual": "task id at test"}
-PUBLISHED = {"wemoe@test": "89.2 (1st)", "wudi@40x1e-4": "84.5 (2nd)", "wudi": "84.5 (2nd)",
+PUBLISHED = {"wemoe@test": "89.2 (1st)", "wemoe@test_lr1e-4": "89.2 (1st)", "wudi@40x1e-4": "84.5 (2nd)", "wudi": "84.5 (2nd)",
              "regmean++": "84.4 (3rd)", "regmean": "82.4 (4th)", "ties": "72.2 (5th)",
              "fisher_batch@256": "70.6 (6th)", "fisher_per_example@32": "70.6 (6th)",
              "emr": "88.7 (authors', task id)", "ties+lines": "not in the table", "individual": "90.3"}
@@ -65,6 +65,14 @@ def main(src: str, dst: str) -> int:
         lines.append(f"| {name}{extra} | {per} | {100 * row['average']:.2f} ± {196 * row['average_se']:.2f} | "
                      f"{'' if norm is None else f'{100 * norm:.1f}'} | {vs} | {DATA.get(name, '')} | "
                      f"{row['build_seconds']:.0f} | {mem} | {PUBLISHED.get(name, '')} |")
+    pairs = [("regmean++", "regmean"), ("emr", "individual"), ("wemoe@test_lr1e-4", "wemoe@test"),
+             ("ties+lines", "ties"), ("regmean", "fisher_batch@256")]
+    done = [(a, b) for a, b in pairs if a in rows and b in rows]
+    if done:
+        lines += ["", "Other paired differences (± 1.96 paired SE):"]
+        for a, b in done:
+            d, se = _paired([rows[a]["correct"][t] for t in tasks], [rows[b]["correct"][t] for t in tasks])
+            lines.append(f"- {a} - {b}: {100 * d:+.2f} ± {196 * se:.2f} pt")
     search = {k: v["lines_val_search"] for k, v in rows.items() if v.get("lines_val_search")}
     if search:
         lines += ["", "LiNeS beta on the val split (TIES density 0.1, lambda 1, alpha auto): " + ", ".join(
