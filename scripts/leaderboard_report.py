@@ -13,11 +13,24 @@ DATA = {"ties": "none (density, lambda on val)", "regmean": "unlabelled train, 2
         "regmean++": "unlabelled train, 256/task", "fisher_batch@256": "unlabelled train, 256/task (+ heads)",
         "fisher_per_example@32": "unlabelled train, 32/task (+ heads)", "wudi@40x1e-4": "none",
         "wudi": "none", "emr": "none; task id at test", "ties+lines": "none (beta on val)",
-        "wemoe@test": "unlabelled test, all 600/task (+ heads)", "individual": "task id at test"}
+        "wemoe@test": "unlabelled test, all 600/task (+ heads)", "individual": "task id at test", "wemoe@test_lr1e-4": "unlabelled test, all 600/task (+ heads)",
+        "tsv@0.9": "none (alpha on val)", "iso_cts@1.3": "none (alpha on val)", "smile_k32_g16": "none"}
 PUBLISHED = {"wemoe@test": "89.2 (1st)", "wemoe@test_lr1e-4": "89.2 (1st)", "wudi@40x1e-4": "84.5 (2nd)", "wudi": "84.5 (2nd)",
              "regmean++": "84.4 (3rd)", "regmean": "82.4 (4th)", "ties": "72.2 (5th)",
              "fisher_batch@256": "70.6 (6th)", "fisher_per_example@32": "70.6 (6th)",
-             "emr": "88.7 (authors', task id)", "ties+lines": "not in the table", "individual": "90.3"}
+             "emr": "88.7 (authors', task id)", "ties+lines": "not in the table", "individual": "90.3",
+             "tsv@0.9": "83.1", "iso_cts@1.3": "Iso-C 82.8", "smile_k32_g16": "not in the table"}
+
+
+NOTES = """Settings. TIES (density 0.1, lambda 0.3, global trim), TSV-M (alpha 0.9), Iso-CTS (alpha 1.3): chosen on
+validation in the six-task run (docs/results/text6-2026-11-22.md), not re-tuned for these three tasks. New rows:
+papers' / FusionBench's defaults (RegMean(++) alpha 0.95, 256 train examples a task; Fisher eps 1e-6, normalised;
+WEMoE init_lambda 0.3, 2-layer routers, batch_reduce, batches of 16), except where the 2-core CPU forced a
+shorter schedule: WUDI 40 Adam steps at lr 1e-4 (paper 400 at 1e-5; the same largest movement per entry),
+embedding tables averaged (a lookup, outside WUDI's Linear-layer derivation); WEMoE 50 steps (paper 1000) at
+lr 2e-3 (`wemoe@test`, steps x lr kept: entropy collapses) or at the paper's 1e-4 (`wemoe@test_lr1e-4`);
+Fisher per-example on 32 examples a task. LiNeS: TIES at lambda 1 with alpha auto, beta in {0.2, 0.5, 1.0}
+on val. EMR and individual need the task id at test. SMILE k 32, gate_k 16 (data-free router)."""
 
 
 def _paired(a, b):
@@ -77,6 +90,7 @@ def main(src: str, dst: str) -> int:
     if search:
         lines += ["", "LiNeS beta on the val split (TIES density 0.1, lambda 1, alpha auto): " + ", ".join(
             f"beta {b}: {100 * acc:.2f}" for b, acc in next(iter(search.values())).items())]
+    lines += ["", NOTES]
     Path(dst).write_text("\n".join(lines) + "\n")
     return 0
 
