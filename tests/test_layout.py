@@ -1,7 +1,7 @@
 """The package's shape: layers import only downwards, no import cycles, and the CLI answers without torch.
 
-Layers (lowest first): errors -> kernels -> methods -> io -> engine -> upscale, adapt -> bench -> recycle, search
--> cli.
+Layers (lowest first): errors -> kernels -> methods -> io -> engine -> upscale, adapt, databased -> bench ->
+recycle, search -> cli.
 A module may import its own layer or any lower one; a lazy import inside a function counts too (it is
 still a dependency), and so does ``lazy_module("...")``. The module-level import graph has no cycle.
 """
@@ -23,7 +23,7 @@ LAYERS = {
     "methods": 2,
     "io": 3,
     "engine": 4,
-    "upscale": 5, "adapt": 5,
+    "upscale": 5, "adapt": 5, "databased": 5,
     "bench": 6,
     "recycle": 7, "search": 7,
     "cli": 8,
@@ -156,7 +156,7 @@ print("HEAVY:" + ",".join(heavy))
     [["--help"]],
     [["methods"], ["methods", "--compat", "mergekit"]],
     [[cmd, "--help"] for cmd in ("merge", "methods", "demo", "upscale", "moe", "lora-merge", "adapt", "recycle", "bench",
-                                 "search")],
+                                 "search", "emr")],
     [["merge"], ["no-such-command"], ["merge", "r.yaml", "out", "--threads", "x"]],
 ], ids=["help", "methods", "every-command-help", "argument-errors"])
 def test_cli_answers_without_importing_torch(argvs):

@@ -15,7 +15,7 @@ from mergelab.errors import MergelabError
 # one module per command (group); each exposes add_parser(subparsers) and imports nothing heavy at the top,
 # so that --help and argument errors answer at once
 COMMAND_MODULES: tuple[str, ...] = ("merge", "methods", "demo", "smile", "moe", "lora", "adapt", "recycle", "bench",
-                                    "search")
+                                    "search", "emr")
 
 
 def build_parser() -> argparse.ArgumentParser:

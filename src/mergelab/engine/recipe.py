@@ -13,6 +13,7 @@ out_dtype: bfloat16     # optional, wins over dtype
 tokenizer_source: base  # optional
 # mergelab additions
 compat: paper           # the papers' semantics; without it a recipe means what mergekit 0.1.5 makes of it
+lines: {beta: 0.5}      # optional LiNeS post-processing (alpha: auto | number), see methods/lines.py
 ```
 or, instead of ``models``, mergekit's ``slices`` (``sources`` with ``layer_range``, per-slice ``base_model`` and
 ``parameters``). Parameter values may be scalars, gradients over layer depth or ``{filter, value}`` lists
@@ -35,10 +36,12 @@ from mergelab.io.reference import _HUB_ID, resolve_reference
 from mergelab.io.vocab import TokenizerSpec, parse_tokenizer_spec
 from mergelab.methods import COMPAT_MODES, get_method
 from mergelab.methods.registry import base_is_input
+from mergelab.methods.lines import LinesConfig, resolve_lines
 from mergelab.methods.settings import ParamResolver
 
 KNOWN_KEYS = {"base_model", "models", "merge_method", "parameters", "dtype", "out_dtype", "tokenizer_source",
-              "compat", "compute_dtype", "shard_size", "device", "name", "slices", "chat_template", "tokenizer"}
+              "compat", "compute_dtype", "shard_size", "device", "name", "slices", "chat_template", "tokenizer",
+              "lines"}
 UNSUPPORTED: dict[str, str] = {}
 # a recipe without 'compat' means what mergekit makes of it (its users' recipes run unchanged); the
 # in-memory API (merge_state_dicts) and the benchmark use the papers' semantics
@@ -95,6 +98,7 @@ class Recipe:
         method = get_method(method_name or self.method)
         return ParamResolver(method, self.compat, self.params, [m.params for m in self.models],
                              where=str(self.source or "recipe"))
+    lines: LinesConfig | None = None        # LiNeS post-processing (methods.lines), None when off
 
     def resolved(self, method_name: str | None = None) -> tuple[dict, list[dict]]:
         """Global and per-model parameters with defaults, validated (raises MergelabError).
@@ -192,6 +196,7 @@ def load_recipe(source: str | Path | Mapping[str, Any], *, compat: str | None = 
         compute_dtype=raw.get("compute_dtype", "float32"), compat=mode,
         tokenizer_source=raw.get("tokenizer_source"), shard_size=raw.get("shard_size", "2GB"),
         chat_template=check_chat_template(raw.get("chat_template"), where),
+        lines=resolve_lines(raw.get("lines"), where),
         tokenizer=parse_tokenizer_spec(raw.get("tokenizer"), raw.get("tokenizer_source"), where,
                                        lambda v, w: _existing_folder(v, base_dir, w)),
         source=path, extra={k: v for k, v in raw.items() if k not in KNOWN_KEYS}, raw=raw, slices=slices,
@@ -200,6 +205,10 @@ def load_recipe(source: str | Path | Mapping[str, Any], *, compat: str | None = 
         m = get_method(recipe.method)
         if m.needs_base and base_path is None and not (slices and all(s.base_model for s in slices)):
             raise MergelabError(f"{where}: method {m.name!r} needs a 'base_model'")
+        if recipe.lines is not None and not m.needs_base:
+            raise MergelabError(f"{where}: 'lines' scales task vectors; method {m.name!r} does not use a base model")
+        if recipe.lines is not None and slices is not None:
+            raise MergelabError(f"{where}: 'lines' with 'slices' is not supported; give whole models")
         if slices is None:
             recipe.resolver()
         else:

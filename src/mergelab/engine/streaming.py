@@ -23,6 +23,7 @@ from mergelab.errors import MergelabError
 from mergelab.io import (Checkpoint, ShardedWriter, atomic_output_dir, copy_model_files, model_folder,
                          open_checkpoint, parse_dtype, parse_size)
 from mergelab.methods import Method, TensorJob, get_method, resolve_params
+from mergelab.methods.lines import LinesConfig, layer_scales, multitask_alpha, resolve_lines
 from mergelab.engine.recipe import Recipe, load_recipe
 from mergelab.io.chat_template import resolve_chat_template, write_chat_template
 from mergelab.io.lora import open_model   # PEFT LoRA adapter folders read as base + B @ A
@@ -387,13 +388,16 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
               progress: Progress | None = None, labels: Sequence[str] | None = None,
               base_label: str = "base", block_elements: int = BLOCK_ELEMENTS,
               resolve: Callable[[str], tuple[dict, list[dict]]] | None = None,
-              round_dtype: torch.dtype | None = None, round_results: bool = True) -> dict[str, float]:
+              round_dtype: torch.dtype | None = None, round_results: bool = True,
+              lines: LinesConfig | None = None) -> dict[str, float]:
     """Merge every tensor and hand each result (whole, or block by block) to ``sink``.
 
     ``resolve(name)`` gives a tensor's own (shared, per-model) parameters where they vary over layers or
     tensors (gradients, filters); without it every tensor gets ``params``/``model_params``.
     ``round_dtype``: inputs are first cast to it and results rounded to it (mergekit's ``dtype``);
     ``compute_dtype`` None: the kernels compute in each tensor's (rounded) input dtype.
+    ``lines``: LiNeS post-processing (``methods.lines``): each merged task vector scaled by its block's
+    depth; with ``alpha: auto`` a first pass runs the merge once only to sum the L1 norms it needs.
     Returns the seconds spent per stage. ``sink`` is called from worker threads.
     """
     labels = list(labels or [f"model {i}" for i in range(len(models))])
@@ -426,10 +430,16 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
                                         weights if method.select_weighted(compat) else [1.0] * len(weights),
                                         threads, progress)
         stages["global trim thresholds"] = time.perf_counter() - t0
+    if lines is not None and (not method.needs_base or base is None):
+        raise MergelabError(f"LiNeS scales task vectors: method {method.name!r} does not merge them against a base")
+    scales: dict[str, float] | None = None
+    norms: list[float] | None = None     # set during the "auto" alpha pass: [||sum tau||_1, ||tau_merged||_1]
+    norms_lock = threading.Lock()
     defaults = (params, model_params)
     # one fused pass for fixed linear combinations (average, task arithmetic) with one set of parameters
+    # (LiNeS scales each tensor's merged task vector: the general path)
     combination = (_fused_combination(method, params, model_params, compat, device, compute_dtype)
-                   if resolve is None else None)
+                   if resolve is None and lines is None else None)
 
     def work(name: str) -> None:
         if not _mergeable(reference.dtype(name)):
@@ -475,18 +485,40 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
                                             rows, _numel(shape), stats), rows)
 
     def _merge_and_sink(name: str, job: TensorJob, rows: tuple[int, int] | None) -> None:
+        summed = None
+        if norms is not None:
+            summed = float(torch.stack(job.models).sum(dim=0).sub_(job.base, alpha=len(job.models)).abs().sum())
         try:
             merged = method.merge_tensor(job)
         except MergelabError:
             raise
         except (RuntimeError, ValueError) as e:
             raise MergelabError(f"{name}: {method.name} failed: {str(e).splitlines()[0]}") from e
+        if norms is not None:
+            with norms_lock:
+                norms[0] += summed
+                norms[1] += float((merged - job.base).abs().sum())
+            return
+        if scales is not None and scales[name] != 1.0:
+            merged = job.base + scales[name] * (merged - job.base)
         if round_dtype is not None and round_results:
             merged = merged.to(round_dtype)
         sink(name, merged.to(out_dtype or reference.dtype(name)), rows[0] if rows else 0)
 
+    order = _largest_first(names, reference)
+    if lines is not None:
+        alpha = lines.alpha
+        if alpha is None:
+            t0 = time.perf_counter()
+            norms = [0.0, 0.0]
+            _run_pool([n for n in order if _mergeable(reference.dtype(n))], work, threads, lambda name, _: None,
+                      "LiNeS norms", progress)
+            alpha = multitask_alpha(norms[0], norms[1], len(models))
+            norms = None
+            stages["lines norms"] = time.perf_counter() - t0
+        scales = layer_scales(lines, mergeable, alpha)
     t0 = time.perf_counter()
-    _run_pool(_largest_first(names, reference), work, threads, lambda name, _: None, "merge", progress)
+    _run_pool(order, work, threads, lambda name, _: None, "merge", progress)
     stages["merge"] = time.perf_counter() - t0
     return stages
 
@@ -495,9 +527,14 @@ def merge_state_dicts(base: Mapping[str, torch.Tensor] | None, models: Sequence[
                       method: str, params: dict | None = None, model_params: Sequence[dict | None] | None = None,
                       compat: str = "paper", device: str = "cpu", threads: int | None = 1,
                       out_dtype: torch.dtype | None = None,
-                      block_elements: int = BLOCK_ELEMENTS) -> dict[str, torch.Tensor]:
-    """Merge in-memory state dicts; the result keeps the base's tensor order and dtypes."""
+                      block_elements: int = BLOCK_ELEMENTS,
+                      lines: Mapping | None = None) -> dict[str, torch.Tensor]:
+    """Merge in-memory state dicts; the result keeps the base's tensor order and dtypes.
+
+    ``lines``: LiNeS post-processing, e.g. ``{"beta": 0.5}`` (``alpha`` "auto" or a number; see
+    ``methods.lines``)."""
     m = get_method(method)
+    lines_cfg = resolve_lines(lines, "lines")
     model_params = list(model_params or [{} for _ in models])
     if len(model_params) != len(models):
         raise MergelabError(f"model_params has {len(model_params)} entries for {len(models)} models")
@@ -518,7 +555,8 @@ def merge_state_dicts(base: Mapping[str, torch.Tensor] | None, models: Sequence[
                 result[name] = torch.empty(shape, dtype=tensor.dtype)
         result[name][row:row + tensor.shape[0]] = tensor.cpu()
     run_merge(m, base_ckpt, ckpts, g, per, compat, sink, out_dtype=out_dtype, device=device, threads=threads,
-              labels=[f"models[{i}]" for i in range(len(models))], block_elements=block_elements)
+              labels=[f"models[{i}]" for i in range(len(models))], block_elements=block_elements,
+              lines=lines_cfg)
     order = reference.keys()
     return {k: result[k] for k in order}
 
@@ -577,7 +615,7 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
                                    device=device or "cpu", compute_dtype=compute_dtype, threads=threads,
                                    progress=progress, labels=labels, base_label=recipe.base_model or "base",
                                    block_elements=block_elements, resolve=resolve, round_dtype=round_dtype,
-                                   round_results=round_results)
+                                   round_results=round_results, lines=recipe.lines)
             except BaseException:
                 writer.abort()
                 raise

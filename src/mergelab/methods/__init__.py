@@ -13,7 +13,7 @@ from mergelab.methods.registry import (COMPAT_MODES, REGISTRY, Method, Param, Te
                                        register, resolve_params)
 
 METHOD_MODULES = ("linear", "ties", "breadcrumbs", "dare", "model_stock", "svd", "slerp", "nuslerp", "multislerp",
-                  "karcher", "della", "sce", "nearswap", "arcee_fusion", "ram", "passthrough")
+                  "karcher", "della", "sce", "nearswap", "arcee_fusion", "ram", "passthrough", "wudi")
 
 for _name in METHOD_MODULES:
     importlib.import_module(f"mergelab.methods.{_name}")
