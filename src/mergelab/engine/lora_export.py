@@ -198,7 +198,9 @@ def merge_to_adapter(recipe, out_dir: str | Path, rank: int, *, force: bool = Fa
             return merged
 
         # whole tensors: each merged delta is factorised by one SVD
-        wrapped = dataclasses.replace(method, merge_tensor=merge_tensor, chunkable=lambda params, compat: False)
+        # (and never through the fused linear pass, which would not call merge_tensor)
+        wrapped = dataclasses.replace(method, merge_tensor=merge_tensor, chunkable=lambda params, compat: False,
+                                      linear_combination=None)
         run_merge(wrapped, merge_base, models, g, per, recipe.compat, lambda name, t, row: None,
                   out_dtype=torch.float32,
                   device=device or "cpu", threads=threads, progress=progress,
