@@ -175,7 +175,7 @@ def parse_only(cmd: str) -> None:
     argv = [placeholders.get(a, a) for a in argv]
     assert argv[0] == "mergelab", cmd
     if len(argv) == 2 and argv[1] in {"merge", "adapt", "bench", "recycle", "methods", "lora-merge", "upscale",
-                                      "demo", "moe", "search"}:
+                                      "demo", "moe", "search", "emr"}:
         argv.append("--help")                      # a bare command name in prose: it must exist
     try:
         build_parser().parse_args(argv[1:])
@@ -475,6 +475,13 @@ def search_commands(block, world, cwd, capsys):
         parse_only(cmd)
 
 
+def lines_recipe(block, world, cwd, capsys):
+    """The LiNeS fragment of docs/leaderboard_methods.md, completed with the README's models, merges."""
+    body = block["body"] + f"base_model: {world.base}\nmodels:\n" + "".join(f"  - model: {f}\n" for f in world.fts)
+    out = _merge(cwd, capsys, body)
+    assert "ties" in out
+
+
 def moe_command(block, world, cwd, capsys):
     [cmd] = commands(block["body"])
     parse_only(cmd)                     # run for real on Llama stand-ins in tests/test_moe.py
@@ -550,6 +557,7 @@ HANDLERS = {
     ("svd_lora.md", "from mergelab.io.lora import lora_experts"): lora_experts_python,
     ("README.md", "mergelab moe moe.yaml OUT_DIR"): moe_command,
     ("README.md", "slices:"): readme_slices,
+    ("leaderboard_methods.md", "merge_method: ties"): lines_recipe,
     ("README.md", "# search.yaml"): search_config,
     ("README.md", "mergelab search search.yaml OUT_DIR"): search_commands,
     ("search.md", "mergelab search search.yaml OUT_DIR"): search_commands,
