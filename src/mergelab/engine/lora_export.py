@@ -186,7 +186,7 @@ def merge_to_adapter(recipe, out_dir: str | Path, rank: int, *, force: bool = Fa
                 tensors[f"{PREFIX}{lm.module}.lora_A.weight"] = a.contiguous()
                 tensors[f"{PREFIX}{lm.module}.lora_B.weight"] = b.contiguous()
         config = _lora_config(adapters[0].config, rank, sorted(lm.module for lm in targets.values()), fifo.pop())
-        with atomic_output_dir(out_dir, force=force) as tmp:
+        with atomic_output_dir(out_dir, force=force, inputs=recipe.input_paths(), command="lora-merge") as tmp:
             written = save_state_dict(tensors, tmp, parse_size("1000TB"), metadata={"mergelab_method": method.name})
             (tmp / "model.safetensors").rename(tmp / "adapter_model.safetensors")
             (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))

@@ -14,11 +14,13 @@ tokenizer_source: base  # optional
 # mergelab additions
 compat: paper           # or mergekit
 ```
-Keys of other commands (SMILE, adapt, recycle, bench) are kept in ``Recipe.extra``.
+Every path must exist; an unknown key is an error with a "did you mean" suggestion (a command that
+reads more keys passes them as ``extra_keys``; they are kept in ``Recipe.extra``).
 """
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -26,7 +28,7 @@ from typing import Any, Mapping
 import yaml
 
 from mergelab.errors import MergelabError
-from mergelab.io import parse_dtype
+from mergelab.io import parse_dtype, parse_size
 from mergelab.methods import COMPAT_MODES, get_method, resolve_params
 
 KNOWN_KEYS = {"base_model", "models", "merge_method", "parameters", "dtype", "out_dtype", "tokenizer_source",
@@ -63,17 +65,34 @@ class Recipe:
         return resolve_params(method, self.params, [m.params for m in self.models], self.compat,
                               where=str(self.source or "recipe"))
 
+    def input_paths(self) -> list[str]:
+        """Every path this recipe reads (an output folder must not touch any of them)."""
+        paths = [self.base_model, *(m.path for m in self.models)]
+        if self.tokenizer_source and self.tokenizer_source != "base":
+            paths.append(self.tokenizer_source)
+        return [p for p in paths if p]
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.raw, sort_keys=False)
 
 
-def _resolve_path(value: Any, relative_to: Path | None, where: str) -> str:
+def _resolve_path(value: Any, relative_to: Path | None, where: str, must_exist: bool = True) -> str:
     if not isinstance(value, str) or not value.strip():
         raise MergelabError(f"{where}: expected a model path, got {value!r}")
     p = Path(value).expanduser()
     if not p.is_absolute() and relative_to is not None and not p.exists() and (relative_to / p).exists():
         p = relative_to / p
+    if must_exist and not p.exists():
+        raise MergelabError(f"{where}: {value}: no such file or folder"
+                            + (f" (also not relative to {relative_to})" if relative_to and not p.is_absolute() else ""))
     return str(p)
+
+
+def unknown_key_error(where: str, key: Any, known: set[str] | list[str], what: str = "key") -> MergelabError:
+    """``unknown key 'paramters' (did you mean 'parameters'?)``."""
+    close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(known))})"
+    return MergelabError(f"{where}: unknown {what} {str(key)!r}{hint}")
 
 
 def read_recipe_mapping(source: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], Path | None]:
@@ -84,7 +103,15 @@ def read_recipe_mapping(source: str | Path | Mapping[str, Any]) -> tuple[dict[st
     if not path.is_file():
         raise MergelabError(f"{path}: recipe file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MergelabError(f"{path}: not a text file (byte {e.start} is not UTF-8); a recipe is YAML") from None
+    except OSError as e:
+        raise MergelabError(f"{path}: cannot read the recipe ({e.strerror})") from None
+    if "\x00" in text:
+        raise MergelabError(f"{path}: not a text file (contains NUL bytes); a recipe is YAML")
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
@@ -95,29 +122,35 @@ def read_recipe_mapping(source: str | Path | Mapping[str, Any]) -> tuple[dict[st
 
 
 def load_recipe(source: str | Path | Mapping[str, Any], *, compat: str | None = None,
-                method_required: bool = True, validate: bool = True) -> Recipe:
-    """Parse a recipe file or dict. ``validate`` checks the method and its parameters now."""
+                method_required: bool = True, validate: bool = True, extra_keys: set[str] | None = None,
+                check_paths: bool = True) -> Recipe:
+    """Parse a recipe file or dict. ``validate`` checks the method and its parameters now;
+    ``extra_keys`` are top-level keys the caller reads itself; ``check_paths``: every path must exist."""
     raw, path = read_recipe_mapping(source)
     where = str(path or "recipe")
     for key, why in UNSUPPORTED.items():
         if key in raw:
             raise MergelabError(f"{where}: {why}")
+    allowed = KNOWN_KEYS | set(extra_keys or ())
+    for key in raw:
+        if not isinstance(key, str) or key not in allowed:
+            raise unknown_key_error(where, key, allowed)
     base_dir = path.parent if path else None
 
     models_raw = raw.get("models")
     if not isinstance(models_raw, list) or not models_raw:
         raise MergelabError(f"{where}: 'models' must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
     base = raw.get("base_model")
-    base_path = _resolve_path(base, base_dir, f"{where}: base_model") if base is not None else None
+    base_path = _resolve_path(base, base_dir, f"{where}: base_model", check_paths) if base is not None else None
     models: list[ModelEntry] = []
     for i, entry in enumerate(models_raw):
         if isinstance(entry, str):
             entry = {"model": entry}
         if not isinstance(entry, dict) or "model" not in entry:
             raise MergelabError(f"{where}: models[{i}] must be a mapping with a 'model' key")
-        unknown = set(entry) - {"model", "parameters"}
+        unknown = sorted(str(k) for k in set(entry) - {"model", "parameters"})
         if unknown:
-            raise MergelabError(f"{where}: models[{i}]: unknown key {sorted(unknown)[0]!r}")
+            raise unknown_key_error(f"{where}: models[{i}]", unknown[0], {"model", "parameters"})
         params = entry.get("parameters") or {}
         if not isinstance(params, dict):
             raise MergelabError(f"{where}: models[{i}].parameters must be a mapping")
@@ -125,7 +158,7 @@ def load_recipe(source: str | Path | Mapping[str, Any], *, compat: str | None = 
             if isinstance(v, (list, dict)):
                 raise MergelabError(f"{where}: models[{i}].parameters.{k}: per-layer lists and filters are not "
                                     "supported; give one number")
-        mpath = _resolve_path(entry["model"], base_dir, f"{where}: models[{i}]")
+        mpath = _resolve_path(entry["model"], base_dir, f"{where}: models[{i}]", check_paths)
         if base_path is not None and Path(mpath).resolve() == Path(base_path).resolve():
             continue  # mergekit lets the base appear among the models; it is the base, not a fine-tune
         models.append(ModelEntry(mpath, dict(params)))
@@ -142,13 +175,33 @@ def load_recipe(source: str | Path | Mapping[str, Any], *, compat: str | None = 
     if mode not in COMPAT_MODES:
         raise MergelabError(f"{where}: compat must be one of {', '.join(COMPAT_MODES)}, got {mode!r}")
     for key in ("dtype", "out_dtype", "compute_dtype"):
+        if raw.get(key) is not None and not isinstance(raw.get(key), str):
+            raise MergelabError(f"{where}: {key} must be a dtype name, got {raw.get(key)!r}")
         parse_dtype(raw.get(key), f"{where}: {key}")
+    if "shard_size" in raw:
+        size = raw["shard_size"]
+        if isinstance(size, bool) or not isinstance(size, (str, int)):
+            raise MergelabError(f"{where}: shard_size must be a size such as 2GB, got {size!r}")
+        if parse_size(size) < 1:
+            raise MergelabError(f"{where}: shard_size must be positive, got {size!r}")
+    tok_src = raw.get("tokenizer_source")
+    if tok_src is not None:
+        if not isinstance(tok_src, str) or not tok_src.strip():
+            raise MergelabError(f"{where}: tokenizer_source must be 'base' or a model folder, got {tok_src!r}")
+        if tok_src != "base":
+            if tok_src == "union" or tok_src.startswith("model:"):
+                raise MergelabError(f"{where}: tokenizer_source {tok_src!r} is not supported; use 'base' or a folder")
+            tok_src = _resolve_path(tok_src, base_dir, f"{where}: tokenizer_source", check_paths)
+            if check_paths and not Path(tok_src).is_dir():
+                raise MergelabError(f"{where}: tokenizer_source {tok_src} is not a folder")
+    if raw.get("merge_method") is not None and not isinstance(raw.get("merge_method"), str):
+        raise MergelabError(f"{where}: merge_method must be a method name, got {raw.get('merge_method')!r}")
     recipe = Recipe(
         method=str(method) if method is not None else "",
         base_model=base_path, models=models, params=dict(params),
         dtype=raw.get("dtype"), out_dtype=raw.get("out_dtype"),
         compute_dtype=raw.get("compute_dtype", "float32"), compat=mode,
-        tokenizer_source=raw.get("tokenizer_source"), shard_size=raw.get("shard_size", "2GB"),
+        tokenizer_source=tok_src, shard_size=raw.get("shard_size", "2GB"),
         source=path, extra={k: v for k, v in raw.items() if k not in KNOWN_KEYS}, raw=raw,
     )
     if validate and method is not None:
