@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from mergelab.adapt.adamerging import adamerge_loop, check_inputs, entropy_backward
+from mergelab.adapt.adamerging import adamerge_loop, check_inputs, check_step, entropy_backward
 from mergelab.adapt.functional import Cycle, FunctionalModel, MergeSpace
 from mergelab.adapt.result import AdaptResult
 from mergelab.errors import MergelabError
@@ -129,6 +129,7 @@ def concrete_merge(model: torch.nn.Module, base_sd: Mapping[str, torch.Tensor],
                 c = coeffs if inner == "task_arithmetic" else torch.full_like(w, float(lam))
                 rec["val_accuracy"] = float(eval_fn(space.state_dict(c, em)))
             history.append(rec)
+            check_step(rec, logits, None if inner == "task_arithmetic" else w)
             if progress is not None:
                 progress(rec)
         fmask = final_mask(logits, mask, temperature, gen)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mergelab.errors import MergelabError
+from mergelab.io import check_finite
 
 PREFIX = "encoder."
 
@@ -84,6 +85,17 @@ class TaskFolder:
     val_labels: list[int] | None = None
 
 
+def _read_text(path: Path) -> str:
+    """A UTF-8 text file, or one line saying where it is not."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise MergelabError(f"{path}:{line}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise MergelabError(f"{path}: cannot read ({e.strerror})") from None
+
+
 def read_data_dir(path: str | Path, num_tasks: int, hidden_size: int | None = None,
                   model_paths: Sequence[str] | None = None) -> list[TaskFolder]:
     """`--data` folder: one sub-folder per task, in the order of the recipe's models (the order of
@@ -96,7 +108,7 @@ def read_data_dir(path: str | Path, num_tasks: int, hidden_size: int | None = No
     if not root.is_dir():
         raise MergelabError(f"--data {root}: not a folder")
     if (root / "tasks.txt").is_file():
-        names = [ln.strip() for ln in (root / "tasks.txt").read_text().splitlines() if ln.strip()]
+        names = [ln.strip() for ln in _read_text(root / "tasks.txt").splitlines() if ln.strip()]
     else:
         names = sorted(p.name for p in root.iterdir() if p.is_dir())
     if len(names) != num_tasks:
@@ -111,7 +123,7 @@ def read_data_dir(path: str | Path, num_tasks: int, hidden_size: int | None = No
             raise MergelabError(f"{inp}: missing (one unlabelled text per line)")
         if not hp.is_file():
             raise MergelabError(f"{hp}: missing (tensors 'weight' [C, H] and 'bias' [C])")
-        texts = [ln for ln in inp.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        texts = [ln for ln in _read_text(inp).splitlines() if ln.strip()]
         if not texts:
             raise MergelabError(f"{inp}: no texts")
         try:
@@ -119,8 +131,13 @@ def read_data_dir(path: str | Path, num_tasks: int, hidden_size: int | None = No
         except Exception as exc:
             raise MergelabError(f"{hp}: not a readable safetensors file ({exc})") from exc
         w, b = h.get("weight"), h.get("bias")
-        if w is None or w.dim() != 2:
-            raise MergelabError(f"{hp}: needs a 2-D tensor 'weight' [classes, hidden]")
+        if w is None or w.dim() != 2 or not w.is_floating_point() or 0 in w.shape:
+            raise MergelabError(f"{hp}: needs a non-empty 2-D floating-point tensor 'weight' [classes, hidden]")
+        if b is not None and not b.is_floating_point():
+            raise MergelabError(f"{hp}: 'bias' must be a floating-point tensor")
+        check_finite(w, str(hp), "weight")
+        if b is not None:
+            check_finite(b, str(hp), "bias")
         if hidden_size is not None and w.shape[1] != hidden_size:
             raise MergelabError(f"{hp}: 'weight' has {w.shape[1]} columns, the encoder's hidden size is {hidden_size}")
         if b is not None and tuple(b.shape) != (w.shape[0],):
@@ -129,7 +146,7 @@ def read_data_dir(path: str | Path, num_tasks: int, hidden_size: int | None = No
         vp = d / "val.tsv"
         if vp.is_file():
             vt, vl = [], []
-            for i, ln in enumerate(vp.read_text(encoding="utf-8").splitlines(), 1):
+            for i, ln in enumerate(_read_text(vp).splitlines(), 1):
                 if not ln.strip():
                     continue
                 lab, sep, text = ln.partition("\t")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mergelab.cli.common import positive_int
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -14,20 +16,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "its merged delta. Load it with peft.PeftModel.from_pretrained(base, OUT_DIR).")
     p.add_argument("recipe", help="recipe YAML (mergekit layout) whose models are adapter folders")
     p.add_argument("out_dir", help="output adapter folder (written atomically)")
-    p.add_argument("--rank", type=int, required=True, help="rank R of the merged adapter")
+    p.add_argument("--rank", type=positive_int, required=True, help="rank R of the merged adapter")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--compat", choices=("paper", "mergekit"), default=None, help="method semantics")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
-    p.add_argument("--threads", type=int, default=None, help="tensors merged in parallel")
+    p.add_argument("--threads", type=positive_int, default=None, help="tensors merged in parallel")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from mergelab.cli.common import TqdmProgress
+    from mergelab.cli.common import TqdmProgress, check_device
     from mergelab.engine.lora_export import merge_to_adapter
 
+    args.device = check_device(args.device)
     progress = TqdmProgress(args.quiet)
     try:
         s = merge_to_adapter(args.recipe, args.out_dir, args.rank, force=args.force, compat=args.compat,

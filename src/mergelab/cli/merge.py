@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mergelab.cli.common import TqdmProgress
+from mergelab.cli.common import TqdmProgress, check_device, positive_int
 
 
 def _tune_for_streaming(threads: int) -> None:
@@ -37,6 +37,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from mergelab.engine import merge
+    args.device = check_device(args.device)
     _tune_for_streaming(args.threads or 2)
     if args.threads != 1:
         # the engine parallelises over tensors; one intra-op thread per worker avoids oversubscribing
@@ -62,7 +63,7 @@ def add_parser(sub) -> None:
     p.add_argument("--compat", choices=("paper", "mergekit"), default=None,
                    help="semantics: the papers' (default) or mergekit 0.1.5's")
     p.add_argument("--device", default=None, help="where the per-tensor math runs: cpu (default) or cuda")
-    p.add_argument("--threads", type=int, default=None, help="tensors merged in parallel")
+    p.add_argument("--threads", type=positive_int, default=None, help="tensors merged in parallel")
     p.add_argument("--shard-size", default=None, help="largest output shard, e.g. 2GB")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)
