@@ -62,6 +62,19 @@ def _quiet_third_parties() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")
     warnings.filterwarnings("default", module=r"mergelab(\.|$)")
+    if "transformers" in sys.modules:      # imported already (library use, tests): the env vars came too late
+        try:
+            from transformers.utils import logging as tlog
+            tlog.set_verbosity_error()
+            tlog.disable_progress_bar()
+        except Exception:  # pragma: no cover - a transformers without these helpers
+            pass
+    if "huggingface_hub" in sys.modules:
+        try:
+            from huggingface_hub.utils import disable_progress_bars
+            disable_progress_bars()
+        except Exception:  # pragma: no cover
+            pass
 
 
 def _install_signal_handlers() -> dict:

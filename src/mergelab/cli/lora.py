@@ -31,10 +31,14 @@ def run(args: argparse.Namespace) -> int:
     from mergelab.engine.lora_export import merge_to_adapter
 
     args.device = check_device(args.device)
+    from mergelab.engine.recipe import load_recipe
+    from mergelab.io import claim_output
+    recipe = load_recipe(args.recipe, compat=args.compat)
     progress = TqdmProgress(args.quiet)
     try:
-        s = merge_to_adapter(args.recipe, args.out_dir, args.rank, force=args.force, compat=args.compat,
-                             device=args.device, threads=args.threads, progress=progress)
+        with claim_output(args.out_dir, recipe.input_paths(), force=args.force):
+            s = merge_to_adapter(recipe, args.out_dir, args.rank, force=args.force,
+                                 device=args.device, threads=args.threads, progress=progress)
     finally:
         progress.close()
     print(f"merged adapter with {s.method}: {s.modules} modules at rank {s.rank} in {s.seconds:.1f} s -> "

@@ -42,10 +42,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.threads != 1:
         # the engine parallelises over tensors; one intra-op thread per worker avoids oversubscribing
         torch.set_num_threads(1)
+    from mergelab.engine.recipe import load_recipe
+    from mergelab.io import claim_output
+    recipe = load_recipe(args.recipe, compat=args.compat)
     progress = TqdmProgress(args.quiet)
     try:
-        summary = merge(args.recipe, args.out_dir, force=args.force, compat=args.compat, device=args.device,
-                        threads=args.threads, shard_size=args.shard_size, progress=progress)
+        # OUT_DIR checked and locked before any tensor is read: a second run into it fails at once
+        with claim_output(args.out_dir, recipe.input_paths(), force=args.force):
+            summary = merge(recipe, args.out_dir, force=args.force, device=args.device,
+                            threads=args.threads, shard_size=args.shard_size, progress=progress)
     finally:
         progress.close()
     gb = summary.bytes_written / 1e9
