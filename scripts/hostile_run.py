@@ -41,6 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "src"), str(REPO)]
 ENV = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 QUERY = "encoder.layer.0.attention.self.query"
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")     # the world builder's own saves: no bars
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 @dataclass
@@ -157,7 +159,7 @@ def raw_safetensors(path: Path, header, data: bytes) -> Path:
 
 
 def cmd(w, name: str, out, recipe: Path | None = None, extra=()) -> list[str]:
-    r = str(recipe or w[{"lora-merge": "lora"}.get(name, name)])
+    r = str(recipe or w[{"lora-merge": "lora", "concrete": "adapt"}.get(name, name)])
     base = {"merge": ["merge", r, str(out)],
             "lora-merge": ["lora-merge", r, str(out), "--rank", "4"],
             "smile": ["upscale", "smile", r, str(out), "--k", "4", "--gate-k", "2"],
