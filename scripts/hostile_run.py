@@ -246,12 +246,15 @@ def cases(w, scratch: Path) -> list[Case]:
         if k == "models":
             argv += ["--model", f"{task}={fts[0]}"]
         if k == "cache":
-            argv = ["bench", "--suite", "demo", "--out", str(d / "run"), "--cache-dir", str(d), "--quiet"]
-            expect = "contains an input"
-        cs.append(Case("out_dir", f"bench:{k}", argv, expect, cwd=d, env={"HOME": str(d)} if k == "home" else {}))
+            argv = ["bench", "--suite", "demo", "--out", str(d / "run"), "--cache-dir", str(d / "run" / "cache"),
+                    "--quiet"]
+        if k == "home":
+            (d / "home").mkdir()
+        cs.append(Case("out_dir", f"bench:{k}", argv, expect, cwd=d, env={"HOME": str(d / "home")} if k == "home"
+                       else {}))
 
     # ---------------------------------------------------------------- nan: finite checks in every command
-    for value, word in ((float("nan"), "NaN"), (float("inf"), "Inf"), (float("-inf"), "Inf")):
+    for value, word in ((float("nan"), "NaN"), (float("inf"), "Inf"), (float("-inf"), "-Inf")):
         for c in ("merge", "smile", "adapt"):
             for which in ("finetune", "base"):
                 d = case_dir()
@@ -262,7 +265,8 @@ def cases(w, scratch: Path) -> list[Case]:
                 else:
                     content["base_model"] = str(bad)
                 r = write_recipe(d, content)
-                cs.append(Case("nan", f"{c}:{which}:{word}", cmd(w, c, d / "out", r), f"contains 1 {word}",
+                expect = "contains NaN or Inf" if c == "merge" else f"contains 1 {word.lstrip('-')}"
+                cs.append(Case("nan", f"{c}:{which}:{word}", cmd(w, c, d / "out", r), expect,
                                out=d / "out", inputs=[d]))
     for value in (float("nan"), float("inf")):
         import torch

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
 import threading
 from pathlib import Path
@@ -319,12 +320,24 @@ def finish_output(src: str | os.PathLike, out_dir: str | os.PathLike, command: s
     replace_dir(Path(src), _real(out_dir))
 
 
+_BLOCKED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
 def replace_dir(src: Path, dest: Path) -> None:
-    """Move a finished folder to ``dest``, replacing an existing one only once ``src`` is complete."""
-    if dest.exists():
-        trash = make_temp_dir(dest, "old")
-        os.replace(dest, trash / "old")
-        os.replace(src, dest)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(src, dest)
+    """Move a finished folder to ``dest``, replacing an existing one only once ``src`` is complete.
+
+    Signals wait for the renames (they are delivered right after), so an interrupted replace never
+    leaves OUT_DIR missing with the old and the new output both in temporary folders."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED) if main_thread else None
+    try:
+        if dest.exists():
+            trash = make_temp_dir(dest, "old")
+            os.replace(dest, trash / "old")
+            os.replace(src, dest)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(src, dest)
+    finally:
+        if old_mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)

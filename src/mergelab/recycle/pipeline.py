@@ -307,10 +307,9 @@ def run_recycle(cfg: RecycleConfig, out_dir: str | Path, *, force: bool = False,
     """Run (or resume) the whole pipeline and write OUT_DIR; returns the results dict (results.json)."""
     emit = progress or (lambda event, **info: None)
     t_start = time.perf_counter()
-    out = Path(out_dir).expanduser().resolve()
     from mergelab.io import claim_output
     inputs = [cfg.base_model if cfg.base_model != "minilm" else None, cfg.data, *cfg.aux_checkpoints.values()]
-    with claim_output(out, inputs, force=force):
+    with claim_output(out_dir, inputs, force=force) as out:        # checked before any path is resolved
         return _run_recycle(cfg, out, force=force, executor=executor, ray_address=ray_address, bundle=bundle,
                             emit=emit, t_start=t_start)
 
