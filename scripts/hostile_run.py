@@ -643,9 +643,13 @@ def env_case(kind: str, small: bool = False):
     return run
 
 
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)    # a background shell starts children with SIGINT ignored
+
+
 def signal_case(sig: str, delay: float):
     def run(case: Case) -> list[str]:
-        p = _popen(case)
+        p = _popen(case, preexec_fn=_default_sigint)
         parent = case.out.parent
         t0 = time.time()
         while time.time() - t0 < 300 and p.poll() is None:
@@ -773,7 +777,7 @@ def run_case(case: Case, world_paths: list[Path]) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--only", default=None, help="run only this class (out_dir, nan, input, silent, env, signal, cli)")
+    ap.add_argument("--only", default=None, help="run only these classes, comma-separated (out_dir, nan, input, silent, env, signal, cli)")
     ap.add_argument("--keep", default=None, help="build the world here and keep it")
     args = ap.parse_args()
     root = Path(args.keep or tempfile.mkdtemp(prefix="mergelab-hostile-")).resolve()
@@ -784,7 +788,7 @@ def main() -> int:
     scratch.mkdir()
     all_cases = cases(world, scratch)
     if args.only:
-        all_cases = [c for c in all_cases if c.cls == args.only]
+        all_cases = [c for c in all_cases if c.cls in args.only.split(",")]
     is_root = os.geteuid() == 0
     skipped = [c for c in all_cases if c.needs_root and not is_root]
     todo = [c for c in all_cases if c not in skipped]
