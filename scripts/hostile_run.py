@@ -469,7 +469,7 @@ def cases(w, scratch: Path) -> list[Case]:
     content["models"][0] = {"model": str(remote)}
     r = write_recipe(d, content)
     cs.append(Case("input", "adapt:auto_map_remote_code", cmd(w, "adapt", d / "out", r), "", out=d / "out",
-                   inputs=[d], code=-1))     # -1: any exit code is fine, as long as no code ran (checked below)
+                   inputs=[remote, r], code=-1))     # -1: any exit code is fine, as long as no code ran (checked below)
 
     # ---------------------------------------------------------------- silent: mistakes that used to pass
     for c in WRITERS + ("concrete", "recycle"):

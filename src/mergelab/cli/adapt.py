@@ -133,6 +133,8 @@ def _load_encoder(path: str):
     from transformers import AutoModel
     if not Path(path).exists():
         raise MergelabError(f"{path}: no such checkpoint folder")
+    from mergelab.io import open_checkpoint
+    open_checkpoint(path).close()      # our reader first: strict headers, pickles refused with a clear line
     try:
         return AutoModel.from_pretrained(path, attn_implementation="eager")
     except Exception as exc:

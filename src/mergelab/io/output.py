@@ -310,6 +310,9 @@ def atomic_output_dir(out_dir: str | os.PathLike, force: bool = False,
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(exc, OSError) and exc.errno in _ENV_ERRNOS:
                 raise environment_error(exc, str(out)) from None
+            if type(exc).__name__ == "SafetensorError" and "I/O error" in str(exc):   # safetensors' own writes
+                cause = str(exc).split("I/O error:", 1)[1].split("(os error")[0].strip()
+                raise MergelabError(f"{out}: {cause} (while writing {out})") from None
             raise
 
 
