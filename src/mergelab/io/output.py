@@ -300,14 +300,23 @@ def atomic_output_dir(out_dir: str | os.PathLike, force: bool = False,
     read-only, permissions) become one-line ``MergelabError``s; nothing is left behind on failure.
     """
     with claim_output(out_dir, inputs, force=force) as out:
-        tmp = make_temp_dir(out)
+        # a signal between mkdtemp and the try below would leak the folder: it waits until tmp is known
+        main_thread = threading.current_thread() is threading.main_thread()
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED) if main_thread else None
+        tmp = None
         try:
+            try:
+                tmp = make_temp_dir(out)
+            finally:
+                if old_mask is not None:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             write_marker(tmp, command)
             yield tmp
             fix_modes(tmp)
             replace_dir(tmp, out)
         except BaseException as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(exc, OSError) and exc.errno in _ENV_ERRNOS:
                 raise environment_error(exc, str(out)) from None
             if type(exc).__name__ == "SafetensorError" and "I/O error" in str(exc):   # safetensors' own writes
