@@ -298,8 +298,14 @@ def test_existing_out_dir_needs_force(folders, tmp_path, capsys):
     (out / "keep.txt").write_text("x")
     expect_error(capsys, ["merge", recipe, out], "already exists (use --force")
     assert (out / "keep.txt").exists()
-    assert run_cli("merge", recipe, out, "--force", "--quiet") == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    # a folder mergelab did not write is never replaced, even with --force
+    expect_error(capsys, ["merge", recipe, out, "--force"], "not written by mergelab")
+    assert (out / "keep.txt").exists()
+    out2 = tmp_path / "o2"
+    assert run_cli("merge", recipe, out2, "--quiet") == 0
+    (out2 / "keep.txt").write_text("x")
+    assert run_cli("merge", recipe, out2, "--force", "--quiet") == 0
+    assert not (out2 / "keep.txt").exists() and (out2 / "model.safetensors").exists()
 
 
 def test_corrupt_safetensors_header(folders, tmp_path, capsys):

@@ -350,7 +350,8 @@ def test_tiny_bert_upscaled_end_to_end_and_save_load_round_trip(tmp_path):
     assert out.shape == ref.shape and torch.isfinite(out).all() and not torch.allclose(out, ref)
 
     path = save_smile(m, tmp_path / "smile")
-    assert sorted(os.listdir(path)) == ["README.md", "config.json", "model.safetensors", "smile_config.json"]
+    assert sorted(os.listdir(path)) == [".mergelab-output", "README.md", "config.json", "model.safetensors",
+                                        "smile_config.json"]
     assert os.listdir(tmp_path) == ["smile"]  # no temp folder left behind
     meta = json.loads((tmp_path / "smile" / "smile_config.json").read_text())
     assert meta["model_class"] == "BertModel" and len(meta["layers"]) == 13

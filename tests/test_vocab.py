@@ -126,7 +126,7 @@ def test_tokens_section_forced_sources_and_padding(world, tmp_path):
     ({"tokenizer_source": "union", "tokenizer": {"source": "union"}}, "not both"),
     ({"tokenizer": {"source": "union", "pad_to": 8}}, "unknown key 'pad_to'"),
     ({"tokenizer": {"source": "union", "pad_to_multiple_of": 0}}, "positive integer"),
-    ({"tokenizer_source": "/no/such/tokenizer"}, "is not a folder"),
+    ({"tokenizer_source": "/no/such/tokenizer"}, "tokenizer_source: /no/such/tokenizer: no such file or folder"),
     ({"tokenizer": {"tokens": {"x": {"source": {"kind": "model_token", "model": "/no/such"}}}}}, "needs 'model'"),
 ])
 def test_bad_tokenizer_settings_are_refused_before_merging(world, tmp_path, extra, message):

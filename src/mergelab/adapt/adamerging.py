@@ -19,6 +19,23 @@ def check_inputs(space: MergeSpace, task_loaders: Sequence[Iterable], heads: Seq
         raise MergelabError(f"{space.num_tasks} task vectors but {len(heads)} heads")
 
 
+def check_step(rec: Mapping, *learned: torch.Tensor | Mapping[str, torch.Tensor] | None) -> None:
+    """Stop (one line, no output) when a step's loss or entropy, or a learned tensor, is not finite:
+    everything after it would be NaN too."""
+    import math
+    for key in ("loss", "entropy", "inner_entropy"):
+        v = rec.get(key)
+        if v is not None and not math.isfinite(float(v)):
+            raise MergelabError(f"{rec.get('stage', 'adapt')} step {rec.get('step')}: the {key} became {v} "
+                                "(non-finite); try a smaller --lr, or check the inputs and heads")
+    for t in learned:
+        tensors = t.values() if isinstance(t, Mapping) else [t]
+        for x in tensors:
+            if x is not None and not bool(torch.isfinite(x.detach()).all()):
+                raise MergelabError(f"{rec.get('stage', 'adapt')} step {rec.get('step')}: the learned "
+                                    "coefficients or mask became non-finite; try a smaller --lr")
+
+
 def entropy_backward(fm: FunctionalModel, params: Mapping[str, torch.Tensor], cycles: Sequence[Cycle],
                      heads: Sequence[Callable] | None, batches_per_task: int) -> tuple[float, list[float]]:
     """Backpropagate the summed (over tasks and batches) batch-mean entropy into whatever `params`
@@ -78,6 +95,7 @@ def adamerge_loop(fm: FunctionalModel, space: MergeSpace, cycles: Sequence[Cycle
         if eval_fn is not None and eval_every and ((i + 1) % eval_every == 0 or i + 1 == steps):
             rec["val_accuracy"] = _evaluate(eval_fn, space, coeffs(), mask)
         history.append(rec)
+        check_step(rec, raw)
         if progress is not None:
             progress(rec)
     return coeffs().detach()

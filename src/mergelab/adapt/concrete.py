@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from mergelab.adapt.adamerging import adamerge_loop, check_inputs, entropy_backward
+from mergelab.adapt.adamerging import adamerge_loop, check_inputs, check_step, entropy_backward
 from mergelab.adapt.functional import Cycle, FunctionalModel, MergeSpace, as_logits, entropy
 from mergelab.adapt.result import AdaptResult
 from mergelab.errors import MergelabError
@@ -191,6 +191,7 @@ def concrete_merge(model: torch.nn.Module, base_sd: Mapping[str, torch.Tensor],
                     else:
                         best["since"] += 1
             history.append(rec)
+            check_step(rec, logits, None if inner == "task_arithmetic" else w)
             if progress is not None:
                 progress(rec)
             if patience and best["since"] >= patience:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mergelab.errors import MergelabError
+from mergelab.io import check_finite
 
 PREFIX = "encoder."
 
@@ -85,6 +86,17 @@ class TaskFolder:
     head_path: str | None = None     # where the head was read (the task folder's, or the model folder's)
 
 
+def _read_text(path: Path) -> str:
+    """A UTF-8 text file, or one line saying where it is not."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise MergelabError(f"{path}:{line}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise MergelabError(f"{path}: cannot read ({e.strerror})") from None
+
+
 def read_data_dir(path: str | Path, num_tasks: int, hidden_size: int | None = None,
                   model_paths: Sequence[str] | None = None) -> list[TaskFolder]:
     """`--data` folder: one sub-folder per task, in the order of the recipe's models (the order of
@@ -96,7 +108,7 @@ def read_data_dir(path: str | Path, num_tasks: int, hidden_size: int | None = No
     if not root.is_dir():
         raise MergelabError(f"--data {root}: not a folder")
     if (root / "tasks.txt").is_file():
-        names = [ln.strip() for ln in (root / "tasks.txt").read_text().splitlines() if ln.strip()]
+        names = [ln.strip() for ln in _read_text(root / "tasks.txt").splitlines() if ln.strip()]
     else:
         names = sorted(p.name for p in root.iterdir() if p.is_dir())
     if len(names) != num_tasks:
@@ -111,18 +123,25 @@ def read_data_dir(path: str | Path, num_tasks: int, hidden_size: int | None = No
             raise MergelabError(f"{inp}: missing (one unlabelled text per line)")
         if not hp.is_file():
             raise MergelabError(f"{hp}: missing (tensors 'weight' [C, H] and 'bias' [C])")
-        texts = [ln for ln in inp.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        texts = [ln for ln in _read_text(inp).splitlines() if ln.strip()]
         if not texts:
             raise MergelabError(f"{inp}: no texts")
         from mergelab.io.head import load_head_file
         w, b = load_head_file(hp)
+        if w is None or w.dim() != 2 or not w.is_floating_point() or 0 in w.shape:
+            raise MergelabError(f"{hp}: needs a non-empty 2-D floating-point tensor 'weight' [classes, hidden]")
+        if b is not None and not b.is_floating_point():
+            raise MergelabError(f"{hp}: 'bias' must be a floating-point tensor")
+        check_finite(w, str(hp), "weight")
+        if b is not None:
+            check_finite(b, str(hp), "bias")
         if hidden_size is not None and w.shape[1] != hidden_size:
             raise MergelabError(f"{hp}: 'weight' has {w.shape[1]} columns, the encoder's hidden size is {hidden_size}")
         vt = vl = None
         vp = d / "val.tsv"
         if vp.is_file():
             vt, vl = [], []
-            for i, ln in enumerate(vp.read_text(encoding="utf-8").splitlines(), 1):
+            for i, ln in enumerate(_read_text(vp).splitlines(), 1):
                 if not ln.strip():
                     continue
                 lab, sep, text = ln.partition("\t")

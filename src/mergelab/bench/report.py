@@ -219,7 +219,6 @@ def write_report(result: dict, out_dir: str | Path, plots: bool = True) -> Path:
     if plots:
         result["plots"] = _plots(result, tmp)
     (tmp / "results.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    from mergelab.io import finish_output
+    finish_output(tmp, out, command="bench")    # marker, 0644 modes, replaces only once complete
     return out

@@ -145,6 +145,8 @@ def save_finetuned(folder: Path, encoder: nn.Module, tokenizer, head: nn.Linear,
     save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()},
               str(tmp / "head.safetensors"))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+    from mergelab.io import fix_modes
+    fix_modes(tmp)          # safetensors writes 0600: a shared MERGELAB_CACHE must be readable by others
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)

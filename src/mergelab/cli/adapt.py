@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from mergelab.cli.common import finite_float, nonnegative_int, positive_float, positive_int, tqdm_bar
 from mergelab.errors import MergelabError
 
 COMMON = {"steps": int, "lr": float, "batch_size": int, "batches_per_task": int, "max_length": int,
@@ -25,6 +26,33 @@ DEFAULTS = {
                  "mask": "continuous", "clamp": True, "batch_size": 16, "batches_per_task": 1, "max_length": 64,
                  "eval_every": None, "seed": 0, "inner_optimizer": "adam", "init_mask": None},
 }
+
+
+POSITIVE = {"lr", "tta_lr", "inner_lr", "temperature", "batch_size", "batches_per_task", "max_length"}
+NONNEGATIVE = {"steps", "tta_steps", "eval_every"}
+
+
+def _arg_type(opt: str, typ):
+    if typ is float:
+        return positive_float if opt in POSITIVE else finite_float
+    if typ is int:
+        return positive_int if opt in POSITIVE else nonnegative_int if opt in NONNEGATIVE else int
+    return typ
+
+
+def _check_value(k: str, v, where: str = "") -> None:
+    """The ranges of the flags, for recipe values too (NaN, Inf, negative rates, zero batch sizes)."""
+    import math
+    if v is None or isinstance(v, (bool, str)):
+        return
+    if isinstance(v, float) and not math.isfinite(v):
+        raise MergelabError(f"{where}{k} must be a finite number, got {v}")
+    if k in POSITIVE and v <= 0:
+        raise MergelabError(f"{where}{k} must be > 0, got {v}")
+    if k in NONNEGATIVE and v < 0:
+        raise MergelabError(f"{where}{k} must be >= 0, got {v}")
+    if k == "ties_trim" and not 0 < v <= 1:
+        raise MergelabError(f"{where}ties_trim must be in (0, 1], got {v}")
 
 
 def _bool(s: str) -> bool:
@@ -47,7 +75,8 @@ def add_parser(subparsers) -> None:
         q.add_argument("--data", required=True, help="folder with one sub-folder per task (inputs.txt, "
                        "head.safetensors, optional val.tsv), in the order of the recipe's models")
         q.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
-        q.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        q.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+        q.add_argument("--quiet", action="store_true", help="no progress bars")
         q.add_argument("--device", default=None, help="e.g. cuda; default cpu")
         for opt, typ in kinds.items():
             flag = "--" + opt.replace("_", "-")
@@ -57,7 +86,7 @@ def add_parser(subparsers) -> None:
             else:
                 choices = {"granularity": ["layer", "task"], "inner": ["task_arithmetic", "adamerging"],
                            "mask": ["continuous", "discrete", "threshold"], "inner_optimizer": ["adam", "sgd"]}.get(opt)
-                q.add_argument(flag, type=typ, default=None, choices=choices, help=f"default {d}")
+                q.add_argument(flag, type=_arg_type(opt, typ), default=None, choices=choices, help=f"default {d}")
         q.set_defaults(func=run, adapt_kinds=kinds)
 
 
@@ -80,9 +109,12 @@ def _options(args, recipe_params: dict) -> dict:
             opts[k] = v
     if method == "concrete" and opts["steps"] is None:
         opts["steps"] = 2000 if opts["inner"] == "task_arithmetic" else 1000
-    for k in ("steps", "batch_size", "batches_per_task", "max_length"):
-        if opts[k] is not None and opts[k] < (0 if k == "steps" else 1):
-            raise MergelabError(f"{k} must be positive, got {opts[k]}")
+    for k, v in opts.items():
+        _check_value(k, v)
+    for k, choices in (("granularity", ("layer", "task")), ("inner", ("task_arithmetic", "adamerging")),
+                       ("mask", ("continuous", "discrete", "threshold"))):
+        if k in kinds and opts.get(k) not in choices:
+            raise MergelabError(f"{k} must be one of {', '.join(choices)}, got {opts.get(k)!r}")
     return opts
 
 
@@ -120,6 +152,8 @@ def _load_encoder(path: str):
     from transformers import AutoModel
     if not Path(path).exists():
         raise MergelabError(f"{path}: no such checkpoint folder")
+    from mergelab.io import open_checkpoint
+    open_checkpoint(path).close()      # our reader first: strict headers, pickles refused with a clear line
     try:
         return AutoModel.from_pretrained(path, attn_implementation="eager")
     except Exception as exc:
@@ -178,22 +212,29 @@ def run(args) -> int:
     import sys
 
     import torch
-    from tqdm import tqdm
-    from mergelab.io import atomic_output_dir, copy_model_files, save_state_dict
+
+    from mergelab.cli.common import check_device
+    from mergelab.io import claim_output
+
+    t_start = time.perf_counter()
+    args.device = check_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base_path, model_paths, rparams = _read_recipe(args.recipe)
+    opts = _options(args, rparams)
+    with claim_output(args.out_dir, [base_path, *model_paths, args.data], force=args.force) as out:
+        return _run(args, out, base_path, model_paths, opts, t_start)
+
+
+def _run(args, out: Path, base_path: str, model_paths: list, opts: dict, t_start: float) -> int:
+    import torch
+    from mergelab.io import atomic_output_dir, check_finite_state, copy_model_files, save_state_dict
     from mergelab.io.model_card import write_model_card
+    from tqdm import tqdm
     from mergelab.adapt import adamerging, concrete_merge, plot_history, task_vectors_from
     from mergelab.adapt.functional import FunctionalModel
     from mergelab.adapt.text import (PooledEncoder, ShuffledBatches, accuracy_fn, prefixed, read_data_dir, tokenize,
                                      unprefixed)
-
-    t_start = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out_dir).expanduser().resolve()
-    if out.exists() and not args.force:
-        raise MergelabError(f"{out}: already exists (use --force to replace it)")
-    base_path, model_paths, rparams = _read_recipe(args.recipe)
-    opts = _options(args, rparams)
     method = args.adapt_method
 
     from transformers import AutoTokenizer
@@ -212,9 +253,11 @@ def run(args) -> int:
             print(f"note: {Path(args.data) / t.name / 'head.safetensors'} is missing: task '{t.name}' uses the head "
                   f"of its model folder, {t.head_path}", file=sys.stderr)
     base_sd = {k: v.detach().clone() for k, v in _stored(base.state_dict(), base_path).items()}
+    check_finite_state(base_sd, base_path)
     tvs = []
-    for p in tqdm(model_paths, desc="task vectors", unit="model", leave=False):
+    for p in model_paths:
         ft = _stored(_load_encoder(p).state_dict(), p)
+        check_finite_state(ft, p)
         try:
             tvs.append(prefixed(task_vectors_from(base_sd, [ft])[0]))
         except MergelabError as exc:
@@ -231,7 +274,7 @@ def run(args) -> int:
                               [t.val_labels for t in tasks], pad_id=pad_id)
     total = opts["steps"] + (opts["tta_steps"] if method == "concrete" and opts["inner"] == "adamerging" else 0)
     eval_every = opts["eval_every"] if opts["eval_every"] is not None else max(1, total // 10)
-    bar = tqdm(total=total, desc=f"{method}", unit="step")
+    bar = tqdm_bar(args.quiet, total=total, desc=f"{method}", unit="step")
 
     def progress(rec):
         bar.update(1)
@@ -265,8 +308,12 @@ def run(args) -> int:
         res.mask = unprefixed(res.mask)
     if res.mask_logits is not None:
         res.mask_logits = unprefixed(res.mask_logits)
+    if not bool(torch.isfinite(res.coefficients).all()):
+        raise MergelabError(f"{method}: the learned coefficients are not finite; nothing written")
+    check_finite_state(res.mask or {}, f"{method}: learned mask")
+    check_finite_state(res.merged_state_dict, f"{method}: merged model")
 
-    with atomic_output_dir(out, force=args.force) as tmp:
+    with atomic_output_dir(out, force=args.force, command="adapt") as tmp:
         save_state_dict(unprefixed(res.merged_state_dict), tmp)
         copy_model_files(Path(base_path), tmp)
         res.save_side_files(tmp)

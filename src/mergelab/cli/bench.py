@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from mergelab.cli.common import positive_int
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -18,7 +20,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run folder (default runs/<suite>-<timestamp>)")
     p.add_argument("--cache-dir", default=None,
                    help="fine-tuned checkpoints cache (default $MERGELAB_CACHE or ~/.cache/mergelab/bench)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of the suite's methods (e.g. ties,task_arithmetic)")
     p.add_argument("--model", action="append", default=[], metavar="TASK=DIR",
@@ -72,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
             raise MergelabError(f"--model {item!r}: {folder} is not a folder")
         user_models[task] = folder
     out = Path(args.out or f"runs/{s.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    from mergelab.io import check_output_dir
+    # before any training: a run folder never replaces an input, the working directory or a foreign folder
+    check_output_dir(out, [*user_models.values(), args.base, args.cache_dir], force=True, label="--out")
     result = run_benchmark(s, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
                            threads=args.threads, user_models=user_models, base_path=args.base,
                            methods=methods, progress=_progress(args.quiet))

@@ -29,3 +29,79 @@ class TqdmProgress:
     def close(self) -> None:
         for bar in self.bars.values():
             bar.close()
+
+
+# ---------------------------------------------------------------- option values (argparse types: one-line errors)
+
+def positive_int(text: str) -> int:
+    import argparse
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def nonnegative_int(text: str) -> int:
+    import argparse
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
+def finite_float(text: str) -> float:
+    import argparse
+    import math
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    import argparse
+    v = finite_float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return v
+
+
+def check_device(device: str | None, flag: str = "--device") -> str | None:
+    """``cpu``, ``cuda``, ``cuda:N`` (present on this machine) or ``mps``; else one line."""
+    import re
+
+    from mergelab.errors import MergelabError
+    if device is None:
+        return None
+    d = str(device).strip().lower()
+    m = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", d)
+    if not m or (m.group(1) == "cpu" and m.group(2) not in (None, "0")):
+        raise MergelabError(f"{flag} {device!r}: unknown device (use cpu, cuda or cuda:N)")
+    if m.group(1) == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise MergelabError(f"{flag} {device!r}: CUDA is not available on this machine (use cpu)")
+        if m.group(2) is not None and int(m.group(2)) >= torch.cuda.device_count():
+            raise MergelabError(f"{flag} {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if m.group(1) == "mps":
+        import torch
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise MergelabError(f"{flag} {device!r}: MPS is not available on this machine (use cpu)")
+    return d
+
+
+def tqdm_bar(quiet: bool, **kw):
+    """A tqdm bar on stderr, drawn only on a terminal (``quiet``: never): no ``\\r`` bars in piped logs."""
+    import sys
+
+    from tqdm.auto import tqdm
+    return tqdm(disable=True if quiet else None, file=sys.stderr, dynamic_ncols=True, **kw)

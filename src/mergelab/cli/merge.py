@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mergelab.cli.common import TqdmProgress
+from mergelab.cli.common import TqdmProgress, check_device, positive_int
 
 
 def _tune_for_streaming(threads: int) -> None:
@@ -41,6 +41,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from mergelab.engine import merge
+    args.device = check_device(args.device)
     _tune_for_streaming(args.threads or 2)
     if args.threads != 1:
         # the engine parallelises over tensors; one intra-op thread per worker avoids oversubscribing
@@ -48,10 +49,15 @@ def _run(args: argparse.Namespace) -> int:
     from mergelab.engine.multistage import is_multistage
     if is_multistage(args.recipe):
         return _run_stages(args)
+    from mergelab.engine.recipe import load_recipe
+    from mergelab.io import claim_output
+    recipe = load_recipe(args.recipe, compat=args.compat)
     progress = TqdmProgress(args.quiet)
     try:
-        summary = merge(args.recipe, args.out_dir, force=args.force, compat=args.compat, device=args.device,
-                        threads=args.threads, shard_size=args.shard_size, progress=progress)
+        # OUT_DIR checked and locked before any tensor is read: a second run into it fails at once
+        with claim_output(args.out_dir, recipe.input_paths(), force=args.force):
+            summary = merge(recipe, args.out_dir, force=args.force, device=args.device,
+                            threads=args.threads, shard_size=args.shard_size, progress=progress)
     finally:
         progress.close()
     _print_summary(summary)
@@ -101,7 +107,7 @@ def add_parser(sub) -> None:
                    help="semantics: mergekit 0.1.5's (default, so mergekit recipes run unchanged) or the papers'; "
                         "wins over the recipe's 'compat'")
     p.add_argument("--device", default=None, help="where the per-tensor math runs: cpu (default) or cuda")
-    p.add_argument("--threads", type=int, default=None, help="tensors merged in parallel")
+    p.add_argument("--threads", type=positive_int, default=None, help="tensors merged in parallel")
     p.add_argument("--shard-size", default=None, help="largest output shard, e.g. 2GB")
     p.add_argument("--intermediate-dir", default=None,
                    help="multi-document recipes: where named stages are kept (default: OUT_DIR.stages beside it)")

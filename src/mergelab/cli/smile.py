@@ -56,6 +56,11 @@ def resolve_options(recipe_params: dict[str, Any], args: argparse.Namespace, whe
     for key in ("k", "gate_k", "top_k"):
         if isinstance(opts[key], bool) or not isinstance(opts[key], int):
             raise MergelabError(f"{where}: parameters.{key} must be an integer, got {opts[key]!r}")
+    if opts["k"] == 0 or opts["k"] < -1:
+        raise MergelabError(f"{where}: k must be a positive rank or -1 (dense experts), got {opts['k']}")
+    for key in ("gate_k", "top_k"):
+        if opts[key] < 1:
+            raise MergelabError(f"{where}: {key} must be at least 1, got {opts[key]}")
     for key in ("average_experts", "routing_use_diff"):
         if not isinstance(opts[key], bool):
             raise MergelabError(f"{where}: parameters.{key} must be true or false, got {opts[key]!r}")
@@ -69,14 +74,52 @@ def resolve_options(recipe_params: dict[str, Any], args: argparse.Namespace, whe
     return opts
 
 
+def check_inputs(base, checkpoints, base_label: str, labels: list[str]) -> None:
+    """The structure check of ``merge`` for SMILE (names matched up to a wrapper prefix, as SMILE
+    reads them): every floating-point tensor of the base is in each fine-tune with the same shape,
+    and every tensor read is finite. One line naming the file and tensor otherwise."""
+    from mergelab.io import check_finite
+    from mergelab.upscale.smile import _Source
+
+    names = [n for n in base.keys() if base.dtype(n).is_floating_point]
+    for n in names:
+        check_finite(base.get(n), base_label, n)
+    for i, (ck, label) in enumerate(zip(checkpoints, labels)):
+        src = _Source(ck, i, names)
+        problems = []
+        for n in names:
+            key = src.key(n)
+            if key is None:
+                problems.append(f"tensor {n!r} missing")
+            elif tuple(ck.shape(key)) != tuple(base.shape(n)):
+                problems.append(f"tensor {key!r} has shape {list(ck.shape(key))}, {base_label} has "
+                                f"{list(base.shape(n))}")
+            if len(problems) >= 3:
+                break
+        if problems:
+            raise MergelabError(f"inputs do not match: {label}: " + "; ".join(problems)
+                                + (" ..." if len(problems) >= 3 else ""))
+        for n in names:
+            check_finite(ck.get(src.key(n)), label, src.key(n))
+
+
 def run(args: argparse.Namespace) -> int:
-    from mergelab.io import model_folder, open_checkpoint
+    from mergelab.io import claim_output
+    from mergelab.cli.common import check_device
     from mergelab.engine.recipe import load_recipe
+
+    args.device = check_device(args.device)
+    recipe = load_recipe(args.recipe, method_required=False, validate=False)
+    with claim_output(args.out_dir, recipe.input_paths(), force=args.force):
+        return _run(args, recipe)
+
+
+def _run(args: argparse.Namespace, recipe) -> int:
+    from mergelab.io import model_folder, open_checkpoint
     from mergelab.upscale.smile import (count_parameters, load_base_model, parameter_report, save_smile,
                                         upscale_to_smile)
 
     started = time.perf_counter()
-    recipe = load_recipe(args.recipe, method_required=False, validate=False)
     where = str(recipe.source or args.recipe)
     if recipe.method not in ("", "smile", "smile_upscaling"):
         raise MergelabError(f"{where}: merge_method is {recipe.method!r}; this command runs SMILE "
@@ -87,11 +130,17 @@ def run(args: argparse.Namespace) -> int:
         if m.params:
             raise MergelabError(f"{where}: models[{i}].parameters: SMILE takes no per-model parameters")
     opts = resolve_options(recipe.params, args, where)
-    base = load_base_model(recipe.base_model, args.device)
-    base_params = count_parameters(base)
-    checkpoints = [open_checkpoint(m.path) for m in recipe.models]
+    if opts["top_k"] > len(recipe.models):
+        raise MergelabError(f"{where}: top_k={opts['top_k']} is more than the {len(recipe.models)} experts "
+                            "(one per fine-tuned model)")
+    checkpoints = []
     bar = None
     try:
+        with open_checkpoint(recipe.base_model) as base_ckpt:    # our reader first: strict headers, no pickles
+            checkpoints.extend(open_checkpoint(m.path) for m in recipe.models)
+            check_inputs(base_ckpt, checkpoints, recipe.base_model, [m.path for m in recipe.models])
+        base = load_base_model(recipe.base_model, args.device)
+        base_params = count_parameters(base)
         if not args.quiet:
             from mergelab.cli.common import TqdmProgress
             bar = TqdmProgress(unit="layer")
@@ -105,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
         for c in checkpoints:
             c.close()
     out = save_smile(model, args.out_dir, overwrite=args.force, tokenizer_folder=model_folder(recipe.base_model),
-                     base_model=recipe.base_model, models=[m.path for m in recipe.models])
+                     inputs=recipe.input_paths(), base_model=recipe.base_model,
+                     models=[m.path for m in recipe.models])
     rep = parameter_report(model, base_params, len(recipe.models))
     info = model.smile_info
     print(f"SMILE: upscaled {len(info['layers'])} Linear layers with {info['num_experts']} experts "

@@ -227,7 +227,7 @@ def merge_to_adapter(recipe, out_dir: str | Path, rank: int, *, force: bool = Fa
         # PEFT matches pattern keys as regular expressions on the module name (``(.*\.)?key$``)
         config["rank_pattern"] = {re.escape(m): r for m, r in layer_ranks.items()}
         config["alpha_pattern"] = dict(config["rank_pattern"])
-        with atomic_output_dir(out_dir, force=force) as tmp:
+        with atomic_output_dir(out_dir, force=force, inputs=recipe.input_paths(), command="lora-merge") as tmp:
             written = save_state_dict(tensors, tmp, parse_size("1000TB"), metadata={"mergelab_method": method.name})
             (tmp / "model.safetensors").rename(tmp / "adapter_model.safetensors")
             (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))

@@ -36,9 +36,15 @@ class Stage:
 def read_documents(path: str | Path) -> list[Any]:
     path = Path(path).expanduser()
     try:
-        return [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
-    except (OSError, UnicodeDecodeError) as e:
-        raise MergelabError(f"{path}: cannot read the recipe ({e})") from None
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MergelabError(f"{path}: not a text file (byte {e.start} is not UTF-8); a recipe is YAML") from None
+    except OSError as e:
+        raise MergelabError(f"{path}: cannot read the recipe ({e.strerror})") from None
+    if "\x00" in text:
+        raise MergelabError(f"{path}: not a text file (contains NUL bytes); a recipe is YAML")
+    try:
+        return [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""

@@ -23,6 +23,7 @@ or, instead of ``models``, mergekit's ``slices`` (``sources`` with ``layer_range
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,7 +31,7 @@ from typing import Any, Mapping
 import yaml
 
 from mergelab.errors import MergelabError
-from mergelab.io import parse_dtype
+from mergelab.io import parse_dtype, parse_size
 from mergelab.io.chat_template import check_chat_template
 from mergelab.io.reference import _HUB_ID, resolve_reference
 from mergelab.io.vocab import TokenizerSpec, parse_tokenizer_spec
@@ -114,11 +115,24 @@ class Recipe:
                                 "'mergelab merge' only; give one number per parameter")
         return r.resolve("", 0.0)
 
+    def input_paths(self) -> list[str]:
+        """Every path this recipe reads (an output folder must not touch any of them)."""
+        paths = [self.base_model, *(m.path for m in self.models), *(m.lora for m in self.models if m.lora)]
+        for sl in self.slices or []:
+            paths += [sl.base_model, *(s.path for s in sl.sources)]
+        if self.tokenizer is not None and self.tokenizer.source not in ("base", "union"):
+            paths.append(self.tokenizer.source)
+        out = []
+        for p in paths:
+            if p and p not in out:
+                out.append(p)
+        return out
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.raw, sort_keys=False)
 
 
-def _resolve_path(value: Any, relative_to: Path | None, where: str) -> str:
+def _resolve_path(value: Any, relative_to: Path | None, where: str, must_exist: bool = True) -> str:
     if not isinstance(value, str) or not value.strip():
         raise MergelabError(f"{where}: expected a model path, got {value!r}")
     p = Path(value).expanduser()
@@ -126,7 +140,17 @@ def _resolve_path(value: Any, relative_to: Path | None, where: str) -> str:
         p = relative_to / p
     if not p.exists() and ("@" in value or _HUB_ID.match(value)):
         return resolve_reference(value, relative_to, where).path     # a hub id: the local cache's snapshot
+    if must_exist and not p.exists():
+        raise MergelabError(f"{where}: {value}: no such file or folder"
+                            + (f" (also not relative to {relative_to})" if relative_to and not p.is_absolute() else ""))
     return str(p)
+
+
+def unknown_key_error(where: str, key: Any, known: set[str] | list[str], what: str = "key") -> MergelabError:
+    """``unknown key 'paramters' (did you mean 'parameters'?)``."""
+    close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(known))})"
+    return MergelabError(f"{where}: unknown {what} {str(key)!r}{hint}")
 
 
 def _existing_folder(value: Any, relative_to: Path | None, where: str) -> str:
@@ -144,7 +168,15 @@ def read_recipe_mapping(source: str | Path | Mapping[str, Any]) -> tuple[dict[st
     if not path.is_file():
         raise MergelabError(f"{path}: recipe file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MergelabError(f"{path}: not a text file (byte {e.start} is not UTF-8); a recipe is YAML") from None
+    except OSError as e:
+        raise MergelabError(f"{path}: cannot read the recipe ({e.strerror})") from None
+    if "\x00" in text:
+        raise MergelabError(f"{path}: not a text file (contains NUL bytes); a recipe is YAML")
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
@@ -155,13 +187,29 @@ def read_recipe_mapping(source: str | Path | Mapping[str, Any]) -> tuple[dict[st
 
 
 def load_recipe(source: str | Path | Mapping[str, Any], *, compat: str | None = None,
-                method_required: bool = True, validate: bool = True) -> Recipe:
-    """Parse a recipe file or dict. ``validate`` checks the method and its parameters now."""
+                method_required: bool = True, validate: bool = True, extra_keys: set[str] | None = None) -> Recipe:
+    """Parse a recipe file or dict. ``validate`` checks the method and its parameters now;
+    ``extra_keys`` are top-level keys the caller reads itself (every other unknown key is an error)."""
     raw, path = read_recipe_mapping(source)
     where = str(path or "recipe")
     for key, why in UNSUPPORTED.items():
         if key in raw:
             raise MergelabError(f"{where}: {why}")
+    allowed = KNOWN_KEYS | set(extra_keys or ())
+    for key in raw:
+        if not isinstance(key, str) or key not in allowed:
+            raise unknown_key_error(where, key, allowed)
+    for key in ("dtype", "out_dtype", "compute_dtype"):
+        if raw.get(key) is not None and not isinstance(raw.get(key), str):
+            raise MergelabError(f"{where}: {key} must be a dtype name, got {raw.get(key)!r}")
+    if "shard_size" in raw:
+        size = raw["shard_size"]
+        if isinstance(size, bool) or not isinstance(size, (str, int)):
+            raise MergelabError(f"{where}: shard_size must be a size such as 2GB, got {size!r}")
+        if parse_size(size) < 1:
+            raise MergelabError(f"{where}: shard_size must be positive, got {size!r}")
+    if raw.get("merge_method") is not None and not isinstance(raw.get("merge_method"), str):
+        raise MergelabError(f"{where}: merge_method must be a method name, got {raw.get('merge_method')!r}")
     base_dir = path.parent if path else None
 
     base = raw.get("base_model")
@@ -230,9 +278,9 @@ def parse_models(models_raw: Any, base_path: str | None, base_dir: Path | None, 
             entry = {"model": entry}
         if not isinstance(entry, dict) or "model" not in entry:
             raise MergelabError(f"{where}: models[{i}] must be a mapping with a 'model' key")
-        unknown = set(entry) - {"model", "parameters"}
+        unknown = sorted(str(k) for k in set(entry) - {"model", "parameters"})
         if unknown:
-            raise MergelabError(f"{where}: models[{i}]: unknown key {sorted(unknown)[0]!r}")
+            raise unknown_key_error(f"{where}: models[{i}]", unknown[0], {"model", "parameters"})
         params = entry.get("parameters") or {}
         if not isinstance(params, dict):
             raise MergelabError(f"{where}: models[{i}].parameters must be a mapping")

@@ -608,7 +608,7 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
             d = reference.dtype(name)
             return out_dtype if out_dtype is not None and _mergeable(d) else d
         layout = [(n, dtype_of(n), reference.shape(n)) for n in names]
-        with atomic_output_dir(out_dir, force=force) as tmp:
+        with atomic_output_dir(out_dir, force=force, inputs=recipe.input_paths(), command="merge") as tmp:
             writer = ShardedWriter(tmp, layout, max_shard, metadata={"mergelab_method": method.name})
             try:
                 stages = run_merge(method, base, models, g, per, recipe.compat, writer.write, out_dtype=out_dtype,

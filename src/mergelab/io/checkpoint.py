@@ -68,6 +68,87 @@ class TensorInfo:
     shape: tuple[int, ...]
 
 
+def _no_duplicates(pairs: list) -> dict:
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"key {k!r} appears twice")
+        d[k] = v
+    return d
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def parse_safetensors_header(raw: bytes, data_size: int, where: str
+                             ) -> tuple[dict[str, TensorInfo], dict[str, tuple[int, int]]]:
+    """Infos and byte ranges of a safetensors header, checked as strictly as the format says.
+
+    Types (dtype name, non-negative integer shape, two integer offsets), each range of exactly the
+    tensor's size inside the data, and no two ranges overlapping; anything else is a MergelabError."""
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise MergelabError(f"{where}: corrupt safetensors header ({str(e)[:120]})") from None
+    if not isinstance(header, dict):
+        raise MergelabError(f"{where}: corrupt safetensors header (not a JSON object)")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and (not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values())):
+        raise MergelabError(f"{where}: corrupt safetensors header (__metadata__ must map strings to strings)")
+    infos: dict[str, TensorInfo] = {}
+    offsets: dict[str, tuple[int, int]] = {}
+    for name, entry in header.items():
+        bad = f"{where}: corrupt safetensors header entry for tensor {name!r}"
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise MergelabError(f"{bad} (needs exactly dtype, shape, data_offsets)")
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+        if dtype is None:
+            raise MergelabError(f"{bad} (unknown dtype {entry['dtype']!r})")
+        shape, offs = entry["shape"], entry["data_offsets"]
+        if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+            raise MergelabError(f"{bad} (shape must be a list of non-negative integers, got {shape!r:.80})")
+        if not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(x) for x in offs):
+            raise MergelabError(f"{bad} (data_offsets must be two integers, got {offs!r:.80})")
+        begin, end = offs
+        numel = 1
+        for s in shape:
+            numel *= s
+        if not 0 <= begin <= end or end > data_size or end - begin != numel * itemsize(dtype):
+            raise MergelabError(f"{where}: tensor {name!r} has offsets outside the file or of the wrong "
+                                "size (truncated or corrupt file)")
+        infos[name] = TensorInfo(dtype, tuple(shape))
+        offsets[name] = (begin, end)
+    last_end, last_name = 0, None
+    for name, (begin, end) in sorted(offsets.items(), key=lambda kv: kv[1]):
+        if begin < last_end:
+            raise MergelabError(f"{where}: tensors {last_name!r} and {name!r} overlap in the file (corrupt header)")
+        if end > begin:
+            last_end, last_name = end, name
+    return infos, offsets
+
+
+def check_finite(tensor: torch.Tensor, where: str, name: str) -> None:
+    """One line naming the file and tensor when a floating-point tensor holds NaN or Inf."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    t = tensor.detach()
+    low, high = torch.aminmax(t)       # NaN propagates; much cheaper than isfinite().all()
+    if bool(torch.isfinite(low) & torch.isfinite(high)):
+        return
+    n_nan = int(torch.isnan(t).sum())
+    n_inf = int(torch.isinf(t).sum())
+    what = " and ".join(x for x in (f"{n_nan} NaN" if n_nan else "", f"{n_inf} Inf" if n_inf else "") if x)
+    raise MergelabError(f"{where}: tensor {name!r} contains {what} value(s); mergelab refuses non-finite weights")
+
+
+def check_finite_state(state: Mapping[str, torch.Tensor], where: str) -> None:
+    """``check_finite`` on every tensor of a state dict."""
+    for name, t in state.items():
+        if isinstance(t, torch.Tensor):
+            check_finite(t, where, name)
+
+
 class SafetensorsFile:
     """A safetensors file with a validated header, read tensor by tensor."""
 
@@ -82,31 +163,13 @@ class SafetensorsFile:
                 (n,) = struct.unpack("<Q", head)
                 if n > size - 8 or n > 100_000_000:
                     raise ValueError(f"header length {n} exceeds the file size {size}")
-                header = json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError) as e:
+                raw = f.read(n)
+        except OSError as e:
+            raise MergelabError(f"{path}: cannot read ({e.strerror})") from None
+        except (ValueError, struct.error) as e:
             raise MergelabError(f"{path}: corrupt safetensors header ({e})") from None
-        if not isinstance(header, dict):
-            raise MergelabError(f"{path}: corrupt safetensors header (not a JSON object)")
-        header.pop("__metadata__", None)
         self.data_start = 8 + n
-        self.infos: dict[str, TensorInfo] = {}
-        self.offsets: dict[str, tuple[int, int]] = {}
-        for name, entry in header.items():
-            try:
-                dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-                shape = tuple(int(s) for s in entry["shape"])
-                begin, end = (int(x) for x in entry["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise MergelabError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
-            numel = 1
-            for s in shape:
-                numel *= s
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            if end - begin != numel * itemsize or self.data_start + end > size or begin < 0:
-                raise MergelabError(f"{path}: tensor {name!r} has offsets outside the file or of the wrong "
-                                    "size (truncated or corrupt file)")
-            self.infos[name] = TensorInfo(dtype, shape)
-            self.offsets[name] = (begin, end)
+        self.infos, self.offsets = parse_safetensors_header(raw, size - self.data_start, str(path))
         self._fd: int | None = None
 
     # Map each read copy-on-write instead of copying it with pread: the tensor then reads the page
@@ -166,7 +229,13 @@ class PickleFile:
     def __init__(self, path: Path):
         self.path = path
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e) and "zipfile" not in str(e):
+                    raise
+                # the legacy (non-zip) format cannot be mapped: read it into memory, still weights only
+                obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises UnpicklingError / RuntimeError with long texts
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if "weights_only" in str(e) or "Unpickl" in type(e).__name__ or "GLOBAL" in str(e):
@@ -175,7 +244,8 @@ class PickleFile:
             raise MergelabError(f"{path}: cannot read PyTorch checkpoint ({first[:200]})") from None
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
             obj = obj["state_dict"]
-        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in obj.items()):
             raise MergelabError(f"{path}: not a state dict of tensors")
         self.tensors: dict[str, torch.Tensor] = obj
         self.infos = {k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in obj.items()}
@@ -263,11 +333,22 @@ def _weight_files(folder: Path) -> list[Path]:
         index = folder / index_name
         if index.exists():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError):
+                weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
                 raise MergelabError(f"{index}: not a valid shard index (needs a 'weight_map' object)") from None
+            except OSError as e:
+                raise MergelabError(f"{index}: cannot read ({e.strerror})") from None
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise MergelabError(f"{index}: 'weight_map' must be a non-empty object of tensor name -> shard file")
+            for tensor, shard in weight_map.items():
+                if not isinstance(shard, str):
+                    raise MergelabError(f"{index}: weight_map[{tensor!r}] must be a shard file name, got {shard!r:.60}")
+                if (not shard or shard in (".", "..") or "/" in shard or "\\" in shard or "\x00" in shard
+                        or Path(shard).name != shard):
+                    raise MergelabError(f"{index}: weight_map[{tensor!r}] = {shard!r}: a shard must be a plain file "
+                                        "name inside the model folder")
             names = sorted(set(weight_map.values()))
-            missing = [n for n in names if not (folder / n).exists()]
+            missing = [n for n in names if not (folder / n).is_file()]
             if missing:
                 raise MergelabError(f"{index}: shard {missing[0]} listed in the index is missing")
             return [folder / n for n in names]

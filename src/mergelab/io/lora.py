@@ -44,9 +44,48 @@ def is_adapter(path: str | Path) -> bool:
 def _pattern_value(patterns: Mapping[str, object], module: str, default):
     """PEFT's ``get_pattern_key``: the first pattern matching the module name's end, else the default."""
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        try:
+            hit = re.match(rf"(.*\.)?({key})$", module)
+        except re.error as e:
+            raise MergelabError(f"pattern {key!r} of the adapter config is not a valid regular expression ({e})") from None
+        if hit:
             return value
     return default
+
+
+def _number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def read_adapter_config(folder: Path) -> dict:
+    """``adapter_config.json`` with the types mergelab relies on checked: one line naming the key otherwise."""
+    path = folder / CONFIG
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise MergelabError(f"{path}: invalid JSON ({str(e)[:120]})") from None
+    except OSError as e:
+        raise MergelabError(f"{path}: cannot read ({e.strerror})") from None
+    if not isinstance(config, dict):
+        raise MergelabError(f"{path}: must be a JSON object, got {type(config).__name__}")
+    r = config.get("r")
+    if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 1):
+        raise MergelabError(f"{path}: r must be a positive integer, got {r!r}")
+    if "lora_alpha" in config and not _number(config["lora_alpha"]):
+        raise MergelabError(f"{path}: lora_alpha must be a finite number, got {config['lora_alpha']!r}")
+    for key, ok in (("alpha_pattern", _number), ("rank_pattern", lambda v: isinstance(v, int) and
+                                                  not isinstance(v, bool) and v >= 1)):
+        pat = config.get(key)
+        if pat is None:
+            continue
+        if not isinstance(pat, dict) or not all(isinstance(k, str) and ok(v) for k, v in pat.items()):
+            raise MergelabError(f"{path}: {key} must map module patterns to {'numbers' if key[0] == 'a' else 'ranks'}")
+    for key in ("fan_in_fan_out", "use_rslora", "use_dora"):
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            raise MergelabError(f"{path}: {key} must be true or false, got {config[key]!r}")
+    if config.get("peft_type") is not None and not isinstance(config["peft_type"], str):
+        raise MergelabError(f"{path}: peft_type must be a string, got {config['peft_type']!r}")
+    return config
 
 
 @dataclass
@@ -111,10 +150,7 @@ def load_adapter(path: str | Path, base: Checkpoint) -> LoraAdapter:
     folder = Path(path).expanduser()
     if not is_adapter(folder):
         raise MergelabError(f"{folder}: not a PEFT adapter folder (needs {CONFIG} and adapter_model.safetensors)")
-    try:
-        config = json.loads((folder / CONFIG).read_text())
-    except ValueError as e:
-        raise MergelabError(f"{folder / CONFIG}: invalid JSON ({e})") from None
+    config = read_adapter_config(folder)
     where = str(folder)
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise MergelabError(f"{where}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
@@ -175,6 +211,11 @@ def _index(adapter: LoraAdapter, base: Checkpoint, where: str) -> None:
         if b_shape[1] != r:
             raise MergelabError(f"{where}: module {module!r}: lora_A {list(a_shape)} and lora_B {list(b_shape)} "
                                 "do not share the rank")
+        if r < 1:
+            raise MergelabError(f"{where}: module {module!r}: lora_A has rank 0")
+        said = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r"))
+        if said is not None and said != r:
+            raise MergelabError(f"{where}: module {module!r}: the config says r={said}, its tensors have rank {r}")
         target = _resolve(module + ".weight", base_names, where)
         shape = tuple(base.shape(target))
         product = (b_shape[0], a_shape[1])
@@ -306,10 +347,7 @@ class _AnyBase(Checkpoint):
         if not is_adapter(folder):
             raise MergelabError(f"{folder}: not a PEFT adapter folder (needs {CONFIG} and adapter_model.safetensors)")
         weight_file = next(folder / w for w in WEIGHT_FILES if (folder / w).is_file())
-        try:
-            fan_in_fan_out = bool(json.loads((folder / CONFIG).read_text()).get("fan_in_fan_out", False))
-        except ValueError as e:
-            raise MergelabError(f"{folder / CONFIG}: invalid JSON ({e})") from None
+        fan_in_fan_out = bool(read_adapter_config(folder).get("fan_in_fan_out", False))
         shapes: dict[str, tuple[int, ...]] = {}
         with open_checkpoint(weight_file) as w:
             for key in w.keys():

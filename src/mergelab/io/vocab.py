@@ -53,6 +53,7 @@ def parse_tokenizer_spec(section: Any, tokenizer_source: Any, where: str, resolv
         return None
     if section is not None and tokenizer_source is not None:
         raise MergelabError(f"{where}: give either 'tokenizer_source' or a 'tokenizer' section, not both")
+    label = "tokenizer_source" if section is None else "tokenizer source"
     if section is None:
         section = {"source": tokenizer_source}
     if not isinstance(section, Mapping):
@@ -64,7 +65,7 @@ def parse_tokenizer_spec(section: Any, tokenizer_source: Any, where: str, resolv
     if not isinstance(source, str) or not source:
         raise MergelabError(f"{where}: tokenizer source must be 'union', 'base' or a model path, got {source!r}")
     if source not in ("union", "base"):
-        source = resolve(source, f"{where}: tokenizer source")
+        source = resolve(source, f"{where}: {label}")
     pad = section.get("pad_to_multiple_of")
     if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
         raise MergelabError(f"{where}: tokenizer.pad_to_multiple_of must be a positive integer, got {pad!r}")

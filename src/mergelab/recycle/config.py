@@ -167,16 +167,20 @@ def load_config(source: str | Path | Mapping) -> RecycleConfig:
     from mergelab.engine.recipe import read_recipe_mapping
     raw, path = read_recipe_mapping(source)
     where = str(path or "recipe")
-    unknown = set(raw) - TOP_KEYS
+    from mergelab.engine.recipe import unknown_key_error
+    unknown = sorted(str(k) for k in set(raw) - TOP_KEYS)
     if unknown:
-        raise MergelabError(f"{where}: unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(TOP_KEYS))})")
+        raise unknown_key_error(where, unknown[0], TOP_KEYS)
     here = path.parent if path else Path.cwd()
 
     def resolve(p: Any, key: str) -> str:
         if not isinstance(p, str) or not p:
             raise MergelabError(f"{where}: {key} must be a path, got {p!r}")
         q = Path(p).expanduser()
-        return str(q if q.is_absolute() else (here / q).resolve())
+        q = q if q.is_absolute() else (here / q).resolve()
+        if not q.exists():
+            raise MergelabError(f"{where}: {key}: {p}: no such file or folder")
+        return str(q)
 
     cfg = RecycleConfig(source=path)
     base = raw.get("base_model", "minilm")

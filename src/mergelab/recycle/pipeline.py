@@ -340,9 +340,20 @@ def run_recycle(cfg: RecycleConfig, out_dir: str | Path, *, force: bool = False,
     """Run (or resume) the whole pipeline and write OUT_DIR; returns the results dict (results.json)."""
     emit = progress or (lambda event, **info: None)
     t_start = time.perf_counter()
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and not force:
-        raise MergelabError(f"{out}: already exists (use --force to replace it)")
+    from mergelab.io import claim_output
+    inputs = [cfg.base_model if cfg.base_model != "minilm" else None, cfg.data, *cfg.aux_checkpoints.values()]
+    with claim_output(out_dir, inputs, force=force) as out:        # checked before any path is resolved
+        return _run_recycle(cfg, out, force=force, executor=executor, ray_address=ray_address, bundle=bundle,
+                            emit=emit, t_start=t_start)
+
+
+def _run_recycle(cfg: RecycleConfig, out: Path, *, force: bool, executor: str | None, ray_address: str | None,
+                 bundle: Mapping | None, emit: Progress, t_start: float) -> dict:
+    from mergelab.io import check_finite, open_checkpoint
+    for path in cfg.aux_checkpoints.values():      # every weight read later must be finite: check once, up front
+        with open_checkpoint(path) as ck:
+            for name in ck.keys():
+                check_finite(ck.get(name), path, name)
     work = _work_dir(out)
     work.mkdir(parents=True, exist_ok=True)
     store = RunStore(work / "runs")
@@ -481,8 +492,8 @@ def run_recycle(cfg: RecycleConfig, out_dir: str | Path, *, force: bool = False,
     from mergelab.recycle.report import write_report
     write_report(results, work)
     write_json_atomic(work / "results.json", results)
-    from mergelab.io import replace_dir
-    replace_dir(work, out)
+    from mergelab.io import finish_output
+    finish_output(work, out, command="recycle")
     emit("done", out=str(out))
     return results
 

@@ -67,6 +67,8 @@ class RunStore:
         try:
             save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS))
             (tmp / DONE).write_text(json.dumps(dict(record), indent=1, sort_keys=True))
+            from mergelab.io import fix_modes
+            fix_modes(tmp)      # 0644 as the umask allows (safetensors and mkdtemp write owner-only)
             if final.exists():
                 trash = Path(tempfile.mkdtemp(prefix=f".{run_id}.old-", dir=self.root))
                 os.replace(final, trash / "old")

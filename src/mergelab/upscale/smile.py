@@ -532,8 +532,8 @@ def _smile_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def save_smile(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool = False,
-               tokenizer_folder: str | os.PathLike | None = None, base_model: str | None = None,
-               models: Sequence[str] = ()) -> str:
+               tokenizer_folder: str | os.PathLike | None = None, inputs: Sequence[str] = (),
+               base_model: str | None = None, models: Sequence[str] = ()) -> str:
     """Write ``config.json`` (transformers config, when the model has one), ``model.safetensors``
     and ``smile_config.json`` into ``out_dir`` atomically (temp folder beside it, then rename).
 
@@ -544,7 +544,7 @@ def save_smile(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool = F
 
     from mergelab.io import TOKENIZER_FILES, atomic_output_dir
 
-    with atomic_output_dir(out_dir, force=overwrite) as tmp:
+    with atomic_output_dir(out_dir, force=overwrite, inputs=[*inputs, tokenizer_folder], command="smile") as tmp:
         cfg = getattr(model, "config", None)
         if cfg is not None and hasattr(cfg, "save_pretrained"):
             cfg.save_pretrained(tmp)
