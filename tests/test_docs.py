@@ -449,6 +449,8 @@ def lora_experts_python(block, world, cwd, capsys):
 
 def readme_slices(block, world, cwd, capsys):
     from mergelab.engine.recipe import load_recipe
+    (cwd / "a").symlink_to(world.fts[0])
+    (cwd / "b").symlink_to(world.fts[1])
     (cwd / "recipe.yaml").write_text(block["body"])
     r = load_recipe(cwd / "recipe.yaml", validate=False)   # 24-32 layers: run on Llama stand-ins in test_recipes
     assert r.method == "passthrough" and [s.sources[0].layer_range for s in r.slices] == [(0, 24), (8, 32)]
