@@ -77,6 +77,7 @@ def test_bad_lines_options_are_one_clear_error():
 
 def test_recipe_lines_key(tmp_path):
     from mergelab.engine.recipe import load_recipe
+    (tmp_path / "a").mkdir()                   # recipe paths must exist
     r = load_recipe({"base_model": str(tmp_path), "models": [str(tmp_path / "a")], "merge_method": "ties",
                      "lines": {"beta": 0.5}})
     assert r.lines is not None and r.lines.alpha is None and "lines" not in r.extra

@@ -81,7 +81,7 @@ def test_search_local_and_embedded_ray_agree_and_recipe_reproduces(lms, tmp_path
 
     # best_recipe.yaml is a plain recipe: `mergelab merge` rebuilds best_model bit for bit
     recipe = yaml.safe_load((tmp_path / "local" / "best_recipe.yaml").read_text())
-    assert set(recipe) <= {"base_model", "models", "merge_method", "parameters"}
+    assert set(recipe) <= {"base_model", "models", "merge_method", "parameters", "compat"}
     assert main(["merge", str(tmp_path / "local" / "best_recipe.yaml"), str(tmp_path / "again")]) == 0
     a, b = load_state_dict(tmp_path / "local" / "best_model"), load_state_dict(tmp_path / "again")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -342,8 +342,11 @@ def _selections_of(ranks: list[list[int | None]], deltas: Mapping[int, torch.Ten
 def _fused_combination(method: Method, params: dict, model_params: list[dict], compat: str, device: torch.device,
                        compute_dtype: torch.dtype) -> tuple[float | None, list[float]] | None:
     """The method's fixed coefficients where the fused pass applies (CPU, float32 arithmetic, no zero
-    coefficient: every input then reaches the output, so a NaN/Inf in any of them shows in it)."""
-    if method.linear_combination is None or device.type != "cpu" or compute_dtype != torch.float32:
+    coefficient: every input then reaches the output, so a NaN/Inf in any of them shows in it). Paper
+    semantics only: under mergekit's, results must be bit-identical to mergekit's own order of operations,
+    which the fused sum does not keep (it differs by an ulp)."""
+    if (method.linear_combination is None or device.type != "cpu" or compute_dtype != torch.float32
+            or compat == "mergekit"):
         return None
     found = method.linear_combination(params, model_params, compat)
     if found is None or any(c == 0 for c in [*found[1], *([] if found[0] is None else [found[0]])]):

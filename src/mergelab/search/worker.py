@@ -172,9 +172,11 @@ def plain_recipe(ctx: dict, merge_spec: dict, model_paths: list[str]) -> dict:
     out["merge_method"] = merge_spec["method"]
     if merge_spec["params"]:
         out["parameters"] = dict(merge_spec["params"])
-    for k in ("dtype", "out_dtype", "tokenizer_source", "compat", "shard_size"):
+    for k in ("dtype", "out_dtype", "tokenizer_source", "shard_size"):
         if k in recipe:
             out[k] = recipe[k]
+    # the semantics the trials merged with, written out: a recipe without 'compat' means mergekit's
+    out["compat"] = recipe.get("compat", "paper")
     return out
 
 
