@@ -203,3 +203,15 @@ def test_built_in_suites_and_yaml_prompts(tmp_path):
     (tmp_path / "bad2.yaml").write_text("tasks: [gcide]\nprotocol: {head: linear}\n")
     with pytest.raises(MergelabError, match="head"):
         load_suite_file(tmp_path / "bad2.yaml")
+
+
+def test_adapt_data_folder_reads_a_zero_shot_head_as_one(tmp_path):
+    from mergelab.adapt.text import read_data_dir
+    enc, tok = tiny()
+    head = train.zero_shot_head(enc, tok, [["red"], ["blue"]], scale=5)
+    (tmp_path / "t1").mkdir()
+    (tmp_path / "t1" / "inputs.txt").write_text("red cat\nblue dog\n")
+    save_head(tmp_path / "t1" / "head.safetensors", head)
+    (task,) = read_data_dir(tmp_path, 1, hidden_size=32)
+    x = torch.randn(3, 32)
+    assert isinstance(task.head, train.ZeroShotHead) and torch.allclose(task.head(x), head(x))

@@ -225,7 +225,8 @@ def build_heads(protocol: Protocol, tasks: TaskPool, encoder: nn.Module, tokeniz
             heads[name] = train.train_linear_probe(z, td.train.labels, len(td.classes),
                                                    weight_decay=protocol.probe_weight_decay, seed=protocol.seed)
             timings.stop(f"probe {name}", t0)
-    return heads
+    dev = next(encoder.parameters()).device
+    return {n: h.to(dev) for n, h in heads.items()}
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
