@@ -215,3 +215,21 @@ def test_adapt_data_folder_reads_a_zero_shot_head_as_one(tmp_path):
     (task,) = read_data_dir(tmp_path, 1, hidden_size=32)
     x = torch.randn(3, 32)
     assert isinstance(task.head, train.ZeroShotHead) and torch.allclose(task.head(x), head(x))
+
+
+def test_tuned_row_that_picks_the_paper_default_reuses_its_test_outcomes(tmp_path, monkeypatch):
+    from mergelab.bench import runner
+    calls = []
+    real = runner.evaluate_built
+
+    def counting(model, models, tasks, split, *a, **k):
+        calls.append((split, k.get("desc", "")))
+        return real(model, models, tasks, split, *a, **k)
+    monkeypatch.setattr(runner, "evaluate_built", counting)
+    s = _tiny_suite([MethodSpec("task_arithmetic", "task_arithmetic", grid={"lambda": [0.3, 0.3]},
+                                default={"lambda": 0.3})], ensemble=False)
+    res = run_benchmark(s, cache_dir=tmp_path / "cache", threads=None, base=tiny())
+    tests = [d for split, d in calls if split == "test"]
+    assert tests == ["test: zero-shot", "test: task_arithmetic@paper"]  # the tuned row is not re-tested
+    assert res["correct"]["task_arithmetic"] == res["correct"]["task_arithmetic@paper"]
+    assert res["rows"]["task_arithmetic"]["chosen"] == {"lambda": 0.3}

@@ -645,10 +645,11 @@ def run_benchmark(suite: Suite, cache_dir: Path | None = None, threads: int | No
             publish()
 
         for spec in methods:
+            tested: dict[str, Any] = {}  # setting -> test results: a tuned row that picks the paper default reuses them
             for row_name, settings, how in method_rows(spec):
                 t0 = timings.start()
                 try:
-                    row, corr = _method_row(spec, settings, models, tasks, progress, f"{row_name}{tag}")
+                    row, corr = _method_row(spec, settings, models, tasks, progress, f"{row_name}{tag}", tested)
                     row.update(_summary(row.pop("_test"), individual))
                     row["how"] = how
                     rows[row_name] = row
@@ -673,8 +674,9 @@ def _jsonable(o):
 
 
 def _method_row(spec: MethodSpec, settings: list[dict], models: ModelPool, tasks: TaskPool,
-                progress: ProgressFactory, label: str) -> tuple[dict, dict]:
-    """Validation search over ``settings`` (skipped for a single one), then one test evaluation."""
+                progress: ProgressFactory, label: str, tested: dict | None = None) -> tuple[dict, dict]:
+    """Validation search over ``settings`` (skipped for a single one), then one test evaluation
+    (taken from ``tested`` when the same setting of the same method was already tested)."""
     search = []
     best, best_score, best_model = None, -1.0, None
     memo: dict = {}
@@ -698,7 +700,13 @@ def _method_row(spec: MethodSpec, settings: list[dict], models: ModelPool, tasks
         bar.update(1)
     bar.close()
     memo.clear()
-    test = evaluate_built(best_model, models, tasks, "test", progress=progress, desc=f"test: {label}")
+    key = json.dumps(best, sort_keys=True, default=str)
+    if tested is not None and key in tested:
+        test = tested[key]
+    else:
+        test = evaluate_built(best_model, models, tasks, "test", progress=progress, desc=f"test: {label}")
+        if tested is not None:
+            tested[key] = test
     row = {"_test": test, "params": count_params(best_model), "kind": "method",
            "method": spec.method or "builder", "chosen": best, "grid": spec.grid, "fixed": spec.params,
            "search": search}
