@@ -314,6 +314,19 @@ register_task(TaskSpec(
     ["A definition of a verb about {}.", "A word that means {}.", "An action related to {}."]))
 
 
+WORDNET_NOUN2 = ["noun.body", "noun.cognition", "noun.state", "noun.attribute", "noun.substance", "noun.time",
+                 "noun.quantity", "noun.group"]
+
+register_task(TaskSpec(
+    "wordnet_noun2", "WordNet noun category from a gloss, 8 other categories (wordnet-base)",
+    lambda: read_wordnet("noun"), WORDNET_NOUN2, ["wordnet-base"],
+    {"noun.body": "a part of the body", "noun.cognition": "a thought or idea", "noun.state": "a state or condition",
+     "noun.attribute": "a quality or property", "noun.substance": "a substance or material",
+     "noun.time": "a period of time", "noun.quantity": "a quantity or unit of measure",
+     "noun.group": "a group of people or things"},
+    ["A dictionary definition of {}.", "The meaning of a word for {}.", "This describes {}."]))
+
+
 WORDNET_POS = {"noun": "noun", "verb": "verb", "adj": "adjective", "adv": "adverb"}
 
 
