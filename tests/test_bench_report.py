@@ -66,13 +66,14 @@ def bench(tmp_path_factory):
 def test_rows_and_metrics(bench):
     suite, _, result, _, base = bench
     rows = result["rows"]
-    assert list(rows) == ["base", "individual", "average", "task_arithmetic", "ties", "base_again"]
+    assert list(rows) == ["zero_shot", "individual", "ensemble", "average", "task_arithmetic", "ties",
+                          "base_again"]
     n = sum(p.numel() for p in base[0].parameters())
-    assert rows["base"]["params"] == n and rows["individual"]["params"] == 2 * n
+    assert rows["zero_shot"]["params"] == n and rows["individual"]["params"] == 2 * n
     assert rows["ties"]["params"] == n
     assert rows["individual"]["normalized"] == pytest.approx(1.0)
     # the builder row returned the base encoder: identical predictions to the base row
-    assert result["correct"]["base_again"] == result["correct"]["base"]
+    assert result["correct"]["base_again"] == result["correct"]["zero_shot"]
     for name, row in rows.items():
         accs = [row["per_task"][t] for t in suite.tasks]
         assert row["average"] == pytest.approx(sum(accs) / 2)
@@ -134,7 +135,7 @@ def test_report_files(bench, tmp_path):
     js = json.loads((out / "results.json").read_text())
     checks = js["order_check"]
     assert [(c["a"], c["b"]) for c in checks] == [("individual", "ties"), ("ties", "task_arithmetic"),
-                                                  ("task_arithmetic", "average")]
+                                                  ("task_arithmetic", "average"), ("average", "zero_shot")]
     assert "literature order" in report.order_text(checks)
 
 

@@ -151,8 +151,21 @@ def read_data_dir(path: str | Path, num_tasks: int, hidden_size: int | None = No
                     raise MergelabError(f"{vp}:{i}: label {lab} outside 0..{w.shape[0] - 1}")
                 vl.append(int(lab))
                 vt.append(text)
-        tasks.append(TaskFolder(name, texts, linear_head(w, b), vt, vl, str(hp)))
+        head = linear_head(w, b)
+        if _head_kind(hp) == "zero_shot":  # `mergelab bench` zero-shot head: cosine logits
+            from mergelab.io.head import ZeroShotHead
+            zs = ZeroShotHead(w.shape[1], w.shape[0], bias=b is not None)
+            zs.load_state_dict(head.state_dict())
+            head = zs.requires_grad_(False)
+        tasks.append(TaskFolder(name, texts, head, vt, vl, str(hp)))
     return tasks
+
+
+def _head_kind(path: Path) -> str:
+    """The ``head`` metadata of a head.safetensors (``zero_shot`` normalises the input first)."""
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as fh:
+        return (fh.metadata() or {}).get("head", "linear")
 
 
 def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:

@@ -14,7 +14,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from mergelab.errors import MergelabError
 
@@ -61,6 +61,7 @@ class TaskData:
     test: Split
     description: str = ""
     available: dict[str, int] = field(default_factory=dict)  # examples per class before splitting
+    prompts: list[list[str]] = field(default_factory=list)  # zero-shot prompts per class (TaskSpec.prompts)
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
@@ -75,6 +76,15 @@ class TaskSpec:
     read: Callable[[], list[tuple[str, str]]]
     classes: Sequence[str] | None = None  # keep only these (in this order); None = all found
     packages: Sequence[str] = ()
+    # zero-shot head (docs/bench.md): natural-language name per class label (default: the label)
+    # and prompt templates with one "{}" each; the head embeds every template(name) with the base
+    class_names: Mapping[str, str] | None = None
+    templates: Sequence[str] = ("{}.",)
+
+    def prompts(self, classes: Sequence[str]) -> list[list[str]]:
+        """One list of prompts per class (``template.format(name)`` for every template)."""
+        names = dict(self.class_names or {})
+        return [[t.format(names.get(c, c)) for t in self.templates] for c in classes]
 
 
 TASKS: dict[str, TaskSpec] = {}
@@ -216,23 +226,26 @@ GCIDE_DOMAINS = {"Zool": "zoology", "Bot": "botany", "Med": "medicine", "Law": "
 _GCIDE_MARK = re.compile(r"\((Zool|Bot|Med|Law|Naut|Chem|Mus|Mil)\.?\)")
 
 
-def read_gcide(path: Path | None = None) -> list[tuple[str, str]]:
+def read_gcide(path: Path | None = None, domains: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
     """Definition domain: a GCIDE sense marked ``(Zool.)``, ``(Law)``...; text = the sense after it."""
     path = path or DICTD_DIR / "gcide.dict.dz"
     _need(path, ["dict-gcide"])
+    domains = domains or GCIDE_DOMAINS
+    mark = (_GCIDE_MARK if domains is GCIDE_DOMAINS
+            else re.compile(r"\((" + "|".join(map(re.escape, domains)) + r")\.?\)"))
     out = []
     for entry in _dict_entries(path):
         for para in "\n".join(entry).split("\n\n"):
-            marks = set(_GCIDE_MARK.findall(para))
+            marks = set(mark.findall(para))
             if len(marks) != 1:
                 continue  # no mark, or a sense spanning two domains
-            m = _GCIDE_MARK.search(para)
+            m = mark.search(para)
             sense = para[m.end():]
             sense = re.split(r"\[(?:1913 Webster|PJC|Webster 1913 Suppl\.)", sense)[0]
             sense = re.sub(r"--[A-Z][\w.& ]*\.?", "", sense)  # citations
             sense = clean_text(_strip_markup(sense)).lstrip(",;:. ")
             if len(sense) >= 20:
-                out.append((sense, GCIDE_DOMAINS[m.group(1)]))
+                out.append((sense, domains[m.group(1)]))
     return out
 
 
@@ -261,18 +274,110 @@ def read_wordnet(pos: str, path: Path | None = None) -> list[tuple[str, str]]:
     return out
 
 
-register_task(TaskSpec("fortune_topic", "topic of an English quote (fortunes)", read_fortune_topic,
-                       FORTUNE_TOPICS, ["fortunes", "fortunes-min"]))
-register_task(TaskSpec("fortune_lang", "language of a quote (fortunes-*)", read_fortune_lang,
-                       list(FORTUNE_LANGS), ["fortunes"] + [p for p in FORTUNE_LANGS.values() if p]))
-register_task(TaskSpec("foldoc", "category of a computing term (dict-foldoc)", read_foldoc,
-                       FOLDOC_TAGS, ["dict-foldoc"]))
-register_task(TaskSpec("gcide", "subject domain of a definition (dict-gcide)", read_gcide,
-                       list(GCIDE_DOMAINS.values()), ["dict-gcide"]))
-register_task(TaskSpec("wordnet_noun", "WordNet noun category from a gloss (wordnet-base)",
-                       lambda: read_wordnet("noun"), WORDNET_NOUN, ["wordnet-base"]))
-register_task(TaskSpec("wordnet_verb", "WordNet verb category from a gloss (wordnet-base)",
-                       lambda: read_wordnet("verb"), WORDNET_VERB, ["wordnet-base"]))
+# Class names and prompt templates for the zero-shot heads: written once from the label's meaning,
+# never tuned on any split (docs/bench.md, "Zero-shot heads").
+register_task(TaskSpec(
+    "fortune_topic", "topic of an English quote (fortunes)", read_fortune_topic, FORTUNE_TOPICS,
+    ["fortunes", "fortunes-min"],
+    {"computers": "computers", "politics": "politics", "science": "science", "people": "famous people",
+     "definitions": "the definition of a word", "songs-poems": "songs and poems"},
+    ["A quotation about {}.", "A fortune cookie about {}.", "A funny saying about {}."]))
+register_task(TaskSpec(
+    "fortune_lang", "language of a quote (fortunes-*)", read_fortune_lang, list(FORTUNE_LANGS),
+    ["fortunes"] + [p for p in FORTUNE_LANGS.values() if p],
+    {"en": "English", "de": "German", "es": "Spanish", "it": "Italian", "pl": "Polish", "cs": "Czech"},
+    ["A text in {}.", "A quotation written in {}.", "This sentence is in {}."]))
+register_task(TaskSpec(
+    "foldoc", "category of a computing term (dict-foldoc)", read_foldoc, FOLDOC_TAGS, ["dict-foldoc"],
+    {"programming": "programming", "networking": "computer networking", "language": "a programming language",
+     "jargon": "hacker jargon", "operating system": "an operating system", "company": "a company",
+     "hardware": "computer hardware", "mathematics": "mathematics"},
+    ["A computing dictionary entry about {}.", "A definition of a term from {}.", "This is about {}."]))
+register_task(TaskSpec(
+    "gcide", "subject domain of a definition (dict-gcide)", read_gcide, list(GCIDE_DOMAINS.values()),
+    ["dict-gcide"],
+    {"nautical": "ships and sailing"},
+    ["A dictionary definition from {}.", "A definition of a term used in {}.", "A word from {}."]))
+register_task(TaskSpec(
+    "wordnet_noun", "WordNet noun category from a gloss (wordnet-base)", lambda: read_wordnet("noun"),
+    WORDNET_NOUN, ["wordnet-base"],
+    {"noun.animal": "an animal", "noun.artifact": "a man-made object", "noun.person": "a person",
+     "noun.plant": "a plant", "noun.act": "an action or activity", "noun.communication": "communication",
+     "noun.location": "a place", "noun.food": "food or drink"},
+    ["A dictionary definition of {}.", "The meaning of a word for {}.", "This describes {}."]))
+register_task(TaskSpec(
+    "wordnet_verb", "WordNet verb category from a gloss (wordnet-base)", lambda: read_wordnet("verb"),
+    WORDNET_VERB, ["wordnet-base"],
+    {"verb.change": "changing something", "verb.contact": "touching or hitting", "verb.communication":
+     "speaking or communicating", "verb.motion": "moving", "verb.social": "social life",
+     "verb.possession": "owning or giving", "verb.stative": "being in a state", "verb.cognition": "thinking"},
+    ["A definition of a verb about {}.", "A word that means {}.", "An action related to {}."]))
+
+
+WORDNET_NOUN2 = ["noun.body", "noun.cognition", "noun.state", "noun.attribute", "noun.substance", "noun.time",
+                 "noun.quantity", "noun.group"]
+
+register_task(TaskSpec(
+    "wordnet_noun2", "WordNet noun category from a gloss, 8 other categories (wordnet-base)",
+    lambda: read_wordnet("noun"), WORDNET_NOUN2, ["wordnet-base"],
+    {"noun.body": "a part of the body", "noun.cognition": "a thought or idea", "noun.state": "a state or condition",
+     "noun.attribute": "a quality or property", "noun.substance": "a substance or material",
+     "noun.time": "a period of time", "noun.quantity": "a quantity or unit of measure",
+     "noun.group": "a group of people or things"},
+    ["A dictionary definition of {}.", "The meaning of a word for {}.", "This describes {}."]))
+
+
+WORDNET_POS = {"noun": "noun", "verb": "verb", "adj": "adjective", "adv": "adverb"}
+
+
+def read_wordnet_pos() -> list[tuple[str, str]]:
+    """Part of speech of a WordNet synset from its gloss (the data file it comes from)."""
+    out = []
+    for pos in WORDNET_POS:
+        out += [(g, pos) for g, _ in read_wordnet(pos)]
+    return out
+
+
+register_task(TaskSpec(
+    "wordnet_pos", "part of speech of a WordNet gloss (wordnet-base)", read_wordnet_pos, list(WORDNET_POS),
+    ["wordnet-base"], WORDNET_POS,
+    ["A dictionary definition of a {}.", "The meaning of a {}.", "A gloss for a {} in a dictionary."]))
+
+GCIDE2_DOMAINS = {"Anat": "anatomy", "Arch": "architecture", "Math": "mathematics", "Astron": "astronomy",
+                  "Geol": "geology", "Her": "heraldry", "Gram": "grammar", "Eccl": "the church"}
+
+
+def read_gcide2(path: Path | None = None) -> list[tuple[str, str]]:
+    """Definition domain, eight more GCIDE marks: (Anat.) (Arch.) (Math.) (Astron.) (Geol.) (Her.)..."""
+    return read_gcide(path, GCIDE2_DOMAINS)
+
+
+register_task(TaskSpec(
+    "gcide2", "subject domain of a definition, 8 other domains (dict-gcide)", read_gcide2,
+    list(GCIDE2_DOMAINS.values()), ["dict-gcide"], {},
+    ["A dictionary definition from {}.", "A definition of a term used in {}.", "A word from {}."]))
+
+FORTUNE_TOPICS2 = ["work", "men-women", "art", "wisdom", "literature", "startrek", "law", "education"]
+
+
+def read_fortune_topic2(root: Path | None = None) -> list[tuple[str, str]]:
+    """Quote topic, eight other English fortune files."""
+    root = root or FORTUNES_DIR
+    out = []
+    for topic in FORTUNE_TOPICS2:
+        path = root / topic
+        _need(path, ["fortunes"])
+        out += [(t, topic) for t in parse_fortune_file(path)]
+    return out
+
+
+register_task(TaskSpec(
+    "fortune_topic2", "topic of an English quote, 8 other files (fortunes)", read_fortune_topic2,
+    FORTUNE_TOPICS2, ["fortunes"],
+    {"work": "work and jobs", "men-women": "men and women", "art": "art and artists", "wisdom": "wisdom",
+     "literature": "books and literature", "startrek": "Star Trek", "law": "law and lawyers",
+     "education": "school and education"},
+    ["A quotation about {}.", "A fortune cookie about {}.", "A funny saying about {}."]))
 
 
 # ----------------------------------------------------------------------------- splits
@@ -353,4 +458,4 @@ def load_task(name: str, n_train: int = 2000, n_val: int = 500, n_test: int = 10
         return Split([t for t, _ in split], [y for _, y in split])
 
     return TaskData(name, classes, mk(train), mk(val), mk(test), spec.description,
-                    {c: counts.get(c, 0) for c in classes})
+                    {c: counts.get(c, 0) for c in classes}, spec.prompts(classes))

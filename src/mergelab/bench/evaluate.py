@@ -67,3 +67,37 @@ def paired_diff(a: Sequence[EvalResult], b: Sequence[EvalResult]) -> tuple[float
         var += sd2 / n
     t = len(diffs)
     return sum(diffs) / t, math.sqrt(var) / t
+
+
+def bootstrap_replicates(correct: Sequence[Sequence[Sequence[float]]], n_boot: int = 1000,
+                         seed: int = 0) -> "torch.Tensor":
+    """Bootstrap replicates of the average-over-tasks accuracy of several models at once.
+
+    ``correct[m][t]`` = per-example outcomes (0/1, or a mean over fine-tuning seeds) of model m on
+    task t; every model is resampled with the *same* example indices (drawn per task, with
+    replacement), so ``rep[a] - rep[b]`` are replicates of the paired difference.  Returns
+    ``[models, n_boot]``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n_models, n_tasks = len(correct), len(correct[0])
+    rep = torch.zeros(n_models, n_boot, dtype=torch.float64)
+    for t in range(n_tasks):
+        c = torch.as_tensor([list(map(float, correct[m][t])) for m in range(n_models)], dtype=torch.float64)
+        n = c.shape[1]
+        idx = torch.randint(0, n, (n_boot, n), generator=g)
+        # counts per example per replicate: rep = counts @ c.T / n (no [n_boot, n] gather per model)
+        counts = torch.zeros(n_boot, n, dtype=torch.float64)
+        counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
+        rep += (counts @ c.T).T / n
+    return rep / n_tasks
+
+
+def paired_bootstrap(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], n_boot: int = 1000,
+                     seed: int = 0) -> dict[str, float]:
+    """Paired bootstrap of the difference of average accuracies a - b (same test examples): the
+    observed difference, the bootstrap SE and the 95 % percentile interval."""
+    rep = bootstrap_replicates([a, b], n_boot, seed)
+    d = rep[0] - rep[1]
+    obs = sum(sum(map(float, x)) / len(x) - sum(map(float, y)) / len(y) for x, y in zip(a, b)) / len(a)
+    lo, hi = torch.quantile(d, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"diff": obs, "se": float(d.std()), "ci_low": lo, "ci_high": hi}

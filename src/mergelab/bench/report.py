@@ -1,5 +1,7 @@
-"""Benchmark reports: Markdown and CSV tables, a JSON with everything, PNG plots, and the check of
-the literature's order (individual > TIES >= task arithmetic > average) in paired standard errors."""
+"""Benchmark reports: Markdown and CSV tables (mean over fine-tuning seeds and per seed), a JSON
+with everything, PNG plots, paired bootstrap intervals of method differences, and the check of the
+literature's order (individual > SVD family / SMILE > TIES > task arithmetic > average > zero-shot)
+in paired standard errors."""
 from __future__ import annotations
 
 import csv
@@ -11,9 +13,14 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-from mergelab.bench.evaluate import EvalResult, paired_diff
+from mergelab.bench.evaluate import EvalResult, bootstrap_replicates, paired_diff
 
 LITERATURE_ORDER = ["individual", "ties", "task_arithmetic", "average"]
+# the order the merging papers report (CLIP ViT-B/32, 8 tasks), one level per step; a level lists
+# every row that belongs to it (SVD family and SMILE share a level)
+LITERATURE_LEVELS = [["individual"], ["tsv", "iso_c", "iso_cts", "smile*"], ["ties"], ["task_arithmetic"],
+                     ["average"], ["zero_shot", "base"]]
+N_BOOT = 1000
 
 
 def _fmt_params(params: dict | None) -> str:
@@ -22,10 +29,12 @@ def _fmt_params(params: dict | None) -> str:
     return ", ".join(f"{k}={v}" for k, v in params.items())
 
 
-def table_rows(result: dict) -> list[dict[str, Any]]:
+def table_rows(result: dict, rows_of: dict | None = None) -> list[dict[str, Any]]:
     """One flat row per model: accuracies in percent, averages with their SE, chosen parameters."""
     rows = []
-    for name, row in result["rows"].items():
+    for name, row in (rows_of if rows_of is not None else result["rows"]).items():
+        if row.get("kind") == "failed":
+            continue
         flat = {"model": name}
         for t in result["tasks"]:
             flat[t] = round(100 * row["per_task"][t], 2)
@@ -38,22 +47,36 @@ def table_rows(result: dict) -> list[dict[str, Any]]:
     return rows
 
 
-def markdown_table(result: dict) -> str:
-    """The main table (accuracy %, test split) in Markdown."""
+def markdown_table(result: dict, rows_of: dict | None = None) -> str:
+    """The main table (accuracy %, test split) in Markdown; failed rows last, with their error."""
     tasks = result["tasks"]
-    head = ["model"] + tasks + ["avg ± SE", "normalized", "params (M)", "chosen on val"]
+    rows_of = rows_of if rows_of is not None else result["rows"]
+    head = ["model"] + tasks + ["avg ± SE", "normalized", "params (M)", "setting"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in table_rows(result):
+    for r in table_rows(result, rows_of):
+        src = rows_of[r["model"]]
+        setting = r["chosen"]
+        if src.get("how") == "validation-tuned":
+            setting = f"val: {setting}"
+        if len(src.get("chosen_per_seed") or []) > 1 and src.get("how") == "validation-tuned":
+            setting = "val per seed: " + " / ".join(_fmt_params(c) for c in src["chosen_per_seed"])
         cells = [r["model"]] + [f"{r[t]:.1f}" for t in tasks]
         cells += [f"{r['average']:.2f} ± {r['average_se']:.2f}", f"{r['normalized']:.1f}",
-                  f"{r['params'] / 1e6:.1f}" if r["params"] else "", r["chosen"]]
+                  f"{r['params'] / 1e6:.1f}" if r["params"] else "", setting]
         lines.append("| " + " | ".join(cells) + " |")
+    for name, row in rows_of.items():
+        if row.get("kind") == "failed":
+            lines.append("| " + " | ".join([name] + ["-"] * len(tasks) + ["failed", "", "",
+                                                                         row.get("error", "").replace("|", "/")])
+                         + " |")
     return "\n".join(lines)
 
 
 def csv_table(result: dict) -> str:
     buf = io.StringIO()
     rows = table_rows(result)
+    if not rows:
+        return ""
     w = csv.DictWriter(buf, fieldnames=list(rows[0]))
     w.writeheader()
     w.writerows(rows)
@@ -65,29 +88,107 @@ def _results(result: dict, name: str) -> list[EvalResult]:
     return [EvalResult(sum(c[t]) / len(c[t]), len(c[t]), c[t]) for t in result["tasks"]]
 
 
-def order_check(result: dict, order: Sequence[str] = LITERATURE_ORDER) -> list[dict[str, Any]]:
-    """For each neighbour pair (a, b) of ``order`` present in the result: a - b in average test
-    accuracy, its paired SE (same test examples) and the number of SEs."""
-    names = [n for n in order if n in result.get("correct", {})]
+def seed_mean_outcomes(result: dict) -> dict[str, list[list[float]]]:
+    """Per row, per task: each test example's outcome averaged over the fine-tuning seeds (rows that
+    succeeded in every seed)."""
+    runs = result.get("runs") or {"0": {"correct": result.get("correct", {})}}
+    seeds = list(runs)
+    names = [n for n in runs[seeds[0]]["correct"] if all(n in runs[s]["correct"] for s in seeds)]
+    out = {}
+    for n in names:
+        out[n] = [[sum(float(runs[s]["correct"][n][t][i]) for s in seeds) / len(seeds)
+                   for i in range(len(runs[seeds[0]]["correct"][n][t]))] for t in result["tasks"]]
+    return out
+
+
+def _paired_se(a: list[list[float]], b: list[list[float]]) -> tuple[float, float]:
+    diffs, var = [], 0.0
+    for x, y in zip(a, b):
+        d = [p - q for p, q in zip(x, y)]
+        mu = sum(d) / len(d)
+        diffs.append(mu)
+        var += sum((v - mu) ** 2 for v in d) / max(1, len(d) - 1) / len(d)
+    return sum(diffs) / len(diffs), math.sqrt(var) / len(diffs)
+
+
+def _level_rows(level: Sequence[str], names: Sequence[str]) -> list[str]:
+    """Rows of one level of the order: exact names, or ``prefix*`` (tuned rows only, no ``@``)."""
     out = []
-    for a, b in zip(names, names[1:]):
-        d, se = paired_diff(_results(result, a), _results(result, b))
-        out.append({"a": a, "b": b, "diff": d, "se": se,
-                    "n_se": d / se if se > 0 else (math.inf if d > 0 else 0.0), "holds": d >= 0})
+    for pat in level:
+        if pat.endswith("*"):
+            out += [n for n in names if n.startswith(pat[:-1]) and "@" not in n]
+        elif pat in names:
+            out.append(pat)
+    return out
+
+
+def order_check(result: dict, order: Sequence[Sequence[str]] | Sequence[str] = LITERATURE_LEVELS,
+                n_boot: int = N_BOOT) -> list[dict[str, Any]]:
+    """For each neighbour pair of levels of ``order`` (every row of one level against every row of
+    the next present level): a - b in average test accuracy (seed mean), its paired SE (same test
+    examples), the number of SEs, a paired-bootstrap 95 % interval, and per seed the difference."""
+    outcomes = seed_mean_outcomes(result)
+    levels = [[x] if isinstance(x, str) else list(x) for x in order]
+    present = [lv for lv in (_level_rows(lv, list(outcomes)) for lv in levels) if lv]
+    pairs = [(a, b) for up, low in zip(present, present[1:]) for a in up for b in low]
+    if not pairs:
+        return []
+    used = sorted({x for pair in pairs for x in pair})
+    rep = bootstrap_replicates([outcomes[n] for n in used], n_boot)
+    idx = {n: i for i, n in enumerate(used)}
+    runs = result.get("runs") or {}
+    out = []
+    for a, b in pairs:
+        d, se = _paired_se(outcomes[a], outcomes[b])
+        bd = rep[idx[a]] - rep[idx[b]]
+        import torch
+        lo, hi = torch.quantile(bd, torch.tensor([0.025, 0.975], dtype=bd.dtype)).tolist()
+        per_seed = {}
+        for s, run in runs.items():
+            if a in run["correct"] and b in run["correct"]:
+                per_seed[s] = paired_diff(_results({"correct": run["correct"], "tasks": result["tasks"]}, a),
+                                          _results({"correct": run["correct"], "tasks": result["tasks"]}, b))
+        n_se = d / se if se > 0 else (math.inf if d > 0 else 0.0)
+        out.append({"a": a, "b": b, "diff": d, "se": se, "n_se": n_se, "ci_low": lo, "ci_high": hi,
+                    "holds": d >= 0, "beyond_2se": n_se > 2, "per_seed": per_seed})
     return out
 
 
 def order_text(checks: list[dict[str, Any]]) -> str:
     if not checks:
         return "order check: not enough rows"
-    parts = []
+    lines = ["| step | diff (pt) | paired SE | SEs | bootstrap 95 % CI | per seed (pt, SEs) | > 2 SE? |",
+             "|---|---|---|---|---|---|---|"]
     for c in checks:
-        rel = ">" if c["diff"] > 0 else ("=" if c["diff"] == 0 else "<")
-        parts.append(f"{c['a']} {rel} {c['b']}: {100 * c['diff']:+.2f} pt "
-                     f"(paired SE {100 * c['se']:.2f}, {c['n_se']:+.1f} SE)")
-    verdict = "holds" if all(c["holds"] for c in checks) else "does NOT hold"
-    chain = " > ".join(c["a"] for c in checks) + " > " + checks[-1]["b"]
-    return f"literature order {chain}: {verdict}\n" + "\n".join("- " + p for p in parts)
+        ps = "; ".join(f"s{s}: {100 * d:+.2f} ({d / se if se else 0:+.1f})" for s, (d, se) in c["per_seed"].items())
+        lines.append(f"| {c['a']} > {c['b']} | {100 * c['diff']:+.2f} | {100 * c['se']:.2f} | {c['n_se']:+.1f} | "
+                     f"[{100 * c.get('ci_low', float('nan')):+.2f}, {100 * c.get('ci_high', float('nan')):+.2f}] | "
+                     f"{ps} | {'yes' if c['n_se'] > 2 else ('no (wrong sign)' if c['diff'] < 0 else 'no')} |")
+    held = sum(c["n_se"] > 2 for c in checks)
+    return (f"literature order, {held} of {len(checks)} steps hold by more than 2 paired SE "
+            "(seed-mean outcomes; CI = paired bootstrap over test examples):\n" + "\n".join(lines))
+
+
+def bootstrap_table(result: dict, reference: str | None = None, n_boot: int = N_BOOT) -> str:
+    """Every row minus a reference row (task arithmetic, tuned, when present), seed-mean outcomes:
+    difference, paired SE and paired-bootstrap 95 % interval on the same test examples."""
+    outcomes = seed_mean_outcomes(result)
+    if reference is None:
+        reference = next((r for r in ("task_arithmetic", "average", "zero_shot", "base") if r in outcomes), None)
+    if reference is None or len(outcomes) < 2:
+        return ""
+    names = list(outcomes)
+    rep = bootstrap_replicates([outcomes[n] for n in names], n_boot)
+    import torch
+    r = names.index(reference)
+    lines = [f"| row | minus {reference} (pt) | paired SE | 95 % CI |", "|---|---|---|---|"]
+    for i, n in enumerate(names):
+        if n == reference:
+            continue
+        d, se = _paired_se(outcomes[n], outcomes[reference])
+        lo, hi = torch.quantile(rep[i] - rep[r], torch.tensor([0.025, 0.975], dtype=rep.dtype)).tolist()
+        lines.append(f"| {n} | {100 * d:+.2f} | {100 * se:.2f} | [{100 * lo:+.2f}, {100 * hi:+.2f}] |")
+    return "\n".join(lines)
 
 
 def timings_table(result: dict) -> str:
@@ -118,22 +219,53 @@ def sizes_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def markdown_report(result: dict) -> str:
+def _protocol_text(result: dict) -> str:
     p = result["protocol"]
-    return "\n\n".join([
+    if p.get("head", "probe") == "zero_shot":
+        head = (f"frozen zero-shot heads (class-name prompts embedded by the base, normalised, logits = "
+                f"{p['head_scale']:g} x cosine; no label used)")
+    else:
+        head = "frozen linear-probe heads fitted on the base's train embeddings"
+    return (f"Protocol: {head}; encoder fine-tuned {p['steps']} steps through the head (batch "
+            f"{p['batch_size']}, AdamW lr {p['lr']:g}, weight decay {p['weight_decay']:g}, "
+            f"{int(100 * p['warmup'])} % warm-up then {p.get('schedule', 'linear')} decay, max length "
+            f"{p['max_len']}{', token embeddings frozen' if p.get('freeze_embeddings') else ''}); fine-tuning seeds "
+            f"{', '.join(map(str, result.get('seeds', [p.get('seed', 0)])))}; merges act on the encoder; NAME@paper = "
+            "the paper's data-free default, NAME = tuned on validation; test once per final model.")
+
+
+def failed_text(result: dict) -> str:
+    bad = [(s, n, r.get("error", "")) for s, run in (result.get("runs") or {}).items()
+           for n, r in run["rows"].items() if r.get("kind") == "failed"]
+    if not bad:
+        return "none"
+    return "\n".join(f"- {n} (seed {s}): {e}" for s, n, e in bad)
+
+
+def markdown_report(result: dict) -> str:
+    seeds = list((result.get("runs") or {}))
+    parts = [
         f"# mergelab bench: suite {result['suite']}",
         f"{result.get('description', '')}. Base: {result['base']}. Threads: {result['threads']}. "
-        f"Protocol: linear-probe heads on the frozen base, encoder fine-tuned {p['steps']} steps "
-        f"(batch {p['batch_size']}, AdamW lr {p['lr']}, max length {p['max_len']}) with the head "
-        "frozen; merges act on the encoder; hyper-parameters chosen on validation; test once.",
-        "## Test accuracy (%)", markdown_table(result),
-        "SE: binomial SE of the average over tasks. Normalized: mean over tasks of "
-        "merged / individual accuracy.",
+        + _protocol_text(result) + ("" if result.get("complete", True) else
+                                    " **Partial result: the run did not finish.**"),
+        f"## Test accuracy (%){', mean over fine-tuning seeds ' + ', '.join(seeds) if len(seeds) > 1 else ''}",
+        markdown_table(result),
+        "SE: binomial SE of the average over tasks (test sampling; the mean over seeds does not shrink "
+        "it, the test examples are the same). Normalized: mean over tasks of row / individual accuracy.",
+    ]
+    if len(seeds) > 1:
+        for sd in seeds:
+            parts += [f"### Seed {sd}", markdown_table(result, result["runs"][sd]["rows"])]
+    parts += [
         "## Order check (paired differences on the same test examples)", order_text(order_check(result)),
+        "## Differences to a common reference (paired bootstrap, 1000 replicates)", bootstrap_table(result),
+        "## Failed rows", failed_text(result),
         "## Splits", sizes_table(result),
         "## Validation search", search_table(result),
         "## Timings", timings_table(result),
-    ]) + "\n"
+    ]
+    return "\n\n".join(parts) + "\n"
 
 
 # ----------------------------------------------------------------------------- plots
@@ -142,7 +274,8 @@ def _plots(result: dict, folder: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks, rows = result["tasks"], result["rows"]
+    tasks = result["tasks"]
+    rows = {n: r for n, r in result["rows"].items() if r.get("kind") != "failed"}
     names = list(rows)
     written = []
 
@@ -199,6 +332,24 @@ def _plots(result: dict, folder: Path) -> list[str]:
         fig.savefig(folder / "lambda_sweep.png", dpi=120)
         written.append("lambda_sweep.png")
     plt.close(fig)
+
+    smile = [(rows[n]["params"], 100 * rows[n]["average"], n) for n in names if n.startswith("smile")]
+    if smile:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.scatter([p / 1e6 for p, _, _ in smile], [a for _, a, _ in smile], color="#4a7", label="SMILE")
+        for p_, a_, n in smile:
+            ax.annotate(n, (p_ / 1e6, a_), fontsize=7)
+        for ref, style in (("individual", "--"), ("ensemble", ":"), ("task_arithmetic", "-."), ("tsv", "-")):
+            if ref in rows:
+                ax.axhline(100 * rows[ref]["average"], linestyle=style, color="#999", label=ref)
+        ax.set_xlabel("parameters (M)")
+        ax.set_ylabel("test accuracy (%, average over tasks)")
+        ax.set_title(f"{result['suite']}: SMILE accuracy vs size")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(folder / "smile_params.png", dpi=120)
+        plt.close(fig)
+        written.append("smile_params.png")
     return written
 
 

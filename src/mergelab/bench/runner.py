@@ -1,12 +1,16 @@
-"""Benchmark orchestration: task pool -> model pool (probe heads, cached fine-tunes) -> every
-method's validation search and one test evaluation -> a result dict that ``report`` renders.
+"""Benchmark orchestration: task pool -> model pool (frozen zero-shot or probe heads, cached
+fine-tunes per seed) -> reference rows (zero-shot, individual, ensemble, multi-task) and every
+method's paper-default row and validation search with one test evaluation -> a result dict that
+``report`` renders.
 
 Nothing here prints: stages report through ``progress(desc, total)`` factories (the CLI passes
-tqdm bars) and their wall-clock times land in the result.
+tqdm bars) and their wall-clock times land in the result.  A method that raises becomes a failed
+row with its one-line error; ``partial_path`` receives the result after every row.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -124,11 +128,15 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def finetune_cache_key(task: data.TaskData, protocol: Protocol, base_id: str) -> str:
-    """Everything that changes a fine-tune: base model, protocol, and the exact training texts."""
-    return _digest({"base": base_id, "task": task.name, "classes": task.classes,
-                    "protocol": protocol.training_key(),
-                    "train": hashlib.sha256("\n".join(task.train.texts).encode()).hexdigest()})
+def finetune_cache_key(task: data.TaskData, protocol: Protocol, base_id: str, seed: int | None = None) -> str:
+    """Everything that changes a fine-tune: base model, protocol, head prompts, fine-tuning seed and
+    the exact training texts."""
+    seed = protocol.finetune_seeds[0] if seed is None else seed
+    key = {"base": base_id, "task": task.name, "classes": task.classes, "protocol": protocol.training_key(),
+           "finetune_seed": seed, "train": hashlib.sha256("\n".join(task.train.texts).encode()).hexdigest()}
+    if protocol.head == "zero_shot":
+        key["prompts"] = task.prompts
+    return _digest(key)
 
 
 def save_finetuned(folder: Path, encoder: nn.Module, tokenizer, head: nn.Linear,
@@ -142,8 +150,7 @@ def save_finetuned(folder: Path, encoder: nn.Module, tokenizer, head: nn.Linear,
     tmp.mkdir(parents=True)
     encoder.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()},
-              str(tmp / "head.safetensors"))
+    save_head(tmp / "head.safetensors", head)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
     from mergelab.io import fix_modes
     fix_modes(tmp)          # safetensors writes 0600: a shared MERGELAB_CACHE must be readable by others
@@ -152,8 +159,20 @@ def save_finetuned(folder: Path, encoder: nn.Module, tokenizer, head: nn.Linear,
     tmp.rename(folder)
 
 
+def save_head(path: Path, head: nn.Linear) -> None:
+    """``weight`` [classes, hidden] and ``bias``; metadata ``head`` = zero_shot (the input is
+    L2-normalised before the linear map) or linear."""
+    from safetensors.torch import save_file
+
+    kind = "zero_shot" if isinstance(head, train.ZeroShotHead) else "linear"
+    save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()},
+              str(path), metadata={"head": kind})
+
+
 def load_head(folder: Path) -> nn.Linear:
     """The frozen task head stored beside a fine-tuned encoder (``head.safetensors``)."""
+    from safetensors import safe_open
+
     path = Path(folder) / "head.safetensors"
     if not path.exists():
         raise MergelabError(f"{path} not found: a fine-tuned model for the benchmark needs its task "
@@ -162,7 +181,13 @@ def load_head(folder: Path) -> nn.Linear:
     weight, bias = load_head_file(path)
     if bias is None:
         raise MergelabError(f"{path}: expected tensors 'weight' [classes, hidden] and 'bias'")
-    head = nn.Linear(weight.shape[1], weight.shape[0])
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for a damaged file
+        raise MergelabError(f"{path}: not a readable safetensors file ({exc})") from exc
+    cls = train.ZeroShotHead if meta.get("head") == "zero_shot" else nn.Linear
+    head = cls(weight.shape[1], weight.shape[0])
     with torch.no_grad():
         head.weight.copy_(weight)
         head.bias.copy_(bias)
@@ -181,12 +206,43 @@ def load_finetuned_state(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
+def build_heads(protocol: Protocol, tasks: TaskPool, encoder: nn.Module, tokenizer,
+                progress: ProgressFactory = _null_progress, timings: dict | None = None) -> dict[str, nn.Linear]:
+    """One frozen head per task from the *base* encoder: zero-shot (prompts only, no label) or a
+    linear probe on the train split's base embeddings (``protocol.head``)."""
+    timings = timings if timings is not None else _Timer()
+    heads = {}
+    pad = tokenizer.pad_token_id or 0
+    for name in tasks.names:
+        td = tasks.tasks[name]
+        t0 = timings.start()
+        if protocol.head == "zero_shot":
+            heads[name] = train.zero_shot_head(encoder, tokenizer, td.prompts, scale=protocol.head_scale,
+                                               max_len=protocol.max_len, pad_id=pad)
+            timings.stop(f"zero-shot head {name}", t0)
+        else:
+            bar = progress(f"probe {name}", len(tasks.seqs[name]["train"]))
+            z = train.embed(encoder, tasks.seqs[name]["train"], pad_id=pad, progress=bar.update)
+            bar.close()
+            heads[name] = train.train_linear_probe(z, td.train.labels, len(td.classes),
+                                                   weight_decay=protocol.probe_weight_decay, seed=protocol.seed)
+            timings.stop(f"probe {name}", t0)
+    dev = next(encoder.parameters()).device
+    return {n: h.to(dev) for n, h in heads.items()}
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
 def prepare_models(suite: Suite, tasks: TaskPool, cache_dir: Path | None = None,
                    base: tuple[nn.Module, Any] | None = None, base_id: str = "all-MiniLM-L6-v2",
                    user_models: Mapping[str, str] | None = None,
                    progress: ProgressFactory = _null_progress,
-                   timings: dict[str, float] | None = None) -> ModelPool:
-    """Heads (linear probes on the frozen base) and fine-tuned encoders, from cache when present.
+                   timings: dict[str, float] | None = None, seed: int | None = None,
+                   heads: Mapping[str, nn.Linear] | None = None) -> ModelPool:
+    """Heads (built once from the base) and fine-tuned encoders of one fine-tuning ``seed``, from
+    cache when present.
 
     ``user_models`` maps a task to a Hugging Face folder the user fine-tuned (with its
     ``head.safetensors``); those are used as they are.  Everything else is trained with the suite's
@@ -194,59 +250,101 @@ def prepare_models(suite: Suite, tasks: TaskPool, cache_dir: Path | None = None,
     """
     timings = timings if timings is not None else _Timer()
     p = suite.protocol
+    seed = p.finetune_seeds[0] if seed is None else seed
+    tag = "" if seed == p.finetune_seeds[0] else f" (seed {seed})"
     encoder, tokenizer = base if base is not None else train.load_base_encoder()
     encoder.eval()
-    base_sd = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    base_sd = _cpu_state(encoder)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     user_models = dict(user_models or {})
-    finetuned, heads, paths = {}, {}, {}
+    heads = dict(heads) if heads is not None else build_heads(p, tasks, encoder, tokenizer, progress, timings)
+    finetuned, paths = {}, {}
     pad = tokenizer.pad_token_id or 0
+    dev = next(encoder.parameters()).device
     todo = []
     for name in tasks.names:
         if name in user_models:
             folder = Path(user_models[name])
             t0 = timings.start()
-            heads[name] = load_head(folder)
+            heads[name] = load_head(folder).to(dev)
             finetuned[name] = load_finetuned_state(folder)
             paths[name] = str(folder)
             timings.stop(f"load fine-tune {name}", t0)
             continue
-        folder = cache_dir / f"{name}-{finetune_cache_key(tasks.tasks[name], p, base_id)}"
+        folder = cache_dir / f"{name}-{finetune_cache_key(tasks.tasks[name], p, base_id, seed)}"
         paths[name] = str(folder)
         if (folder / "meta.json").exists():
             t0 = timings.start()
-            heads[name] = load_head(folder)
             finetuned[name] = load_finetuned_state(folder)
-            timings.stop(f"load cached fine-tune {name}", t0)
+            timings.stop(f"load cached fine-tune {name}{tag}", t0)
         else:
             todo.append(name)
     for name in todo:
         td, seqs = tasks.tasks[name], tasks.seqs[name]
         folder = Path(paths[name])
         t0 = timings.start()
-        bar = progress(f"probe {name}", len(seqs["train"]))
-        z = train.embed(encoder, seqs["train"], pad_id=pad, progress=bar.update)
-        bar.close()
-        head = train.train_linear_probe(z, td.train.labels, len(td.classes),
-                                        weight_decay=p.probe_weight_decay, seed=p.seed)
-        timings.stop(f"probe {name}", t0)
-        t0 = timings.start()
         work = copy.deepcopy(encoder)
-        epochs = p.steps / max(1, -(-len(seqs["train"]) // p.batch_size))
-        bar = progress(f"fine-tune {name}", p.steps)
-        train.finetune(work, head, seqs["train"], td.train.labels, epochs=epochs, lr=p.lr,
+        bar = progress(f"fine-tune {name}{tag}", p.steps)
+        train.finetune(work, heads[name], seqs["train"], td.train.labels, steps=p.steps, lr=p.lr,
                        batch_size=p.batch_size, weight_decay=p.weight_decay, warmup=p.warmup,
-                       seed=p.seed, pad_id=pad, progress=bar.update)
+                       seed=seed, pad_id=pad, progress=bar.update, schedule=p.schedule,
+                       freeze_embeddings=p.freeze_embeddings)
         bar.close()
-        timings.stop(f"fine-tune {name}", t0)
-        dt = timings[f"fine-tune {name}"]
-        save_finetuned(folder, work, tokenizer, head,
-                       {"task": name, "classes": td.classes, "protocol": asdict(p),
-                        "sizes": td.sizes(), "base": base_id, "train_seconds": round(dt, 1)})
-        heads[name] = head
-        finetuned[name] = {k: v.detach().clone() for k, v in work.state_dict().items()}
+        timings.stop(f"fine-tune {name}{tag}", t0)
+        dt = timings[f"fine-tune {name}{tag}"]
+        save_finetuned(folder, work, tokenizer, heads[name],
+                       {"task": name, "classes": td.classes, "prompts": td.prompts, "protocol": asdict(p),
+                        "finetune_seed": seed, "sizes": td.sizes(), "base": base_id, "train_seconds": round(dt, 1)})
+        finetuned[name] = _cpu_state(work)
         del work
     return ModelPool(encoder, tokenizer, base_sd, finetuned, heads, paths)
+
+
+def multitask_finetune(suite: Suite, models: ModelPool, tasks: TaskPool, cache_dir: Path | None,
+                       base_id: str, seed: int, progress: ProgressFactory = _null_progress,
+                       timings: dict | None = None) -> dict[str, torch.Tensor]:
+    """The multi-task reference: one encoder fine-tuned on every task's train split at once
+    (``protocol.mtl_steps`` steps, batches drawn from the union), each example through its own
+    task's frozen head; cached like the individual fine-tunes."""
+    timings = timings if timings is not None else _Timer()
+    p = suite.protocol
+    names = tasks.names
+    key = _digest({"mtl_steps": p.mtl_steps, "tasks": [finetune_cache_key(tasks.tasks[n], p, base_id, seed)
+                                                        for n in names]})
+    folder = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / f"multitask-{key}"
+    tag = "" if seed == p.finetune_seeds[0] else f" (seed {seed})"
+    t0 = timings.start()
+    if (folder / "meta.json").exists():
+        sd = load_finetuned_state(folder)
+        timings.stop(f"load cached multi-task{tag}", t0)
+        return sd
+    seqs, labels, tids = [], [], []
+    for i, n in enumerate(names):
+        seqs += tasks.inputs(n, "train")
+        labels += tasks.labels(n, "train")
+        tids += [i] * len(tasks.inputs(n, "train"))
+    work = models.encoder()
+    bar = progress(f"fine-tune multi-task{tag}", p.mtl_steps)
+    train.finetune(work, None, seqs, labels, steps=p.mtl_steps, lr=p.lr, batch_size=p.batch_size,
+                   weight_decay=p.weight_decay, warmup=p.warmup, seed=seed, pad_id=models.pad_id,
+                   progress=bar.update, schedule=p.schedule, freeze_embeddings=p.freeze_embeddings,
+                   tasks=tids, heads=[models.heads[n] for n in names])
+    bar.close()
+    timings.stop(f"fine-tune multi-task{tag}", t0)
+    from safetensors.torch import save_file
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    work.save_pretrained(tmp)
+    models.tokenizer.save_pretrained(tmp)
+    for n in names:
+        save_head(tmp / f"head_{n}.safetensors", models.heads[n])
+    (tmp / "meta.json").write_text(json.dumps({"tasks": names, "mtl_steps": p.mtl_steps, "finetune_seed": seed,
+                                               "train_seconds": round(timings[f"fine-tune multi-task{tag}"], 1)}))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return _cpu_state(work)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -349,94 +447,270 @@ def build_method(spec: MethodSpec, models: ModelPool, tasks: TaskPool, params: d
     return models.encoder(merge_encoder_state(spec, models, tasks.names, params))
 
 
+def _one_line(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {msg[0] if msg else ''}".strip().rstrip(":")
+
+
+@torch.no_grad()
+def _test_embeddings(enc: nn.Module, models: ModelPool, tasks: TaskPool, split: str,
+                     progress: ProgressFactory, desc: str) -> dict[str, torch.Tensor]:
+    """Mean-pooled embeddings of every task's ``split`` inputs by one encoder (one pass)."""
+    names = tasks.names
+    seqs = [s for n in names for s in tasks.inputs(n, split)]
+    bar = progress(desc, len(seqs))
+    z = train.embed(enc, seqs, pad_id=models.pad_id, progress=bar.update)
+    bar.close()
+    out, start = {}, 0
+    for n in names:
+        k = len(tasks.inputs(n, split))
+        out[n] = z[start:start + k]
+        start += k
+    return out
+
+
+def _scored(logits: torch.Tensor, labels: Sequence[int]) -> EvalResult:
+    correct = (logits.argmax(-1).cpu() == torch.as_tensor(list(labels))).tolist()
+    return EvalResult(sum(correct) / len(correct), len(correct), correct)
+
+
+def _reference_rows(models: ModelPool, tasks: TaskPool, suite: Suite, progress: ProgressFactory,
+                    timings: _Timer, tag: str, zero_shot: dict[str, EvalResult] | None):
+    """zero-shot (or probe) base row, individual fine-tunes and their ensemble (mean of the
+    models' class probabilities through the task's head), from one embedding pass per model."""
+    names = tasks.names
+    out: dict[str, dict[str, EvalResult]] = {}
+    if zero_shot is None:
+        t0 = timings.start()
+        zero_shot = evaluate_built(models.base, models, tasks, "test", progress=progress, desc="test: zero-shot")
+        timings.stop("test zero-shot", t0)
+    out["base"] = zero_shot
+    t0 = timings.start()
+    individual, probs = {}, {n: None for n in names}
+    for m in names:
+        enc = models.encoder(models.finetuned[m])
+        if suite.protocol.ensemble:
+            z = _test_embeddings(enc, models, tasks, "test", progress, f"test: fine-tune {m} on all tasks{tag}")
+        else:
+            z = {m: _test_embeddings_one(enc, models, tasks, m)}
+        for n, zn in z.items():
+            head = models.heads[n]
+            with torch.no_grad():
+                logits = head(zn.to(head.weight.device)).float().cpu()
+            if n == m:
+                individual[n] = _scored(logits, tasks.labels(n, "test"))
+            p = logits.softmax(-1)
+            probs[n] = p if probs[n] is None else probs[n] + p
+        del enc
+    timings.stop(f"test individual{' + ensemble' if suite.protocol.ensemble else ''}{tag}", t0)
+    out["individual"] = individual
+    if suite.protocol.ensemble:
+        out["ensemble"] = {n: _scored(probs[n], tasks.labels(n, "test")) for n in names}
+    return out
+
+
+def _test_embeddings_one(enc: nn.Module, models: ModelPool, tasks: TaskPool, name: str) -> torch.Tensor:
+    return train.embed(enc, tasks.inputs(name, "test"), pad_id=models.pad_id)
+
+
+def method_rows(spec: MethodSpec) -> list[tuple[str, list[dict], str]]:
+    """(row name, settings, kind) of a spec: ``NAME@paper`` (its paper default, no validation) when
+    it has one, and ``NAME`` (searched on validation over the grid; a single setting = fixed)."""
+    rows = []
+    if spec.default is not None:
+        rows.append((f"{spec.name}@paper", [{**spec.params, **spec.default}], "paper default"))
+    settings = spec.settings()
+    if spec.default is None or len(settings) > 1:
+        rows.append((spec.name, settings, "validation-tuned" if len(settings) > 1 else "fixed"))
+    return rows
+
+
+def _mean_rows(runs: Mapping[str, dict], names: Sequence[str]) -> dict[str, dict]:
+    """Rows averaged over fine-tuning seeds (accuracies, SEs, normalized); a row failed in any seed
+    stays failed."""
+    seeds = list(runs)
+    first = runs[seeds[0]]["rows"]
+    out = {}
+    for r, row in first.items():
+        per_seed = [runs[s]["rows"].get(r) for s in seeds]
+        if len(seeds) == 1:
+            out[r] = row
+            continue
+        if any(x is None or x.get("kind") == "failed" for x in per_seed):
+            bad = next(x for x in per_seed if x is None or x.get("kind") == "failed")
+            out[r] = bad or {"kind": "failed", "error": "missing in a seed"}
+            continue
+        m = {k: v for k, v in row.items() if k not in ("search",)}
+        for key in ("per_task", "per_task_se"):
+            m[key] = {t: sum(x[key][t] for x in per_seed) / len(seeds) for t in names}
+        for key in ("average", "average_se", "normalized"):
+            if key in row:
+                m[key] = sum(x[key] for x in per_seed) / len(seeds)
+        m["chosen_per_seed"] = [x.get("chosen") for x in per_seed]
+        m["average_per_seed"] = [x["average"] for x in per_seed]
+        out[r] = m
+    return out
+
+
 def run_benchmark(suite: Suite, cache_dir: Path | None = None, threads: int | None = 2,
                   user_models: Mapping[str, str] | None = None, base_path: str | None = None,
                   methods: Sequence[MethodSpec] | None = None,
                   progress: ProgressFactory = _null_progress,
-                  base: tuple[nn.Module, Any] | None = None) -> dict[str, Any]:
-    """Run the whole benchmark and return a JSON-ready result dict (see report.write_report)."""
+                  base: tuple[nn.Module, Any] | None = None, seeds: Sequence[int] | None = None,
+                  partial_path: str | Path | None = None, device: str | None = None) -> dict[str, Any]:
+    """Run the whole benchmark and return a JSON-ready result dict (see report.write_report).
+
+    ``seeds`` (default ``protocol.finetune_seeds``) are the fine-tuning seeds: each gets its own
+    fine-tunes and rows (``result["runs"][seed]``); ``result["rows"]`` is their mean.  A method row
+    that raises is recorded as ``{"kind": "failed", "error": ...}`` and the run goes on;
+    ``partial_path`` is rewritten (JSON) after every row.
+    """
     if threads:
         torch.set_num_threads(threads)
     timings = _Timer()
     t_all = timings.start()
     methods = list(methods if methods is not None else suite.methods)
+    p = suite.protocol
+    seeds = list(seeds if seeds is not None else p.finetune_seeds)
+    if seeds != list(p.finetune_seeds):
+        suite = copy.copy(suite)
+        suite.protocol = p = dataclasses.replace(p, finetune_seeds=seeds)
 
     t0 = timings.start()
     if base is None:
         base = train.load_base_encoder(base_path)
+    if device:
+        base = (base[0].to(device), base[1])
     base_id = base_path or "all-MiniLM-L6-v2"
     timings.stop("load base model", t0)
     t0 = timings.start()
-    tasks = prepare_tasks(suite.tasks, suite.protocol, base[1], progress)
+    tasks = prepare_tasks(suite.tasks, p, base[1], progress)
     timings.stop("load + tokenize data", t0)
-    models = prepare_models(suite, tasks, cache_dir, base=base, base_id=base_id,
-                            user_models=user_models, progress=progress, timings=timings)
-
-    rows: dict[str, dict] = {}
-    n_base = count_params(models.base)
     t0 = timings.start()
-    base_test = evaluate_built(models.base, models, tasks, "test", progress=progress,
-                               desc="test: base")
-    timings.stop("test base", t0)
-    t0 = timings.start()
-    individual: dict[str, EvalResult] = {}
-    bar_desc = "test: individual"
-    for n in tasks.names:
-        enc = models.encoder(models.finetuned[n])
-        individual.update(evaluate_built(enc, models, tasks, "test", [n], progress=progress,
-                                         desc=f"{bar_desc} {n}"))
-        del enc
-    timings.stop("test individual", t0)
-    rows["base"] = {**_summary(base_test, individual), "params": n_base, "kind": "reference"}
-    rows["individual"] = {**_summary(individual, individual), "params": n_base * len(tasks.names),
-                          "kind": "reference"}
-    correct = {"base": {n: r.correct for n, r in base_test.items()},
-               "individual": {n: r.correct for n, r in individual.items()}}
-
-    for spec in methods:
-        settings = spec.settings()
-        search = []
-        best, best_score, best_model = None, -1.0, None
-        memo: dict = {}
-        t0 = timings.start()
-        bar = progress(f"search {spec.name} (val, {len(settings)} settings)", len(settings))
-        for params in settings:
-            t1 = time.perf_counter()
-            model = build_method(spec, models, tasks, params, memo)
-            t_build = time.perf_counter() - t1
-            if len(settings) == 1:
-                score, per_task = float("nan"), {}
-            else:
-                val = evaluate_built(model, models, tasks, "val")
-                score = sum(r.accuracy for r in val.values()) / len(val)
-                per_task = {n: r.accuracy for n, r in val.items()}
-            search.append({"params": params, "val_average": score, "val_per_task": per_task,
-                           "build_seconds": round(t_build, 2)})
-            if best is None or score > best_score:
-                best, best_score, best_model = params, score, model
-            else:
-                del model
-            bar.update(1)
-        bar.close()
-        memo.clear()
-        timings.stop(f"search {spec.name}", t0)
-        t0 = timings.start()
-        test = evaluate_built(best_model, models, tasks, "test", progress=progress,
-                              desc=f"test: {spec.name}")
-        timings.stop(f"test {spec.name}", t0)
-        rows[spec.name] = {**_summary(test, individual), "params": count_params(best_model),
-                           "kind": "method", "method": spec.method or "builder",
-                           "chosen": best, "grid": spec.grid, "fixed": spec.params,
-                           "search": search}
-        correct[spec.name] = {n: r.correct for n, r in test.items()}
-        del best_model
-    timings.stop("total", t_all)
-    return {
+    heads = build_heads(p, tasks, base[0], base[1], progress, timings)
+    timings.stop("heads", t0)
+    base_name = "zero_shot" if p.head == "zero_shot" else "base"
+    result: dict[str, Any] = {
         "suite": suite.name, "description": suite.description, "tasks": tasks.names,
         "task_info": {n: {"classes": td.classes, "sizes": td.sizes(), "available": td.available,
-                          "description": td.description} for n, td in tasks.tasks.items()},
-        "protocol": asdict(suite.protocol), "threads": threads, "base": base_id,
-        "finetuned_paths": models.paths, "rows": rows, "correct": correct,
-        "timings": {k: round(v, 2) for k, v in timings.items()},
-        "cpu_timings": {k: round(v, 2) for k, v in timings.cpu.items()},
-    }
+                          "description": td.description, "prompts": td.prompts} for n, td in tasks.tasks.items()},
+        "protocol": asdict(p), "threads": threads, "device": device or "cpu", "base": base_id,
+        "seeds": seeds, "finetuned_paths": {}, "finetuned_paths_per_seed": {}, "runs": {}, "rows": {}, "correct": {},
+        "timings": timings, "cpu_timings": timings.cpu, "base_row": base_name, "complete": False}
+
+    def publish():
+        result["rows"] = _mean_rows(result["runs"], tasks.names) if result["runs"] else {}
+        result["correct"] = result["runs"][str(seeds[0])]["correct"] if result["runs"] else {}
+        if partial_path is not None:
+            tmp = Path(str(partial_path) + ".tmp")
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(result, default=_jsonable))
+            tmp.replace(partial_path)
+
+    zero_shot = None
+    for seed in seeds:
+        tag = "" if seed == seeds[0] else f" (seed {seed})"
+        models = prepare_models(suite, tasks, cache_dir, base=base, base_id=base_id, user_models=user_models,
+                                progress=progress, timings=timings, seed=seed, heads=heads)
+        result["finetuned_paths_per_seed"][str(seed)] = dict(models.paths)
+        if seed == seeds[0]:
+            result["finetuned_paths"] = dict(models.paths)
+        run = {"rows": {}, "correct": {}}
+        result["runs"][str(seed)] = run
+        rows, correct = run["rows"], run["correct"]
+        n_base = count_params(models.base)
+        ref = _reference_rows(models, tasks, suite, progress, timings, tag, zero_shot)
+        zero_shot = ref["base"]
+        individual = ref["individual"]
+        rows[base_name] = {**_summary(ref["base"], individual), "params": n_base, "kind": "reference"}
+        rows["individual"] = {**_summary(individual, individual), "params": n_base * len(tasks.names),
+                              "kind": "reference"}
+        correct[base_name] = {n: r.correct for n, r in ref["base"].items()}
+        correct["individual"] = {n: r.correct for n, r in individual.items()}
+        if "ensemble" in ref:
+            rows["ensemble"] = {**_summary(ref["ensemble"], individual), "params": n_base * len(tasks.names),
+                                "kind": "reference"}
+            correct["ensemble"] = {n: r.correct for n, r in ref["ensemble"].items()}
+        publish()
+        if p.mtl_steps:
+            t0 = timings.start()
+            try:
+                sd = multitask_finetune(suite, models, tasks, cache_dir, base_id, seed, progress, timings)
+                t1 = timings.start()
+                test = evaluate_built(models.encoder(sd), models, tasks, "test", progress=progress,
+                                      desc=f"test: multi-task{tag}")
+                timings.stop(f"test multi-task{tag}", t1)
+                rows["multitask"] = {**_summary(test, individual), "params": n_base, "kind": "reference"}
+                correct["multitask"] = {n: r.correct for n, r in test.items()}
+            except Exception as exc:  # a failing row must not cost the run
+                rows["multitask"] = {"kind": "failed", "error": _one_line(exc)}
+            publish()
+
+        for spec in methods:
+            tested: dict[str, Any] = {}  # setting -> test results: a tuned row that picks the paper default reuses them
+            for row_name, settings, how in method_rows(spec):
+                t0 = timings.start()
+                try:
+                    row, corr = _method_row(spec, settings, models, tasks, progress, f"{row_name}{tag}", tested)
+                    row.update(_summary(row.pop("_test"), individual))
+                    row["how"] = how
+                    rows[row_name] = row
+                    correct[row_name] = corr
+                except Exception as exc:  # a failing method is a failed row, not a failed run
+                    rows[row_name] = {"kind": "failed", "error": _one_line(exc), "method": spec.method or "builder",
+                                      "how": how}
+                timings.stop(f"{row_name}{tag}", t0)
+                publish()
+    timings.stop("total", t_all)
+    result["complete"] = True
+    publish()
+    result["timings"] = {k: round(v, 2) for k, v in timings.items()}
+    result["cpu_timings"] = {k: round(v, 2) for k, v in timings.cpu.items()}
+    return result
+
+
+def _jsonable(o):
+    if isinstance(o, dict):
+        return dict(o)
+    return str(o)
+
+
+def _method_row(spec: MethodSpec, settings: list[dict], models: ModelPool, tasks: TaskPool,
+                progress: ProgressFactory, label: str, tested: dict | None = None) -> tuple[dict, dict]:
+    """Validation search over ``settings`` (skipped for a single one), then one test evaluation
+    (taken from ``tested`` when the same setting of the same method was already tested)."""
+    search = []
+    best, best_score, best_model = None, -1.0, None
+    memo: dict = {}
+    bar = progress(f"search {label} (val, {len(settings)} settings)", len(settings))
+    for params in settings:
+        t1 = time.perf_counter()
+        model = build_method(spec, models, tasks, params, memo)
+        t_build = time.perf_counter() - t1
+        if len(settings) == 1:
+            score, per_task = float("nan"), {}
+        else:
+            val = evaluate_built(model, models, tasks, "val")
+            score = sum(r.accuracy for r in val.values()) / len(val)
+            per_task = {n: r.accuracy for n, r in val.items()}
+        search.append({"params": params, "val_average": score, "val_per_task": per_task,
+                       "build_seconds": round(t_build, 2)})
+        if best is None or score > best_score:
+            best, best_score, best_model = params, score, model
+        else:
+            del model
+        bar.update(1)
+    bar.close()
+    memo.clear()
+    key = json.dumps(best, sort_keys=True, default=str)
+    if tested is not None and key in tested:
+        test = tested[key]
+    else:
+        test = evaluate_built(best_model, models, tasks, "test", progress=progress, desc=f"test: {label}")
+        if tested is not None:
+            tested[key] = test
+    row = {"_test": test, "params": count_params(best_model), "kind": "method",
+           "method": spec.method or "builder", "chosen": best, "grid": spec.grid, "fixed": spec.params,
+           "search": search}
+    del best_model
+    return row, {n: r.correct for n, r in test.items()}

@@ -1,9 +1,11 @@
-"""Encoder loading, tokenization, linear probes and fine-tuning for the benchmark.
+"""Encoder loading, tokenization, task heads and fine-tuning for the benchmark.
 
-The protocol (see docs/bench.md): a task's head is a linear probe trained on the *frozen* base
-encoder's mean-pooled sentence embeddings; the encoder is then fine-tuned on the task with that
-head kept frozen, so that every fine-tuned encoder (and every merge of them) stays compatible with
-the same head.  Merges act on the encoder only.
+The protocol (see docs/bench.md): a task's head is built from the *base* encoder before any
+fine-tuning and then frozen: by default a zero-shot head (class-name prompts embedded by the base,
+as CLIP's zero-shot heads in the merging papers; no label touches it), optionally a linear probe
+fitted on the base's embeddings of the train split (``head: probe``).  The encoder is fine-tuned
+through the frozen head, so every fine-tuned encoder (and every merge of them) is judged by the
+same classifier.  Merges act on the encoder only.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from mergelab.errors import MergelabError
+from mergelab.io.head import ZeroShotHead  # noqa: F401  (the head class lives with the head format)
 
 Progress = Callable[[int], None] | None  # called with the number of items just done
 
@@ -122,16 +125,54 @@ def train_linear_probe(features: torch.Tensor, labels: Sequence[int], n_classes:
     return head
 
 
+@torch.no_grad()
+def zero_shot_head(encoder: nn.Module, tokenizer, prompts: Sequence[Sequence[str]], scale: float = 30.0,
+                   max_len: int = 64, pad_id: int | None = None) -> ZeroShotHead:
+    """Zero-shot head from class prompts: per class, embed every prompt with ``encoder`` (mean-pooled),
+    L2-normalise each, average, normalise again; rows times ``scale``.  Uses no labelled example."""
+    if not prompts or any(not p for p in prompts):
+        raise MergelabError("zero_shot_head: every class needs at least one prompt")
+    pad = (tokenizer.pad_token_id or 0) if pad_id is None else pad_id
+    rows = []
+    for class_prompts in prompts:
+        e = embed(encoder, tokenize(tokenizer, list(class_prompts), max_len), pad_id=pad)
+        e = nn.functional.normalize(e, dim=-1).mean(0)
+        rows.append(nn.functional.normalize(e, dim=0))
+    w = torch.stack(rows)
+    head = ZeroShotHead(w.shape[1], w.shape[0])
+    head.weight.copy_(scale * w)
+    head.bias.zero_()
+    head.requires_grad_(False)
+    return head
+
+
+def lr_factor(step: int, total: int, n_warm: int, schedule: str = "cosine") -> float:
+    """Linear warm-up over ``n_warm`` steps, then cosine (Ilharco et al.) or linear decay to 0."""
+    import math
+    if step < n_warm:
+        return (step + 1) / max(1, n_warm)
+    frac = (step - n_warm) / max(1, total - n_warm)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+    if schedule == "linear":
+        return max(0.0, 1.0 - frac)
+    raise MergelabError(f"unknown lr schedule {schedule!r} (cosine, linear)")
+
+
 def finetune(encoder: nn.Module, head: nn.Module, seqs: Sequence[Sequence[int]],
              labels: Sequence[int], epochs: float = 1.0, lr: float = 1e-4, batch_size: int = 32,
              weight_decay: float = 0.01, warmup: float = 0.1, seed: int = 0, pad_id: int = 0,
-             train_head: bool = False, progress: Progress = None) -> nn.Module:
-    """Fine-tune ``encoder`` (in place) on one task through ``head`` with AdamW.
+             train_head: bool = False, progress: Progress = None, schedule: str = "linear",
+             freeze_embeddings: bool = False, steps: int | None = None,
+             tasks: Sequence[int] | None = None, heads: Sequence[nn.Module] | None = None) -> nn.Module:
+    """Fine-tune ``encoder`` (in place) through ``head`` with AdamW and gradient clipping at 1.
 
-    The head stays frozen unless ``train_head``: every fine-tune of the pool then shares the probe
-    head it was trained against, which is what lets a merged encoder reuse the heads.
-    Linear warm-up over ``warmup`` of the steps, then linear decay to 0.  ``epochs`` may be
-    fractional.  Returns the encoder, in eval mode.
+    The head stays frozen unless ``train_head``: every fine-tune of the pool then shares the head
+    it was trained against, which is what lets a merged encoder reuse the heads.  Warm-up over
+    ``warmup`` of the steps, then ``schedule`` decay (``lr_factor``).  ``steps`` (else ``epochs``,
+    may be fractional) fixes the budget.  ``freeze_embeddings`` keeps the token-embedding matrix
+    (half of MiniLM's parameters, 1/3 of a CPU step) fixed.  Multi-task: ``tasks[i]`` names the
+    head in ``heads`` for example i (``head`` is then ignored).  Returns the encoder, in eval mode.
     """
     if len(seqs) != len(labels) or not seqs:
         raise MergelabError("finetune: texts and labels must be non-empty and of equal length")
@@ -139,16 +180,22 @@ def finetune(encoder: nn.Module, head: nn.Module, seqs: Sequence[Sequence[int]],
     torch.manual_seed(seed)
     y_all = torch.as_tensor(list(labels), dtype=torch.long)
     steps_per_epoch = (len(seqs) + batch_size - 1) // batch_size
-    total = max(1, round(epochs * steps_per_epoch))
-    head.requires_grad_(train_head)
+    total = steps if steps is not None else max(1, round(epochs * steps_per_epoch))
+    all_heads = list(heads) if heads is not None else [head]
+    for h in all_heads:
+        h.requires_grad_(train_head)
+    frozen = []
+    if freeze_embeddings:
+        for mod in encoder.modules():
+            if isinstance(mod, nn.Embedding) and mod.weight.requires_grad and mod.num_embeddings > 1024:
+                mod.weight.requires_grad_(False)
+                frozen.append(mod.weight)
     params = [p for p in encoder.parameters() if p.requires_grad]
     if train_head:
-        params += list(head.parameters())
+        params += [p for h in all_heads for p in h.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     n_warm = int(warmup * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(1, n_warm) if s < n_warm
-        else max(0.0, (total - s) / max(1, total - n_warm)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, n_warm, schedule))
     encoder.train()
     order: list[int] = []
     for _ in range(total):
@@ -158,8 +205,17 @@ def finetune(encoder: nn.Module, head: nn.Module, seqs: Sequence[Sequence[int]],
             order += perm
         idx, order = order[:batch_size], order[batch_size:]
         ids, mask = pad_batch([seqs[i] for i in idx], pad_id)
-        logits = head(mean_pool(encoder, ids, mask))
-        loss = nn.functional.cross_entropy(logits, y_all[idx].to(logits.device))
+        z = mean_pool(encoder, ids, mask)
+        y = y_all[idx].to(z.device)
+        if tasks is None:
+            loss = nn.functional.cross_entropy(head(z), y)
+        else:  # each example through its own task's head; mean over the batch
+            t = torch.as_tensor([tasks[i] for i in idx])
+            loss = z.new_zeros(())
+            for k in t.unique().tolist():
+                sel = (t == k).nonzero().squeeze(1).to(z.device)
+                loss = loss + nn.functional.cross_entropy(all_heads[k](z[sel]), y[sel], reduction="sum")
+            loss = loss / len(idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -167,6 +223,9 @@ def finetune(encoder: nn.Module, head: nn.Module, seqs: Sequence[Sequence[int]],
         sched.step()
         if progress:
             progress(1)
+    for w in frozen:
+        w.requires_grad_(True)
     encoder.eval()
-    head.requires_grad_(False)
+    for h in all_heads:
+        h.requires_grad_(False)
     return encoder

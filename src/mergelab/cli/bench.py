@@ -26,6 +26,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", default=[], metavar="TASK=DIR",
                    help="use your own fine-tuned Hugging Face folder (with head.safetensors) for TASK")
     p.add_argument("--base", default=None, help="base encoder folder (default: all-MiniLM-L6-v2)")
+    p.add_argument("--seeds", default=None, help="fine-tuning seeds, e.g. 0,1 (default: the suite's)")
+    p.add_argument("--device", default=None, help="torch device for fine-tuning and evaluation (e.g. cuda)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--list", action="store_true", help="list suites and tasks, then exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -73,16 +75,21 @@ def run(args: argparse.Namespace) -> int:
         if not Path(folder).is_dir():
             raise MergelabError(f"--model {item!r}: {folder} is not a folder")
         user_models[task] = folder
+    try:
+        seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
+    except ValueError:
+        raise MergelabError(f"--seeds {args.seeds!r}: expected integers separated by commas") from None
     out = Path(args.out or f"runs/{s.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     from mergelab.io import check_output_dir
     # before any training: a run folder never replaces an input, the working directory or a foreign folder
     check_output_dir(out, [*user_models.values(), args.base, args.cache_dir], force=True, label="--out")
+    # the raw result, rewritten after every row (a partial run keeps its finished rows), is kept
+    # until the report is written: a plotting failure must not cost the run
+    raw = out.with_name(out.name + ".result.json")
     result = run_benchmark(s, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
                            threads=args.threads, user_models=user_models, base_path=args.base,
-                           methods=methods, progress=_progress(args.quiet))
-    # keep the raw result until the report is written: a plotting failure must not cost the run
-    raw = out.with_name(out.name + ".result.json")
-    raw.parent.mkdir(parents=True, exist_ok=True)
+                           methods=methods, progress=_progress(args.quiet), seeds=seeds,
+                           partial_path=raw, device=args.device)
     raw.write_text(json.dumps(result, default=str))
     folder = report.write_report(result, out, plots=not args.no_plots)
     raw.unlink()

@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 
 import torch
+from torch import nn
 
 from mergelab.errors import MergelabError
 
@@ -49,3 +50,14 @@ def save_head_file(path: str | os.PathLike, weight: torch.Tensor, bias: torch.Te
     if bias is not None:
         tensors["bias"] = bias.detach().contiguous().cpu()
     save_file(tensors, os.fspath(path))
+
+
+class ZeroShotHead(nn.Linear):
+    """logits = W . normalize(x) + b with W = scale * unit class embeddings, b = 0.
+
+    The scale is baked into the weights as in Ilharco et al.'s ``ClassificationHead`` (ALGORITHMS-2
+    section 14.1), so a plain linear reader of ``head.safetensors`` gets the same argmax.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(nn.functional.normalize(x, dim=-1), self.weight, self.bias)
