@@ -165,3 +165,21 @@ def test_cli_list_and_bad_arguments(capsys):
     assert "unknown nope" in capsys.readouterr().err
     assert cli_bench.main(["bench", "--suite", "demo", "--model", "gcide"]) == 2
     assert cli_bench.main(["bench", "--suite", "no_such_suite"]) == 2
+
+
+def test_any_registry_method_runs_on_any_suite_and_list_shows_suites(capsys):
+    """Issue 21 item 6: `--methods iso_c` on a suite that does not list it is a row at paper defaults;
+    `--list` names each suite's tasks and methods; a name that is no method is one clear error."""
+    from mergelab.cli import main
+    assert main(["bench", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "demo: tasks" in out and "methods" in out and "any registry method" in out
+    rc = main(["bench", "--suite", "demo", "--methods", "no_such_method", "--out", "/nonexistent/x"])
+    assert rc == 2 and "and any merge method of 'mergelab methods'" in capsys.readouterr().err
+    from mergelab.bench import suite as suites
+    from mergelab.methods import REGISTRY
+    s = suites.get_suite("demo")
+    assert "iso_c" not in [m.name for m in s.methods] and "iso_c" in REGISTRY
+    from mergelab.cli.bench import select_methods
+    rows = select_methods(s, ["iso_c", s.methods[0].name])
+    assert rows[0].name == "iso_c" and rows[0].method == "iso_c" and not rows[0].grid and rows[1] is s.methods[0]

@@ -45,6 +45,22 @@ def _progress(quiet: bool):
     return factory
 
 
+def select_methods(s, wanted: list[str]) -> list:
+    """The rows ``--methods`` names: the suite's own, or any registry method at its paper defaults."""
+    from mergelab.bench import suite as suites
+    from mergelab.errors import MergelabError
+    from mergelab.methods import REGISTRY
+    known = {m.name: m for m in s.methods}
+    for m in wanted:
+        if m not in known and m in REGISTRY:
+            known[m] = suites.MethodSpec(m, REGISTRY[m].name)
+    bad = [m for m in wanted if m not in known]
+    if bad:
+        raise MergelabError(f"--methods: unknown {', '.join(bad)}; suite {s.name} has "
+                            f"{', '.join(m.name for m in s.methods)}, and any merge method of 'mergelab methods'")
+    return [known[m] for m in wanted]
+
+
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from mergelab.bench import data, report, suite as suites
@@ -53,6 +69,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.list:
         print("suites:", ", ".join(sorted(suites.SUITES)))
+        for name in sorted(suites.SUITES):
+            s = suites.get_suite(name)
+            print(f"  {name}: tasks {', '.join(s.tasks)}")
+            print(f"  {' ' * len(name)}  methods {', '.join(m.name for m in s.methods)}")
+        print("any registry method may be named with --methods (it runs at its paper defaults)")
+        print("tasks:")
         for name in data.list_tasks():
             spec = data.TASKS[name]
             print(f"  {name:<14} {spec.description}  [packages: {' '.join(spec.packages)}]")
@@ -60,13 +82,7 @@ def run(args: argparse.Namespace) -> int:
     s = suites.get_suite(args.suite)
     methods = s.methods
     if args.methods:
-        wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
-        known = {m.name: m for m in s.methods}
-        bad = [m for m in wanted if m not in known]
-        if bad:
-            raise MergelabError(f"--methods: unknown {', '.join(bad)}; suite {s.name} has "
-                                f"{', '.join(known)}")
-        methods = [known[m] for m in wanted]
+        methods = select_methods(s, [m.strip() for m in args.methods.split(",") if m.strip()])
     user_models = {}
     for item in args.model:
         task, sep, folder = item.partition("=")
