@@ -34,15 +34,9 @@ class Stage:
 
 
 def read_documents(path: str | Path) -> list[Any]:
+    from mergelab.engine.recipe import read_recipe_text
     path = Path(path).expanduser()
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise MergelabError(f"{path}: not a text file (byte {e.start} is not UTF-8); a recipe is YAML") from None
-    except OSError as e:
-        raise MergelabError(f"{path}: cannot read the recipe ({e.strerror})") from None
-    if "\x00" in text:
-        raise MergelabError(f"{path}: not a text file (contains NUL bytes); a recipe is YAML")
+    text = read_recipe_text(path)
     try:
         return [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as e:

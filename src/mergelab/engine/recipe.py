@@ -160,13 +160,8 @@ def _existing_folder(value: Any, relative_to: Path | None, where: str) -> str:
     return path
 
 
-def read_recipe_mapping(source: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], Path | None]:
-    """The recipe as a dict, and the file it came from (None for a dict); one-line errors."""
-    if isinstance(source, Mapping):
-        return dict(source), None
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise MergelabError(f"{path}: recipe file not found")
+def read_recipe_text(path: Path) -> str:
+    """A recipe file's text; a binary or unreadable file is one line."""
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
@@ -175,6 +170,17 @@ def read_recipe_mapping(source: str | Path | Mapping[str, Any]) -> tuple[dict[st
         raise MergelabError(f"{path}: cannot read the recipe ({e.strerror})") from None
     if "\x00" in text:
         raise MergelabError(f"{path}: not a text file (contains NUL bytes); a recipe is YAML")
+    return text
+
+
+def read_recipe_mapping(source: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], Path | None]:
+    """The recipe as a dict, and the file it came from (None for a dict); one-line errors."""
+    if isinstance(source, Mapping):
+        return dict(source), None
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise MergelabError(f"{path}: recipe file not found")
+    text = read_recipe_text(path)
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
