@@ -22,24 +22,9 @@ from mergelab.adapt.concrete import concrete_merge
 from mergelab.adapt.functional import FunctionalModel, task_vectors_from
 from mergelab.adapt.result import plot_history
 from mergelab.adapt.text import PooledEncoder, ShuffledBatches, accuracy_fn, prefixed, unprefixed
+from mergelab.databased.builders import reset_peak, rss_kb   # peak-RSS bookkeeping of the rows
 
 STATS: list[dict] = []
-
-
-def _rss_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) so that the next peak is this run's own."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def adapt_builder(models, tasks, params: dict):
@@ -63,8 +48,8 @@ def adapt_builder(models, tasks, params: dict):
         p["eval_fn"] = accuracy_fn(FunctionalModel(model), heads, [tasks.inputs(n, "val") for n in names],
                                    [tasks.labels(n, "val") for n in names], pad_id=models.pad_id)
         p["eval_every"] = max(1, total // 4)
-    rss0 = _rss_kb("VmRSS")
-    reset = _reset_peak()
+    rss0 = rss_kb("VmRSS")
+    reset = reset_peak()
     t0 = time.perf_counter()
     if kind == "adamerging":
         res = adamerging(model, base_sd, tvs, loaders, heads, **p)
@@ -78,7 +63,7 @@ def adapt_builder(models, tasks, params: dict):
                   "seconds_per_step_mean": sum(secs) / len(secs) if secs else None, "wall_seconds": wall,
                   "entropy_first": ent[0] if ent else None, "entropy_last": ent[-1] if ent else None,
                   "rss_before_mb": rss0 / 1024,
-                  "peak_rss_mb": _rss_kb("VmHWM") / 1024 if reset else None,
+                  "peak_rss_mb": rss_kb("VmHWM") / 1024 if reset else None,
                   "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "coefficients": res.coefficients.tolist() if res.coefficients.dim() == 1 else
                   res.coefficients.mean(0).tolist(),

@@ -26,7 +26,7 @@ from mergelab.errors import MergelabError
 STATS: list[dict] = []
 
 
-def _rss_kb(field: str) -> int:
+def rss_kb(field: str) -> int:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -36,7 +36,7 @@ def _rss_kb(field: str) -> int:
     return 0
 
 
-def _reset_peak() -> bool:
+def reset_peak() -> bool:
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -49,8 +49,8 @@ class _Cost:
         self.label, self.extra = label, dict(extra or {})
 
     def __enter__(self):
-        self.rss0 = _rss_kb("VmRSS")
-        self.reset = _reset_peak()
+        self.rss0 = rss_kb("VmRSS")
+        self.reset = reset_peak()
         self.t0 = time.perf_counter()
         return self
 
@@ -58,7 +58,7 @@ class _Cost:
         if exc[0] is None:
             STATS.append({"label": self.label, "seconds": time.perf_counter() - self.t0,
                           "rss_before_mb": self.rss0 / 1024,
-                          "peak_rss_mb": _rss_kb("VmHWM") / 1024 if self.reset else None,
+                          "peak_rss_mb": rss_kb("VmHWM") / 1024 if self.reset else None,
                           "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                           **self.extra})
         return False
