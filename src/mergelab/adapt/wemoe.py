@@ -308,18 +308,9 @@ def load_wemoe(out_dir: str | os.PathLike, model: nn.Module | None = None,
     skeleton), its MLP groups swapped for WEMoE modules, the weights loaded strictly; eval mode."""
     from safetensors.torch import load_file
 
-    from mergelab.upscale.smile import _build_architecture
+    from mergelab.upscale.smile import _build_architecture, read_folder_config
     out_dir = os.fspath(out_dir)
-    path = os.path.join(out_dir, CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise MergelabError(f"'{out_dir}' is not a WEMoE folder: no {CONFIG_NAME}")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise MergelabError(f"{path}: invalid JSON ({e})") from e
-    if meta.get("method") != "wemoe" or meta.get("format_version") != FORMAT_VERSION:
-        raise MergelabError(f"{path}: not a WEMoE config of format version {FORMAT_VERSION}")
+    meta = read_folder_config(out_dir, CONFIG_NAME, "wemoe", FORMAT_VERSION, "WEMoE")
     if model is None:
         model = _build_architecture(out_dir, meta.get("model_class"), attn_implementation)
     T = meta["num_tasks"]

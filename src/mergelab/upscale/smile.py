@@ -635,6 +635,21 @@ def _build_architecture(out_dir: str, model_class: str | None, attn_implementati
     return cls.from_config(config, **kw)
 
 
+def read_folder_config(out_dir: str, name: str, method: str, version: int, what: str) -> dict:
+    """The JSON config of an upscaled folder (SMILE, WEMoE), checked for its method and format version."""
+    path = os.path.join(out_dir, name)
+    if not os.path.isfile(path):
+        raise MergelabError(f"'{out_dir}' is not a {what} folder: no {name}")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise MergelabError(f"{path}: invalid JSON ({e})") from e
+    if meta.get("method") != method or meta.get("format_version") != version:
+        raise MergelabError(f"{path}: not a {what.split()[0]} config of format version {version}")
+    return meta
+
+
 def load_smile(out_dir: str | os.PathLike, model: nn.Module | None = None,
                attn_implementation: str | None = "eager", device: str | torch.device = "cpu") -> nn.Module:
     """Load a folder written by ``save_smile``: rebuild the architecture (transformers config, or
@@ -644,15 +659,7 @@ def load_smile(out_dir: str | os.PathLike, model: nn.Module | None = None,
 
     out_dir = os.fspath(out_dir)
     cfg_path = os.path.join(out_dir, SMILE_CONFIG_NAME)
-    if not os.path.exists(cfg_path):
-        raise MergelabError(f"'{out_dir}' is not a SMILE model folder: no {SMILE_CONFIG_NAME}")
-    try:
-        with open(cfg_path) as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise MergelabError(f"{cfg_path}: invalid JSON ({e})") from e
-    if meta.get("method") != "smile" or meta.get("format_version") != FORMAT_VERSION:
-        raise MergelabError(f"{cfg_path}: not a SMILE config of format version {FORMAT_VERSION}")
+    meta = read_folder_config(out_dir, SMILE_CONFIG_NAME, "smile", FORMAT_VERSION, "SMILE model")
     if model is None:
         model = _build_architecture(out_dir, meta.get("model_class"), attn_implementation)
     for name, spec in meta["layers"].items():
