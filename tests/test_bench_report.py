@@ -149,8 +149,9 @@ def test_suite_yaml(tmp_path):
     s = load_suite_file(tmp_path / "s.yaml")
     assert s.name == "mine" and s.tasks == ["yaml_sent", "tiny_color"] and s.protocol.steps == 1
     assert s.methods[0].method == "ties" and len(s.methods[0].settings()) == 2
-    td = data.load_task("yaml_sent", 2, 1, 1)
+    td = data.load_task("yaml_sent", 2, 1, 1, spec=s.task_spec("yaml_sent"))
     assert td.classes == ["neg", "pos"] and td.sizes() == {"train": 2, "val": 1, "test": 1}
+    assert "yaml_sent" not in data.TASKS   # the suite's own task: the registry is unchanged
     (tmp_path / "bad.yaml").write_text("tasks: [no_such_task]\n")
     with pytest.raises(MergelabError, match="unknown task"):
         load_suite_file(tmp_path / "bad.yaml")

@@ -188,15 +188,12 @@ def test_built_in_suites_and_yaml_prompts(tmp_path):
         "tasks:\n  - {name: fortune_lang, templates: ['Written in {}.'], class_names: {de: Deutsch}}\n"
         "protocol: {head: probe, steps: 3, finetune_seeds: [0, 1]}\n"
         "methods:\n  - {name: ta, method: task_arithmetic, grid: {lambda: [0.2, 0.4]}, default: {lambda: 0.3}}\n")
-    try:
-        s = load_suite_file(tmp_path / "s.yaml")
-        assert s.protocol.head == "probe" and s.protocol.finetune_seeds == [0, 1]
-        assert data.TASKS["fortune_lang"].prompts(["de", "en"]) == [["Written in Deutsch."], ["Written in English."]]
-        assert s.methods[0].default == {"lambda": 0.3}
-    finally:
-        import importlib
-        importlib.reload(data)  # restore the built-in prompts for other tests
-        importlib.reload(suites)
+    builtin = data.TASKS["fortune_lang"].prompts(["de", "en"])
+    s = load_suite_file(tmp_path / "s.yaml")
+    assert s.protocol.head == "probe" and s.protocol.finetune_seeds == [0, 1]
+    assert s.task_spec("fortune_lang").prompts(["de", "en"]) == [["Written in Deutsch."], ["Written in English."]]
+    assert data.TASKS["fortune_lang"].prompts(["de", "en"]) == builtin   # only this suite sees its prompts
+    assert s.methods[0].default == {"lambda": 0.3}
     (tmp_path / "bad.yaml").write_text("tasks:\n  - {name: gcide, templates: ['no placeholder']}\n")
     with pytest.raises(MergelabError, match="templates"):
         load_suite_file(tmp_path / "bad.yaml")
@@ -233,3 +230,42 @@ def test_tuned_row_that_picks_the_paper_default_reuses_its_test_outcomes(tmp_pat
     assert tests == ["test: zero-shot", "test: task_arithmetic@paper"]  # the tuned row is not re-tested
     assert res["correct"]["task_arithmetic"] == res["correct"]["task_arithmetic@paper"]
     assert res["rows"]["task_arithmetic"]["chosen"] == {"lambda": 0.3}
+
+
+CALLS: list = []
+
+
+def counting_builder(models, tasks, params):
+    CALLS.append(dict(params))
+    return models.base
+
+
+def test_resume_takes_finished_rows_from_earlier_runs(tmp_path):
+    """Seeds run side by side, then combined: nothing is measured again; a changed grid is."""
+    methods = [MethodSpec("counted", builder=counting_builder, params={"k": 1}),
+               MethodSpec("task_arithmetic", "task_arithmetic", grid={"lambda": [0.5, 1.0]}, default={"lambda": 0.3})]
+    s = _tiny_suite(methods, finetune_seeds=[0, 1])
+    cache = tmp_path / "cache"
+    r0 = json.loads(json.dumps(run_benchmark(s, cache_dir=cache, threads=None, base=tiny(), seeds=[0]), default=str))
+    r1 = json.loads(json.dumps(run_benchmark(s, cache_dir=cache, threads=None, base=tiny(), seeds=[1]), default=str))
+    CALLS.clear()
+    both = run_benchmark(s, cache_dir=cache, threads=None, base=tiny(), resume=[r0, r1])
+    assert CALLS == []
+    assert set(both["resumed_rows"]["0"]) == {"zero_shot", "individual", "ensemble", "counted",
+                                              "task_arithmetic@paper", "task_arithmetic"}
+    for seed, r in (("0", r0), ("1", r1)):
+        assert both["runs"][seed]["correct"] == r["runs"][seed]["correct"]
+    assert both["rows"]["task_arithmetic"]["average"] == pytest.approx(
+        (r0["rows"]["task_arithmetic"]["average"] + r1["rows"]["task_arithmetic"]["average"]) / 2)
+    # a partial earlier run: its failed or missing rows are measured, the changed grid is measured again
+    partial = json.loads(json.dumps(r0))
+    partial["runs"]["0"]["rows"]["counted"] = {"kind": "failed", "error": "x"}
+    s2 = _tiny_suite([methods[0], MethodSpec("task_arithmetic", "task_arithmetic", grid={"lambda": [0.7, 1.0]},
+                                             default={"lambda": 0.3})], finetune_seeds=[0])
+    res = run_benchmark(s2, cache_dir=cache, threads=None, base=tiny(), resume=[partial])
+    assert CALLS == [{"k": 1}]
+    assert set(res["resumed_rows"]["0"]) == {"zero_shot", "individual", "ensemble", "task_arithmetic@paper"}
+    assert [x["params"]["lambda"] for x in res["runs"]["0"]["rows"]["task_arithmetic"]["search"]] == [0.7, 1.0]
+    # an earlier run of another protocol lends nothing: refused in one line
+    with pytest.raises(MergelabError, match="protocol differs from this run's .*n_test"):
+        run_benchmark(_tiny_suite(methods, n_test=10), cache_dir=cache, threads=None, base=tiny(), resume=[r0])

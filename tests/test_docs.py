@@ -330,6 +330,13 @@ def bench_commands(block, world, cwd, capsys):
     assert ran == 1
 
 
+def bench_resume_commands(block, world, cwd, capsys):
+    lines = commands(block["body"])   # fine-tunes MiniLM (an hour): parsed; --resume runs in test_bench_zeroshot
+    assert len(lines) == 3 and any("--resume" in c for c in lines)
+    for cmd in lines:
+        parse_only(cmd.removesuffix("&").strip())
+
+
 def bench_register(block, world, cwd, capsys):
     from mergelab.bench import data, suite
     (cwd / "my.tsv").write_text("a\tfirst text\nb\tsecond text\n")
@@ -348,15 +355,12 @@ def bench_suite_yaml(block, world, cwd, capsys):
     from mergelab.bench import data, suite
     import copy
     (cwd / "my_suite.yaml").write_text(block["body"])
-    before = set(data.TASKS)
-    saved = copy.deepcopy(data.TASKS)      # a suite file may give built-in tasks its own prompts
-    try:
-        s = suite.load_suite_file(cwd / "my_suite.yaml")   # running it needs the corpora and the benchmark
-        assert s.name == "my_suite" and s.tasks == ["gcide", "fortune_lang", "reviews", "tickets", "quotes"]
-        assert [m.name for m in s.methods] == ["ties", "ta"]
-    finally:
-        data.TASKS.clear()
-        data.TASKS.update(saved)
+    saved = copy.deepcopy(data.TASKS)
+    s = suite.load_suite_file(cwd / "my_suite.yaml")   # running it needs the corpora and the benchmark
+    assert s.name == "my_suite" and s.tasks == ["gcide", "fortune_lang", "reviews", "tickets", "quotes"]
+    assert [m.name for m in s.methods] == ["ties", "ta"]
+    assert {"reviews", "tickets", "quotes", "fortune_lang"} <= set(s.task_specs)
+    assert set(data.TASKS) == set(saved) and data.TASKS["fortune_lang"] == saved["fortune_lang"]   # nothing global
 
 
 def bench_builder(block, world, cwd, capsys):
@@ -547,6 +551,7 @@ HANDLERS = {
     ("adapt.md", "DATA/tasks.txt"): adapt_layout,
     ("adapt.md", "from mergelab.adapt import adamerging"): adapt_python,
     ("bench.md", "scripts/install_data.sh"): bench_commands,
+    ("bench.md", "mergelab bench --suite text8 --seeds 0 --out runs/s0 &"): bench_resume_commands,
     ("bench.md", "from mergelab.bench import data, suite"): bench_register,
     ("bench.md", "name: my_suite"): bench_suite_yaml,
     ("bench.md", "from mergelab.bench import suite, runner"): bench_builder,

@@ -126,7 +126,7 @@ def export_data_dir(out: str | Path, suite_name: str = "text6", split: str = "te
         return " ".join(t.split())
 
     for name in suite.tasks:
-        td = data.load_task(name, p.n_train, p.n_val, p.n_test, seed=p.seed)
+        td = data.load_task(name, p.n_train, p.n_val, p.n_test, seed=p.seed, spec=suite.task_spec(name))
         d = out / "data" / name
         d.mkdir(exist_ok=True)
         (d / "inputs.txt").write_text("".join(clean(t) + "\n" for t in getattr(td, split).texts), encoding="utf-8")
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
         methods.insert(0, MethodSpec("task_arithmetic@0.3", "task_arithmetic", params={"lambda": 0.3}))
     t0 = time.perf_counter()
     base = train.load_base_encoder()
-    tasks = prepare_tasks(suite.tasks, suite.protocol, base[1])
+    tasks = prepare_tasks(suite.tasks, suite.protocol, base[1], specs=suite.task_specs)
     cache = Path(a.cache_dir) if a.cache_dir else None
     models = prepare_models(suite, tasks, cache, base=base)
     result = {"suite": suite.name, "tasks": tasks.names, "threads": a.threads, "rows": {},

@@ -421,28 +421,33 @@ def split_balanced(examples: Sequence[tuple[str, str]], classes: Sequence[str],
     return out
 
 
-_CACHE: dict[str, list[tuple[str, str]]] = {}
+_CACHE: dict[tuple[str, Callable], list[tuple[str, str]]] = {}
 
 
-def read_examples(name: str) -> list[tuple[str, str]]:
-    """All ``(text, class_name)`` examples of a registered task (read once per process)."""
-    if name not in TASKS:
-        raise MergelabError(f"unknown task {name!r}; known: {', '.join(list_tasks())}")
-    if name not in _CACHE:
-        _CACHE[name] = TASKS[name].read()
-    return _CACHE[name]
+def read_examples(name: str, spec: TaskSpec | None = None) -> list[tuple[str, str]]:
+    """All ``(text, class_name)`` examples of a registered task, or of ``spec`` (read once per
+    process and reader)."""
+    if spec is None:
+        if name not in TASKS:
+            raise MergelabError(f"unknown task {name!r}; known: {', '.join(list_tasks())}")
+        spec = TASKS[name]
+    key = (name, spec.read)
+    if key not in _CACHE:
+        _CACHE[key] = spec.read()
+    return _CACHE[key]
 
 
 def load_task(name: str, n_train: int = 2000, n_val: int = 500, n_test: int = 1000,
-              seed: int = 0, min_per_class: int = 0) -> TaskData:
-    """Load a registered task as fixed-seed disjoint train / val / test splits.
+              seed: int = 0, min_per_class: int = 0, spec: TaskSpec | None = None) -> TaskData:
+    """Load a registered task (or the given ``spec``: a suite's own version of it) as fixed-seed
+    disjoint train / val / test splits.
 
     Classes come from the task's spec (or all labels found); classes with fewer than
     ``min_per_class`` examples are dropped.  Actual sizes can be below the requested ones when the
     data is short; ``TaskData.sizes()`` records them.
     """
-    spec = TASKS.get(name)
-    examples = read_examples(name)
+    examples = read_examples(name, spec)
+    spec = spec or TASKS[name]
     counts: dict[str, int] = {}
     for _, label in examples:
         counts[label] = counts.get(label, 0) + 1

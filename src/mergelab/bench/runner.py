@@ -110,12 +110,15 @@ class ModelPool:
 
 
 def prepare_tasks(names: Sequence[str], protocol: Protocol, tokenizer,
-                  progress: ProgressFactory = _null_progress) -> TaskPool:
-    """Load every task's splits and tokenize them once."""
+                  progress: ProgressFactory = _null_progress,
+                  specs: Mapping[str, data.TaskSpec] | None = None) -> TaskPool:
+    """Load every task's splits (``specs``: a suite's own task definitions) and tokenize them once."""
     bar = progress("load + tokenize tasks", len(names))
     tasks, seqs = {}, {}
+    specs = specs or {}
     for name in names:
-        td = data.load_task(name, protocol.n_train, protocol.n_val, protocol.n_test, seed=protocol.seed)
+        td = data.load_task(name, protocol.n_train, protocol.n_val, protocol.n_test, seed=protocol.seed,
+                            spec=specs.get(name))
         tasks[name] = td
         seqs[name] = {s: train.tokenize(tokenizer, getattr(td, s).texts, protocol.max_len)
                       for s in ("train", "val", "test")}
@@ -557,13 +560,18 @@ def run_benchmark(suite: Suite, cache_dir: Path | None = None, threads: int | No
                   methods: Sequence[MethodSpec] | None = None,
                   progress: ProgressFactory = _null_progress,
                   base: tuple[nn.Module, Any] | None = None, seeds: Sequence[int] | None = None,
-                  partial_path: str | Path | None = None, device: str | None = None) -> dict[str, Any]:
+                  partial_path: str | Path | None = None, device: str | None = None,
+                  resume: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """Run the whole benchmark and return a JSON-ready result dict (see report.write_report).
 
     ``seeds`` (default ``protocol.finetune_seeds``) are the fine-tuning seeds: each gets its own
     fine-tunes and rows (``result["runs"][seed]``); ``result["rows"]`` is their mean.  A method row
     that raises is recorded as ``{"kind": "failed", "error": ...}`` and the run goes on;
     ``partial_path`` is rewritten (JSON) after every row.
+
+    ``resume``: earlier results (partial or complete, e.g. one per seed run side by side) of the
+    same suite; a row they hold for the same seed, fine-tunes, protocol and method settings is
+    taken from them instead of being measured again (failed rows are measured again).
     """
     if threads:
         torch.set_num_threads(threads)
@@ -584,19 +592,21 @@ def run_benchmark(suite: Suite, cache_dir: Path | None = None, threads: int | No
     base_id = base_path or "all-MiniLM-L6-v2"
     timings.stop("load base model", t0)
     t0 = timings.start()
-    tasks = prepare_tasks(suite.tasks, p, base[1], progress)
+    tasks = prepare_tasks(suite.tasks, p, base[1], progress, suite.task_specs)
     timings.stop("load + tokenize data", t0)
     t0 = timings.start()
     heads = build_heads(p, tasks, base[0], base[1], progress, timings)
     timings.stop("heads", t0)
     base_name = "zero_shot" if p.head == "zero_shot" else "base"
+    prior = _prior_runs(resume, tasks, p, base_id)
     result: dict[str, Any] = {
         "suite": suite.name, "description": suite.description, "tasks": tasks.names,
         "task_info": {n: {"classes": td.classes, "sizes": td.sizes(), "available": td.available,
                           "description": td.description, "prompts": td.prompts} for n, td in tasks.tasks.items()},
         "protocol": asdict(p), "threads": threads, "device": device or "cpu", "base": base_id,
         "seeds": seeds, "finetuned_paths": {}, "finetuned_paths_per_seed": {}, "runs": {}, "rows": {}, "correct": {},
-        "timings": timings, "cpu_timings": timings.cpu, "base_row": base_name, "complete": False}
+        "timings": timings, "cpu_timings": timings.cpu, "base_row": base_name, "complete": False,
+        "resumed_rows": {}}
 
     def publish():
         result["rows"] = _mean_rows(result["runs"], tasks.names) if result["runs"] else {}
@@ -618,8 +628,15 @@ def run_benchmark(suite: Suite, cache_dir: Path | None = None, threads: int | No
         run = {"rows": {}, "correct": {}}
         result["runs"][str(seed)] = run
         rows, correct = run["rows"], run["correct"]
+        reused = result["resumed_rows"].setdefault(str(seed), [])
+        before = _prior_for_seed(prior, seed, models.paths)
         n_base = count_params(models.base)
-        ref = _reference_rows(models, tasks, suite, progress, timings, tag, zero_shot)
+        ref_names = [base_name, "individual"] + (["ensemble"] if p.ensemble else [])
+        if all(r in before["correct"] for r in ref_names):
+            ref = {("base" if r == base_name else r): _eval_results(before["correct"][r]) for r in ref_names}
+            reused += ref_names
+        else:
+            ref = _reference_rows(models, tasks, suite, progress, timings, tag, zero_shot)
         zero_shot = ref["base"]
         individual = ref["individual"]
         rows[base_name] = {**_summary(ref["base"], individual), "params": n_base, "kind": "reference"}
@@ -632,7 +649,10 @@ def run_benchmark(suite: Suite, cache_dir: Path | None = None, threads: int | No
                                 "kind": "reference"}
             correct["ensemble"] = {n: r.correct for n, r in ref["ensemble"].items()}
         publish()
-        if p.mtl_steps:
+        if p.mtl_steps and "multitask" in before["correct"]:
+            rows["multitask"], correct["multitask"] = before["rows"]["multitask"], before["correct"]["multitask"]
+            reused.append("multitask")
+        elif p.mtl_steps:
             t0 = timings.start()
             try:
                 sd = multitask_finetune(suite, models, tasks, cache_dir, base_id, seed, progress, timings)
@@ -649,6 +669,12 @@ def run_benchmark(suite: Suite, cache_dir: Path | None = None, threads: int | No
         for spec in methods:
             tested: dict[str, Any] = {}  # setting -> test results: a tuned row that picks the paper default reuses them
             for row_name, settings, how in method_rows(spec):
+                old = before["rows"].get(row_name)
+                if row_name in before["correct"] and _same_settings(old, spec, how):
+                    rows[row_name], correct[row_name] = old, before["correct"][row_name]
+                    reused.append(row_name)
+                    publish()
+                    continue
                 t0 = timings.start()
                 try:
                     row, corr = _method_row(spec, settings, models, tasks, progress, f"{row_name}{tag}", tested)
@@ -667,6 +693,65 @@ def run_benchmark(suite: Suite, cache_dir: Path | None = None, threads: int | No
     result["timings"] = {k: round(v, 2) for k, v in timings.items()}
     result["cpu_timings"] = {k: round(v, 2) for k, v in timings.cpu.items()}
     return result
+
+
+def _normal(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def _prior_runs(resume: Sequence[Mapping[str, Any]], tasks: TaskPool, p: Protocol,
+                base_id: str) -> list[Mapping[str, Any]]:
+    """The earlier results that may lend rows; one that measured something else is refused in one line."""
+    want = {k: v for k, v in asdict(p).items() if k != "finetune_seeds"}
+    out = []
+    for i, prev in enumerate(resume):
+        where = prev.get("_source", f"resume result {i + 1}")
+        got = {k: v for k, v in (prev.get("protocol") or {}).items() if k != "finetune_seeds"}
+        if prev.get("tasks") != tasks.names:
+            raise MergelabError(f"{where}: tasks {prev.get('tasks')} differ from this run's {tasks.names}")
+        if _normal(got) != _normal(want):
+            diff = sorted(k for k in set(got) | set(want) if _normal(got.get(k)) != _normal(want.get(k)))
+            raise MergelabError(f"{where}: protocol differs from this run's ({', '.join(diff)})")
+        if prev.get("base") != base_id:
+            raise MergelabError(f"{where}: base {prev.get('base')!r} differs from this run's {base_id!r}")
+        for n, td in tasks.tasks.items():
+            info = (prev.get("task_info") or {}).get(n, {})
+            if _normal(info.get("prompts")) != _normal(td.prompts) or info.get("sizes") != td.sizes():
+                raise MergelabError(f"{where}: task {n!r} has other prompts or split sizes than in this run")
+        out.append(prev)
+    return out
+
+
+def _prior_for_seed(prior: Sequence[Mapping[str, Any]], seed: int, paths: Mapping[str, str]) -> dict:
+    """Rows and per-example outcomes the earlier results hold for this seed and these fine-tunes
+    (the same cache entries: compared by folder name, so a moved cache still matches)."""
+    rows: dict[str, Any] = {}
+    correct: dict[str, Any] = {}
+    mine = {t: Path(x).name for t, x in paths.items()}
+    for prev in prior:
+        theirs = {t: Path(x).name for t, x in (prev.get("finetuned_paths_per_seed") or {}).get(str(seed), {}).items()}
+        run = (prev.get("runs") or {}).get(str(seed))
+        if run is None or theirs != mine:
+            continue
+        for name, row in run.get("rows", {}).items():
+            if row.get("kind") != "failed" and name in run.get("correct", {}) and name not in rows:
+                rows[name], correct[name] = row, run["correct"][name]
+    return {"rows": rows, "correct": correct}
+
+
+def _eval_results(correct: Mapping[str, Sequence[bool]]) -> dict[str, EvalResult]:
+    return {n: EvalResult(sum(map(bool, c)) / len(c), len(c), [bool(x) for x in c]) for n, c in correct.items()}
+
+
+def _same_settings(row: Mapping[str, Any] | None, spec: MethodSpec, how: str) -> bool:
+    """Whether an earlier row measured this spec's row: same method, grid, fixed parameters and kind."""
+    if row is None or row.get("how") != how:
+        return False
+    if row.get("method") != (spec.method or "builder") or _normal(row.get("fixed")) != _normal(spec.params):
+        return False
+    if how == "paper default":  # one setting, no search: the grid does not matter
+        return _normal(row.get("chosen")) == _normal({**spec.params, **(spec.default or {})})
+    return _normal(row.get("grid")) == _normal(spec.grid)
 
 
 def _jsonable(o):

@@ -102,11 +102,19 @@ class MethodSpec:
 
 @dataclass
 class Suite:
+    """``task_specs``: this suite's own tasks (read from files) and its own prompts for built-in
+    tasks, by name; they shadow the registry for this suite only (nothing global changes)."""
+
     name: str
     tasks: list[str]
     protocol: Protocol
     methods: list[MethodSpec]
     description: str = ""
+    task_specs: dict[str, data.TaskSpec] = field(default_factory=dict)
+
+    def task_spec(self, name: str) -> data.TaskSpec | None:
+        """The suite's own spec of ``name``, or None for the registry's."""
+        return self.task_specs.get(name)
 
 
 def default_methods() -> list[MethodSpec]:
@@ -189,7 +197,7 @@ def register_suite(name: str, factory: Callable[[], Suite]) -> None:
 
 
 # ----------------------------------------------------------------------------- YAML
-def _task_from_yaml(block: Mapping[str, Any], base_dir: Path) -> str:
+def _task_from_yaml(block: Mapping[str, Any], base_dir: Path) -> data.TaskSpec:
     """Register a task read from a file: ``format`` tsv (label<TAB>text), jsonl ({text,label}),
     or folder (one file per class, records separated by lines holding only ``%`` or one per line)."""
     try:
@@ -231,9 +239,8 @@ def _task_from_yaml(block: Mapping[str, Any], base_dir: Path) -> str:
             raise MergelabError(f"task {name!r}: unknown format {fmt!r} (tsv, jsonl, folder)")
         return out
 
-    data.register_task(data.TaskSpec(name, block.get("description", f"{fmt} file {path}"), read,
-                                     classes, (), *_prompt_fields(block, name)), overwrite=True)
-    return name
+    return data.TaskSpec(name, block.get("description", f"{fmt} file {path}"), read,
+                         classes, (), *_prompt_fields(block, name))
 
 
 def _prompt_fields(block: Mapping[str, Any], name: str) -> tuple[dict | None, tuple[str, ...]]:
@@ -248,7 +255,7 @@ def _prompt_fields(block: Mapping[str, Any], name: str) -> tuple[dict | None, tu
     return ({str(k): v for k, v in names.items()} if names else None), tuple(templates)
 
 
-def _override_prompts(block: Mapping[str, Any]) -> str:
+def _override_prompts(block: Mapping[str, Any]) -> data.TaskSpec:
     """A block naming a built-in task without a ``path``: the task with the block's own prompts."""
     import dataclasses
     name = block["name"]
@@ -256,10 +263,8 @@ def _override_prompts(block: Mapping[str, Any]) -> str:
         raise MergelabError(f"unknown task {name!r}; known: {', '.join(data.list_tasks())}")
     spec = data.TASKS[name]
     names, templates = _prompt_fields({"templates": list(spec.templates), **block}, name)
-    new = dataclasses.replace(spec, class_names={**dict(spec.class_names or {}), **(names or {})},
-                              templates=templates)
-    data.register_task(new, overwrite=True)
-    return name
+    return dataclasses.replace(spec, class_names={**dict(spec.class_names or {}), **(names or {})},
+                               templates=templates)
 
 
 def load_suite_file(path: str | Path) -> Suite:
@@ -271,14 +276,18 @@ def load_suite_file(path: str | Path) -> Suite:
         raise MergelabError(f"{path}: cannot read suite YAML ({exc})") from exc
     if not isinstance(doc, dict) or "tasks" not in doc:
         raise MergelabError(f"{path}: a suite file needs a 'tasks' list")
-    tasks = []
+    tasks, specs = [], {}
     for t in doc["tasks"]:
-        if isinstance(t, dict) and "name" in t and "path" not in t:
-            tasks.append(_override_prompts(t))
-        else:
-            tasks.append(t if isinstance(t, str) else _task_from_yaml(t, path.parent))
+        if isinstance(t, str):
+            tasks.append(t)
+            continue
+        if not isinstance(t, dict):
+            raise MergelabError(f"{path}: a task is a name or a block with 'name' (got {t!r})")
+        spec = _override_prompts(t) if "name" in t and "path" not in t else _task_from_yaml(t, path.parent)
+        specs[spec.name] = spec
+        tasks.append(spec.name)
     for t in tasks:
-        if t not in data.TASKS:
+        if t not in data.TASKS and t not in specs:
             raise MergelabError(f"{path}: unknown task {t!r}; known: {', '.join(data.list_tasks())}")
     try:
         protocol = Protocol(**(doc.get("protocol") or {}))
@@ -293,7 +302,7 @@ def load_suite_file(path: str | Path) -> Suite:
             methods.append(MethodSpec(m["name"], m.get("method", m["name"]), None,
                                       dict(m.get("grid") or {}), dict(m.get("params") or {}),
                                       dict(m["default"]) if m.get("default") is not None else None))
-    return Suite(doc.get("name", path.stem), tasks, protocol, methods, doc.get("description", ""))
+    return Suite(doc.get("name", path.stem), tasks, protocol, methods, doc.get("description", ""), specs)
 
 
 def get_suite(name_or_path: str) -> Suite:

@@ -28,6 +28,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="base encoder folder (default: all-MiniLM-L6-v2)")
     p.add_argument("--seeds", default=None, help="fine-tuning seeds, e.g. 0,1 (default: the suite's)")
     p.add_argument("--device", default=None, help="torch device for fine-tuning and evaluation (e.g. cuda)")
+    p.add_argument("--resume", action="append", default=[], metavar="RESULT_JSON",
+                   help="take finished rows from an earlier run of the same suite (its OUT.result.json "
+                        "partial file or OUT/results.json; repeatable, e.g. one file per seed run side by side)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--list", action="store_true", help="list suites and tasks, then exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -95,6 +98,16 @@ def run(args: argparse.Namespace) -> int:
         seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
     except ValueError:
         raise MergelabError(f"--seeds {args.seeds!r}: expected integers separated by commas") from None
+    resume = []
+    for f in args.resume:
+        try:
+            prev = json.loads(Path(f).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise MergelabError(f"--resume {f}: cannot read a benchmark result ({exc})") from None
+        if not isinstance(prev, dict) or "runs" not in prev:
+            raise MergelabError(f"--resume {f}: not a mergelab bench result (no 'runs')")
+        prev["_source"] = f"--resume {f}"
+        resume.append(prev)
     out = Path(args.out or f"runs/{s.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     from mergelab.io import check_output_dir
     # before any training: a run folder never replaces an input, the working directory or a foreign folder
@@ -105,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_benchmark(s, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
                            threads=args.threads, user_models=user_models, base_path=args.base,
                            methods=methods, progress=_progress(args.quiet), seeds=seeds,
-                           partial_path=raw, device=args.device)
+                           partial_path=raw, device=args.device, resume=resume)
     raw.write_text(json.dumps(result, default=str))
     folder = report.write_report(result, out, plots=not args.no_plots)
     raw.unlink()

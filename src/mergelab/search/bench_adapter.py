@@ -85,7 +85,7 @@ class TasksEvaluator(Evaluator):
         self.heads = {t: load_head(Path(heads[t])) for t in o["tasks"]}
         self.data: dict[str, dict[str, Any]] = {}
         for t in o["tasks"]:
-            td = data.load_task(t, p.n_train, p.n_val, p.n_test, seed=p.seed)
+            td = data.load_task(t, p.n_train, p.n_val, p.n_test, seed=p.seed, spec=suite.task_spec(t))
             self.data[t] = {s: (train.tokenize(tok, getattr(td, s).texts, p.max_len), getattr(td, s).labels)
                             for s in SPLITS}
         self.encoder = AutoModel.from_pretrained(base_folder, attn_implementation="eager").eval()
