@@ -461,6 +461,14 @@ def test_bench_builder_returns_adapted_encoder(tmp_path):
         torch.testing.assert_close(v, want[k], rtol=1e-5, atol=1e-6)
     assert st["steps_run"] == 3 and st["seconds_per_step"] > 0 and len(st["val_accuracy"]) >= 2
     assert (tmp_path / "am.png").is_file()
+    info = enc.bench_info     # what the benchmark row reports
+    assert info["coefficients"] == [round(float(x), 4) for x in c] and info["steps_run"] == 3
+    assert info["coefficients_min"] == pytest.approx(float(c.min())) and "mask_kept_fraction" not in info
+    enc = adapt_builder(models, tasks, {"kind": "concrete", "inner": "task_arithmetic", "steps": 2, "lr": 0.05,
+                                        "batch_size": 4, "label": "cta"})
+    info = enc.bench_info
+    assert 0.0 <= info["mask_kept_fraction"] <= 1.0 and 0.0 < info["mask_mean_keep_probability"] < 1.0
+    assert info["mask_entries"] == sum(v.numel() for v in tvs[0].values()) and info["warnings"] == []
 
 
 def test_pairing_warnings_name_the_models_a_task_seems_to_belong_to():

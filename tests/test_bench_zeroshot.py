@@ -237,7 +237,10 @@ CALLS: list = []
 
 def counting_builder(models, tasks, params):
     CALLS.append(dict(params))
-    return models.base
+    enc = models.encoder()
+    enc.bench_info = {"coefficients_min": 0.25, "coefficients_mean": 0.3, "coefficients_max": 0.5,
+                      "mask_kept_fraction": 0.4, "steps_run": 7}
+    return enc
 
 
 def test_resume_takes_finished_rows_from_earlier_runs(tmp_path):
@@ -255,6 +258,9 @@ def test_resume_takes_finished_rows_from_earlier_runs(tmp_path):
                                               "task_arithmetic@paper", "task_arithmetic"}
     for seed, r in (("0", r0), ("1", r1)):
         assert both["runs"][seed]["correct"] == r["runs"][seed]["correct"]
+    assert both["runs"]["1"]["rows"]["counted"]["info"]["mask_kept_fraction"] == 0.4   # a builder's bench_info
+    md = report.markdown_report(both)
+    assert "| counted | 1 | 0.250 / 0.300 / 0.500 | 40.0 % | - | - -> - | 7 | - |" in md
     assert both["rows"]["task_arithmetic"]["average"] == pytest.approx(
         (r0["rows"]["task_arithmetic"]["average"] + r1["rows"]["task_arithmetic"]["average"]) / 2)
     # a partial earlier run: its failed or missing rows are measured, the changed grid is measured again

@@ -210,6 +210,29 @@ def search_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def built_info_table(result: dict) -> str:
+    """What the builder rows learned, per seed: coefficient range, the mask's kept share,
+    unlabelled entropy before -> after, steps and seconds per step (``row["info"]``)."""
+    lines = ["| row | seed | coefficients min / mean / max | mask kept (logit > 0) | mean keep prob. | "
+             "entropy first -> last | steps | s/step |", "|---|---|---|---|---|---|---|---|"]
+    n = 0
+    for seed, run in (result.get("runs") or {}).items():
+        for name, row in run["rows"].items():
+            info = row.get("info")
+            if not info:
+                continue
+            n += 1
+
+            def f(key, fmt="{:.3f}", pct=False):
+                v = info.get(key)
+                return "-" if v is None else (f"{100 * v:.1f} %" if pct else fmt.format(v))
+            lines.append(f"| {name} | {seed} | {f('coefficients_min')} / {f('coefficients_mean')} / "
+                         f"{f('coefficients_max')} | {f('mask_kept_fraction', pct=True)} | "
+                         f"{f('mask_mean_keep_probability')} | {f('entropy_first')} -> {f('entropy_last')} | "
+                         f"{info.get('steps_run', '-')} | {f('seconds_per_step', '{:.2f}')} |")
+    return "\n".join(lines) if n else "none"
+
+
 def sizes_table(result: dict) -> str:
     lines = ["| task | classes | train | val | test | description |", "|---|---|---|---|---|---|"]
     for t, info in result["task_info"].items():
@@ -261,6 +284,7 @@ def markdown_report(result: dict) -> str:
         "## Order check (paired differences on the same test examples)", order_text(order_check(result)),
         "## Differences to a common reference (paired bootstrap, 1000 replicates)", bootstrap_table(result),
         "## Failed rows", failed_text(result),
+        "## What the adaptive rows learned", built_info_table(result),
         "## Splits", sizes_table(result),
         "## Validation search", search_table(result),
         "## Timings", timings_table(result),

@@ -797,5 +797,8 @@ def _method_row(spec: MethodSpec, settings: list[dict], models: ModelPool, tasks
     row = {"_test": test, "params": count_params(best_model), "kind": "method",
            "method": spec.method or "builder", "chosen": best, "grid": spec.grid, "fixed": spec.params,
            "search": search}
+    info = getattr(best_model, "bench_info", None)   # a builder may describe what it built (e.g. a learned mask)
+    if isinstance(info, dict):
+        row["info"] = info
     del best_model
     return row, {n: r.correct for n, r in test.items()}

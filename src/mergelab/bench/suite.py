@@ -153,12 +153,16 @@ def model_builder_rows() -> list[MethodSpec]:
 
 def adaptive_rows() -> list[MethodSpec]:
     """Test-time adaptation on the unlabelled test inputs (as the papers): AdaMerging task- and
-    layer-wise, AdaMerging++ (TIES-trimmed task vectors), Concrete TA, Concrete AdaMerging."""
+    layer-wise, AdaMerging++ (TIES-trimmed task vectors), Concrete TA, Concrete AdaMerging; and the
+    layer-wise and Concrete rows once more adapted on the validation inputs instead (held out from
+    test: does adapting on the very test inputs matter?)."""
     from mergelab.bench.adapt_methods import CPU_ROWS, adapt_methods
     rows = dict(CPU_ROWS)
     rows["adamerging_pp_layer"] = {**CPU_ROWS["adamerging_layer"], "ties_trim": 0.2}
     order = ["adamerging_task", "adamerging_layer", "adamerging_pp_layer", "concrete_ta", "concrete_adamerging"]
-    return adapt_methods(("test",), rows={k: rows[k] for k in order})
+    held_out = ["adamerging_layer", "concrete_ta", "concrete_adamerging"]
+    return (adapt_methods(("test",), rows={k: rows[k] for k in order})
+            + adapt_methods(("val",), rows={k: rows[k] for k in held_out}))
 
 
 TEXT6_TASKS = ["fortune_topic", "fortune_lang", "foldoc", "gcide", "wordnet_noun", "wordnet_verb"]
