@@ -275,3 +275,18 @@ def test_resume_takes_finished_rows_from_earlier_runs(tmp_path):
     # an earlier run of another protocol lends nothing: refused in one line
     with pytest.raises(MergelabError, match="protocol differs from this run's .*n_test"):
         run_benchmark(_tiny_suite(methods, n_test=10), cache_dir=cache, threads=None, base=tiny(), resume=[r0])
+
+
+def test_leaderboard_rows_run_in_the_benchmark(tmp_path):
+    full = suites.get_suite("text8-all")
+    names = [m.name for m in full.methods]
+    assert names[:len(suites.get_suite("text8").methods)] == [m.name for m in suites.get_suite("text8").methods]
+    assert {"regmean", "fisher", "ties+lines", "emr", "wudi"} <= set(names)
+    rows = {m.name: m for m in suites.leaderboard_rows()}
+    s = _tiny_suite([rows["ties+lines"], rows["emr"], rows["regmean"]])
+    res = run_benchmark(s, cache_dir=tmp_path / "cache", threads=None, base=tiny())
+    got = res["rows"]
+    assert [x.get("kind") for x in (got["ties+lines"], got["emr"], got["regmean"])] == ["method"] * 3, got
+    assert [x["params"]["lines"] for x in got["ties+lines"]["search"]] == [{"beta": 0.2}, {"beta": 0.5}, {"beta": 1.0}]
+    n_base = got["zero_shot"]["params"]
+    assert got["emr"]["params"] == 2 * n_base and got["regmean"]["params"] == n_base   # EMR: one encoder per task

@@ -165,6 +165,23 @@ def adaptive_rows() -> list[MethodSpec]:
             + adapt_methods(("val",), rows={k: rows[k] for k in held_out}))
 
 
+def leaderboard_rows() -> list[MethodSpec]:
+    """The leaderboard methods of issue 19 as rows (``databased.builders``): RegMean and Fisher
+    merging (unlabelled train inputs, FusionBench's example counts; Fisher shortened to 64 per task
+    for the CPU), TIES + LiNeS (beta searched on validation), EMR (task id at inference, its masks
+    and rescalers cost extra bytes per task) and WUDI (data-free; 100 of the paper's 400 steps at
+    4x the lr on this CPU)."""
+    from mergelab.databased.builders import emr_builder, fisher_builder, regmean_builder, registry_builder
+    ties = {"lambda": 1.0, "density": 0.2, "merge": "mean", "trim_scope": "global"}
+    return [MethodSpec("regmean", builder=regmean_builder, params={"alpha": 0.95, "num_examples": 256}),
+            MethodSpec("fisher", builder=fisher_builder, params={"num_examples": 64}),
+            MethodSpec("ties+lines", builder=registry_builder, params={"method": "ties", "params": ties},
+                       grid={"lines": [{"beta": 0.2}, {"beta": 0.5}, {"beta": 1.0}]}),
+            MethodSpec("emr", builder=emr_builder),
+            MethodSpec("wudi", builder=registry_builder,
+                       params={"method": "wudi", "params": {"iter_num": 100, "lr": 4e-5}})]
+
+
 TEXT6_TASKS = ["fortune_topic", "fortune_lang", "foldoc", "gcide", "wordnet_noun", "wordnet_verb"]
 # gcide gained only +8.6 points over its zero-shot head (docs/bench.md, Measured): replaced by wordnet_noun2
 TEXT8_TASKS = ["fortune_topic", "fortune_topic2", "fortune_lang", "foldoc", "wordnet_noun", "wordnet_noun2",
@@ -186,6 +203,10 @@ SUITES: dict[str, Callable[[], Suite]] = {
     "text8": lambda: Suite("text8", list(TEXT8_TASKS), Protocol(finetune_seeds=[0, 1], mtl_steps=600),
                            default_methods() + model_builder_rows() + adaptive_rows(),
                            "eight Debian-corpus text tasks on all-MiniLM-L6-v2, zero-shot heads"),
+    # text8 plus issue 19's leaderboard rows; `--resume` a text8 result to measure only the new rows
+    "text8-all": lambda: Suite("text8-all", list(TEXT8_TASKS), Protocol(finetune_seeds=[0, 1], mtl_steps=600),
+                               default_methods() + model_builder_rows() + adaptive_rows() + leaderboard_rows(),
+                               "text8 and the leaderboard methods (RegMean, Fisher, TIES+LiNeS, EMR, WUDI)"),
     "text6": lambda: Suite("text6", list(TEXT6_TASKS), Protocol(mtl_steps=450),
                            default_methods() + model_builder_rows(),
                            "the six original Debian-corpus text tasks, zero-shot heads"),
