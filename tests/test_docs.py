@@ -315,6 +315,48 @@ def adapt_python(block, world, cwd, capsys):
     assert ns["res"].mask is not None and (cwd / "side" / "adapt_result.json").is_file()
 
 
+def adapt_databased_recipe(block, world, cwd, capsys):
+    from mergelab.cli.adapt import _read_recipe
+    (cwd / "databased.yaml").write_text(doc_yaml("adapt.md", "# databased.yaml", world))
+    base, models, params = _read_recipe(str(cwd / "databased.yaml"))   # run by the commands block below
+    assert Path(base).is_dir() and len(models) == 2 and params == {"batch_size": 16, "max_length": 64}
+
+
+def _databased_commands() -> list[str]:
+    block = next(b for b in ALL_BLOCKS if b["file"] == "adapt.md" and b["first"].startswith("mergelab adapt regmean "))
+    return commands(block["body"])
+
+
+def _run_databased(cmd: str, world, cwd, capsys) -> str:
+    """One documented data-based command, WEMoE's 1000 steps -> 2 (every other documented value runs as is)."""
+    if not (cwd / "databased.yaml").exists():
+        (cwd / "databased.yaml").write_text(doc_yaml("adapt.md", "# databased.yaml", world))
+    if " wemoe " in cmd:
+        cmd = substitute(cmd, [("--steps 1000", "--steps 2")])
+    return run_cli(shlex.split(cmd)[1:], cwd, capsys)
+
+
+def adapt_databased_commands(block, world, cwd, capsys):
+    lines = commands(block["body"])
+    assert [ln.split()[2] for ln in lines] == ["regmean", "regmean++", "fisher", "fisher", "wemoe"]
+    for cmd in lines:
+        out_dir = cwd / shlex.split(cmd)[4]
+        printed = _run_databased(cmd, world, cwd, capsys)
+        assert f"wrote {out_dir}" in printed
+        if " wemoe " in cmd:
+            assert (out_dir / "wemoe_config.json").is_file() and "x the base" in printed
+        else:
+            from transformers import AutoModel
+            AutoModel.from_pretrained(out_dir)     # a normal checkpoint
+
+
+def adapt_wemoe_python(block, world, cwd, capsys):
+    [cmd] = [c for c in _databased_commands() if " wemoe " in c]
+    _run_databased(cmd, world, cwd, capsys)          # the OUT_wemoe the snippet loads
+    ns = _exec(block["body"], cwd, {})
+    assert tuple(ns["logits"].shape) == (2, 2)
+
+
 def bench_commands(block, world, cwd, capsys):
     lines = commands(block["body"])
     ran = 0
@@ -550,6 +592,9 @@ HANDLERS = {
     ("adapt.md", "base_model: /models/minilm"): adapt_recipe,
     ("adapt.md", "DATA/tasks.txt"): adapt_layout,
     ("adapt.md", "from mergelab.adapt import adamerging"): adapt_python,
+    ("adapt.md", "# databased.yaml"): adapt_databased_recipe,
+    ("adapt.md", "mergelab adapt regmean databased.yaml"): adapt_databased_commands,
+    ("adapt.md", "from transformers import AutoTokenizer"): adapt_wemoe_python,
     ("bench.md", "scripts/install_data.sh"): bench_commands,
     ("bench.md", "mergelab bench --suite text8 --seeds 0 --out runs/s0 &"): bench_resume_commands,
     ("bench.md", "from mergelab.bench import data, suite"): bench_register,

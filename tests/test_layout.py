@@ -158,7 +158,9 @@ print("HEAVY:" + ",".join(heavy))
     [[cmd, "--help"] for cmd in ("merge", "methods", "demo", "upscale", "moe", "lora-merge", "adapt", "recycle", "bench",
                                  "search", "emr")],
     [["merge"], ["no-such-command"], ["merge", "r.yaml", "out", "--threads", "x"]],
-], ids=["help", "methods", "every-command-help", "argument-errors"])
+    [["adapt", m, "--help"] for m in ("regmean", "regmean++", "fisher", "wemoe")]
+    + [["adapt", "fisher", "r.yaml", "out", "--data", "d", "--num-examples", "0"]],
+], ids=["help", "methods", "every-command-help", "argument-errors", "adapt-data-based"])
 def test_cli_answers_without_importing_torch(argvs):
     out = subprocess.run([sys.executable, "-c", _PROBE.format(argvs=argvs)], capture_output=True, text=True,
                          timeout=120, cwd=PACKAGE.parents[1])

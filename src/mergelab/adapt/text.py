@@ -66,6 +66,24 @@ class ShuffledBatches:
             yield pad_batch([self.seqs[j] for j in order[i:i + self.batch_size]], self.pad_id)
 
 
+class LabelledBatches:
+    """Re-iterable (batch, labels) loader over token ids: a fresh seeded shuffle every pass."""
+
+    def __init__(self, seqs: Sequence[Sequence[int]], labels: Sequence[int], batch_size: int = 32, seed: int = 0,
+                 pad_id: int = 0):
+        if not seqs:
+            raise MergelabError("no labelled inputs")
+        self.seqs, self.labels, self.batch_size, self.pad_id = list(seqs), list(labels), batch_size, pad_id
+        self.rng = random.Random(seed)
+
+    def __iter__(self):
+        order = list(range(len(self.seqs)))
+        self.rng.shuffle(order)
+        for i in range(0, len(order), self.batch_size):
+            idx = order[i:i + self.batch_size]
+            yield pad_batch([self.seqs[j] for j in idx], self.pad_id), torch.tensor([self.labels[j] for j in idx])
+
+
 def linear_head(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     head = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     with torch.no_grad():
@@ -80,7 +98,7 @@ def linear_head(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 class TaskFolder:
     name: str
     texts: list[str]
-    head: nn.Linear
+    head: nn.Linear | None           # None only when read with need_head=False and the task has no head
     val_texts: list[str] | None = None
     val_labels: list[int] | None = None
     head_path: str | None = None     # where the head was read (the task folder's, or the model folder's)
@@ -98,12 +116,14 @@ def _read_text(path: Path) -> str:
 
 
 def read_data_dir(path: str | Path, num_tasks: int, hidden_size: int | None = None,
-                  model_paths: Sequence[str] | None = None) -> list[TaskFolder]:
+                  model_paths: Sequence[str] | None = None, need_head: bool = True) -> list[TaskFolder]:
     """`--data` folder: one sub-folder per task, in the order of the recipe's models (the order of
     `tasks.txt` if present, else sorted names), each with `inputs.txt` (one unlabelled text per
     line), `head.safetensors` (`weight` [C, H], optional `bias` [C]; if absent, the one in the
     task's model folder, as `mergelab bench` saves its fine-tunes) and optionally `val.tsv`
-    (`label<TAB>text` per line, integer labels) for the validation-accuracy curve."""
+    (`label<TAB>text` per line, integer labels) for the validation-accuracy curve. ``need_head`` False
+    (RegMean, which only reads inputs): a task without a head gets ``head`` None; a head that is there
+    is still checked."""
     root = Path(path)
     if not root.is_dir():
         raise MergelabError(f"--data {root}: not a folder")
@@ -121,11 +141,14 @@ def read_data_dir(path: str | Path, num_tasks: int, hidden_size: int | None = No
             hp = Path(model_paths[i]) / "head.safetensors"
         if not inp.is_file():
             raise MergelabError(f"{inp}: missing (one unlabelled text per line)")
-        if not hp.is_file():
+        if not hp.is_file() and need_head:
             raise MergelabError(f"{hp}: missing (tensors 'weight' [C, H] and 'bias' [C])")
         texts = [ln for ln in _read_text(inp).splitlines() if ln.strip()]
         if not texts:
             raise MergelabError(f"{inp}: no texts")
+        if not hp.is_file():
+            tasks.append(TaskFolder(name, texts, None, *_read_val(d / "val.tsv", None)))
+            continue
         from mergelab.io.head import load_head_file
         w, b = load_head_file(hp)
         if w is None or w.dim() != 2 or not w.is_floating_point() or 0 in w.shape:
@@ -137,20 +160,7 @@ def read_data_dir(path: str | Path, num_tasks: int, hidden_size: int | None = No
             check_finite(b, str(hp), "bias")
         if hidden_size is not None and w.shape[1] != hidden_size:
             raise MergelabError(f"{hp}: 'weight' has {w.shape[1]} columns, the encoder's hidden size is {hidden_size}")
-        vt = vl = None
-        vp = d / "val.tsv"
-        if vp.is_file():
-            vt, vl = [], []
-            for i, ln in enumerate(_read_text(vp).splitlines(), 1):
-                if not ln.strip():
-                    continue
-                lab, sep, text = ln.partition("\t")
-                if not sep or not lab.strip().lstrip("-").isdigit():
-                    raise MergelabError(f"{vp}:{i}: expected 'label<TAB>text' with an integer label")
-                if not 0 <= int(lab) < w.shape[0]:
-                    raise MergelabError(f"{vp}:{i}: label {lab} outside 0..{w.shape[0] - 1}")
-                vl.append(int(lab))
-                vt.append(text)
+        vt, vl = _read_val(d / "val.tsv", w.shape[0])
         head = linear_head(w, b)
         if _head_kind(hp) == "zero_shot":  # `mergelab bench` zero-shot head: cosine logits
             from mergelab.io.head import ZeroShotHead
@@ -159,6 +169,24 @@ def read_data_dir(path: str | Path, num_tasks: int, hidden_size: int | None = No
             head = zs.requires_grad_(False)
         tasks.append(TaskFolder(name, texts, head, vt, vl, str(hp)))
     return tasks
+
+
+def _read_val(vp: Path, num_classes: int | None) -> tuple[list[str] | None, list[int] | None]:
+    """(texts, labels) of an optional val.tsv; labels checked against the head's classes when known."""
+    if not vp.is_file():
+        return None, None
+    vt, vl = [], []
+    for i, ln in enumerate(_read_text(vp).splitlines(), 1):
+        if not ln.strip():
+            continue
+        lab, sep, text = ln.partition("\t")
+        if not sep or not lab.strip().lstrip("-").isdigit():
+            raise MergelabError(f"{vp}:{i}: expected 'label<TAB>text' with an integer label")
+        if num_classes is not None and not 0 <= int(lab) < num_classes:
+            raise MergelabError(f"{vp}:{i}: label {lab} outside 0..{num_classes - 1}")
+        vl.append(int(lab))
+        vt.append(text)
+    return vt, vl
 
 
 def _head_kind(path: Path) -> str:

@@ -275,30 +275,42 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     return {"router": routers, "parameters": params, "task_vector_buffers": tvs, "total": params + tvs}
 
 
+def write_wemoe(model: nn.Module, folder: str | os.PathLike, tokenizer_folder: str | os.PathLike | None = None) -> None:
+    """The files of ``save_wemoe`` written into an existing folder (e.g. a command's temporary output
+    folder, which it renames itself): ``config.json``, ``model.safetensors``, ``wemoe_config.json``,
+    and the tokenizer files found in ``tokenizer_folder``."""
+    from safetensors.torch import save_file
+
+    from mergelab.io import TOKENIZER_FILES
+    info = getattr(model, "wemoe_info", None)
+    if not info:
+        raise MergelabError("save_wemoe: not a WEMoE model (no wemoe_info)")
+    folder = os.fspath(folder)
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "save_pretrained"):
+        cfg.save_pretrained(folder)
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()},
+              os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
+    meta = {"format_version": FORMAT_VERSION, "method": "wemoe", "model_class": type(model).__name__,
+            **info, "parameter_counts": parameter_counts(model)}
+    with open(os.path.join(folder, CONFIG_NAME), "w") as f:
+        f.write(json.dumps(meta, indent=2))
+    if tokenizer_folder is not None:
+        for name in TOKENIZER_FILES:
+            src = os.path.join(os.fspath(tokenizer_folder), name)
+            if os.path.isfile(src):
+                shutil.copy2(src, os.path.join(folder, name))
+
+
 def save_wemoe(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool = False,
                tokenizer_folder: str | os.PathLike | None = None) -> str:
     """``config.json`` (transformers config, when present), ``model.safetensors`` (weights, routers and
     task vectors) and ``wemoe_config.json``, written atomically."""
-    from safetensors.torch import save_file
-
-    from mergelab.io import TOKENIZER_FILES, atomic_output_dir
-    info = getattr(model, "wemoe_info", None)
-    if not info:
+    from mergelab.io import atomic_output_dir
+    if not getattr(model, "wemoe_info", None):
         raise MergelabError("save_wemoe: not a WEMoE model (no wemoe_info)")
     with atomic_output_dir(out_dir, force=overwrite) as tmp:
-        cfg = getattr(model, "config", None)
-        if cfg is not None and hasattr(cfg, "save_pretrained"):
-            cfg.save_pretrained(tmp)
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()},
-                  str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        meta = {"format_version": FORMAT_VERSION, "method": "wemoe", "model_class": type(model).__name__,
-                **info, "parameter_counts": parameter_counts(model)}
-        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-        if tokenizer_folder is not None:
-            for name in TOKENIZER_FILES:
-                src = os.path.join(os.fspath(tokenizer_folder), name)
-                if os.path.isfile(src):
-                    shutil.copy2(src, tmp / name)
+        write_wemoe(model, tmp, tokenizer_folder)
     return os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
 
 

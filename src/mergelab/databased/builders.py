@@ -12,7 +12,6 @@ Each build appends its cost (wall seconds, peak RSS of the process during the bu
 """
 from __future__ import annotations
 
-import random
 import resource
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mergelab.adapt.text import PooledEncoder, ShuffledBatches, pad_batch, prefixed, unprefixed
+from mergelab.adapt.text import LabelledBatches, PooledEncoder, ShuffledBatches, prefixed, unprefixed
 from mergelab.errors import MergelabError
 
 STATS: list[dict] = []
@@ -62,23 +61,6 @@ class _Cost:
                           "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                           **self.extra})
         return False
-
-
-class LabelledBatches:
-    """Re-iterable (batch, labels) loader over token ids: a fresh seeded shuffle every pass."""
-
-    def __init__(self, seqs, labels, batch_size: int = 32, seed: int = 0, pad_id: int = 0):
-        if not seqs:
-            raise MergelabError("no labelled inputs")
-        self.seqs, self.labels, self.batch_size, self.pad_id = list(seqs), list(labels), batch_size, pad_id
-        self.rng = random.Random(seed)
-
-    def __iter__(self):
-        order = list(range(len(self.seqs)))
-        self.rng.shuffle(order)
-        for i in range(0, len(order), self.batch_size):
-            idx = order[i:i + self.batch_size]
-            yield pad_batch([self.seqs[j] for j in idx], self.pad_id), torch.tensor([self.labels[j] for j in idx])
 
 
 def _pop(p: dict, known: dict[str, Any], who: str) -> dict:
