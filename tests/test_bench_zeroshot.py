@@ -183,6 +183,9 @@ def test_built_in_suites_and_yaml_prompts(tmp_path):
         assert spec.templates and all(x.count("{}") == 1 for x in spec.templates)
     demo = suites.get_suite("demo")
     assert len(demo.tasks) == 3 and demo.protocol.head == "zero_shot"
+    # the measured 5-minute demo (docs/results/demo-2026-12-01-80steps): short fine-tunes, text8's data
+    assert (demo.protocol.steps, demo.protocol.lr) == (80, 2e-4) and set(demo.tasks) <= set(text8.tasks)
+    assert (demo.protocol.n_test, demo.protocol.n_val) == (text8.protocol.n_test, text8.protocol.n_val)
     assert {m.name for m in demo.methods} >= {"average", "task_arithmetic", "ties"}
     (tmp_path / "s.yaml").write_text(
         "tasks:\n  - {name: fortune_lang, templates: ['Written in {}.'], class_names: {de: Deutsch}}\n"
