@@ -479,6 +479,10 @@ def test_pairing_warnings_name_the_models_a_task_seems_to_belong_to():
     warns = pairing_warnings(["gcide", "foldoc", "wordnet"], models)
     assert len(warns) == 2 and "task 'gcide' (task folder 1) is paired with models[0] (cache/ft_foldoc)" in warns[0]
     assert "models[1] (cache/ft_gcide)" in warns[0] and "check the order" in warns[0]
+    # whole tokens of the model folder's own name only: 't1' is not in 'ft1', nor in '/tmp/pytest-1/...'
+    assert pairing_warnings(["t0", "t1"], ["/tmp/pytest-1/models/ft1", "/tmp/pytest-1/models/ft2"]) == []
+    assert pairing_warnings(["wordnet_noun", "foldoc"], ["c/foldoc-ab12", "c/wordnet_noun-cd34"])[0].startswith(
+        "task 'wordnet_noun' (task folder 1) is paired with models[0] (c/foldoc-ab12), but its name is in models[1]")
 
 
 def test_cli_warns_on_misaligned_tasks_and_notes_the_head_fallback(cli_world, tmp_path, capsys):

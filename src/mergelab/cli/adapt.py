@@ -214,20 +214,28 @@ def _stored(model_sd: dict, path: str) -> dict:
     return kept
 
 
-def _norm(name: str) -> str:
-    return "".join(ch for ch in name.lower() if ch.isalnum())
+def _tokens(name: str) -> list[str]:
+    import re
+    return re.findall(r"[a-z0-9]+", name.lower())
+
+
+def _names(tokens: list[str], words: list[str]) -> bool:
+    """Whether ``words`` occur as consecutive whole tokens of ``tokens`` ('t1' is not in 'ft1')."""
+    k = len(words)
+    return k > 0 and any(tokens[i:i + k] == words for i in range(len(tokens) - k + 1))
 
 
 def pairing_warnings(task_names: list[str], model_paths: list[str]) -> list[str]:
     """Warnings when the --data task folders and the recipe's models (paired by position) do not line up:
-    a task whose name is not in its own model's path but is in another model's path."""
-    models = [_norm(str(Path(p).expanduser().resolve())) for p in model_paths]
+    a task whose name is not in its own model's folder name (last two path parts) but is in another's.
+    Whole tokens only, and never the folders above, so that a temporary or home path cannot match."""
+    models = [_tokens("/".join(Path(p).expanduser().resolve().parts[-2:])) for p in model_paths]
     out = []
     for i, task in enumerate(task_names):
-        t = _norm(task)
-        if not t or t in models[i]:
+        t = _tokens(task)
+        if not t or _names(models[i], t):
             continue
-        others = [j for j, m in enumerate(models) if j != i and t in m]
+        others = [j for j, m in enumerate(models) if j != i and _names(m, t)]
         if others:
             out.append(f"task '{task}' (task folder {i + 1}) is paired with models[{i}] ({model_paths[i]}), but its "
                        f"name is in models[{others[0]}] ({model_paths[others[0]]}): tasks pair with models by "
