@@ -317,8 +317,10 @@ def test_tasks_objective_scores_validation_and_test_once(tmp_path):
     from transformers import AutoModel, AutoTokenizer
     enc = AutoModel.from_pretrained(tmp_path / "out" / "best_model", attn_implementation="eager").eval()
     tok = AutoTokenizer.from_pretrained(base)
+    from mergelab.bench.suite import load_suite_file
+    suite = load_suite_file(tmp_path / "suite.yaml")   # its file tasks belong to the suite, not the registry
     for k, ft in enumerate(fts):
-        td = data.load_task(f"toy{k}", 20, 20, 20, seed=0)
+        td = data.load_task(f"toy{k}", 20, 20, 20, seed=0, spec=suite.task_spec(f"toy{k}"))
         for split, want in (("val", s["best"]["values"][f"tasks:toy{k}"]),
                             ("test", s["final"]["tasks"][f"toy{k}"]["accuracy"])):
             sp = getattr(td, split)
