@@ -264,6 +264,8 @@ def test_resume_takes_finished_rows_from_earlier_runs(tmp_path):
     assert both["runs"]["1"]["rows"]["counted"]["info"]["mask_kept_fraction"] == 0.4   # a builder's bench_info
     md = report.markdown_report(both)
     assert "| counted | 1 | 0.250 / 0.300 / 0.500 | 40.0 % | - | - -> - | 7 | - |" in md
+    out = report.write_report(both, tmp_path / "two-seeds", plots=True)
+    assert (out / "lambda_sweep.png").is_file()   # drawn from a seed's searches: the seed mean keeps none
     assert both["rows"]["task_arithmetic"]["average"] == pytest.approx(
         (r0["rows"]["task_arithmetic"]["average"] + r1["rows"]["task_arithmetic"]["average"]) / 2)
     # a partial earlier run: its failed or missing rows are measured, the changed grid is measured again

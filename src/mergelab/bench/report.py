@@ -23,10 +23,14 @@ LITERATURE_LEVELS = [["individual"], ["tsv", "iso_c", "iso_cts", "smile*"], ["ti
 N_BOOT = 1000
 
 
+# a builder row's bookkeeping parameters (its own label, where plots go): not part of the method's setting
+BOOKKEEPING = {"label", "track_val", "plot_dir"}
+
+
 def _fmt_params(params: dict | None) -> str:
     if not params:
         return ""
-    return ", ".join(f"{k}={v}" for k, v in params.items())
+    return ", ".join(f"{k}={v}" for k, v in params.items() if k not in BOOKKEEPING and v is not None)
 
 
 def table_rows(result: dict, rows_of: dict | None = None) -> list[dict[str, Any]]:
@@ -335,7 +339,10 @@ def _plots(result: dict, folder: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     any_curve = False
-    for n, row in rows.items():
+    runs = result.get("runs") or {}
+    first = next(iter(runs), None)   # the seed mean keeps no search: draw the first seed's sweeps
+    sweep_rows = runs[first]["rows"] if first is not None and len(runs) > 1 else rows
+    for n, row in sweep_rows.items():
         curves: dict[str, list[tuple[float, float]]] = {}
         for s in row.get("search", []):
             if "lambda" not in s["params"] or s["val_average"] != s["val_average"]:
@@ -350,7 +357,8 @@ def _plots(result: dict, folder: Path) -> list[str]:
     if any_curve:
         ax.set_xlabel("lambda")
         ax.set_ylabel("validation accuracy (%, average over tasks)")
-        ax.set_title(f"{result['suite']}: lambda sweeps (validation)")
+        ax.set_title(f"{result['suite']}: lambda sweeps (validation"
+                     f"{f', seed {first}' if sweep_rows is not rows else ''})")
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(folder / "lambda_sweep.png", dpi=120)
