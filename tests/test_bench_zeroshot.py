@@ -1,5 +1,6 @@
 """Zero-shot heads, the cosine schedule, multi-task fine-tuning, the paired bootstrap, failed rows and
 the suite definitions (issue 14). Tiny real BERT models built here; nothing is fetched."""
+import dataclasses
 import json
 import math
 
@@ -286,12 +287,15 @@ def test_leaderboard_rows_run_in_the_benchmark(tmp_path):
     full = suites.get_suite("text8-all")
     names = [m.name for m in full.methods]
     assert names[:len(suites.get_suite("text8").methods)] == [m.name for m in suites.get_suite("text8").methods]
-    assert {"regmean", "fisher", "ties+lines", "emr", "wudi"} <= set(names)
+    assert {"regmean", "fisher", "ties+lines", "emr", "wudi", "wemoe@test"} <= set(names)
     rows = {m.name: m for m in suites.leaderboard_rows()}
-    s = _tiny_suite([rows["ties+lines"], rows["emr"], rows["regmean"]])
+    wemoe = dataclasses.replace(rows["wemoe@test"], params={**rows["wemoe@test"].params, "steps": 3})
+    s = _tiny_suite([rows["ties+lines"], rows["emr"], rows["regmean"], wemoe])
     res = run_benchmark(s, cache_dir=tmp_path / "cache", threads=None, base=tiny())
     got = res["rows"]
     assert [x.get("kind") for x in (got["ties+lines"], got["emr"], got["regmean"])] == ["method"] * 3, got
     assert [x["params"]["lines"] for x in got["ties+lines"]["search"]] == [{"beta": 0.2}, {"beta": 0.5}, {"beta": 1.0}]
     n_base = got["zero_shot"]["params"]
     assert got["emr"]["params"] == 2 * n_base and got["regmean"]["params"] == n_base   # EMR: one encoder per task
+    assert got["wemoe@test"].get("kind") == "method", got["wemoe@test"]
+    assert got["wemoe@test"]["params"] > n_base      # one shared model: base + task vectors of the MLPs + routers

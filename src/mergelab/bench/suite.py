@@ -169,9 +169,11 @@ def leaderboard_rows() -> list[MethodSpec]:
     """The leaderboard methods of issue 19 as rows (``databased.builders``): RegMean and Fisher
     merging (unlabelled train inputs, FusionBench's example counts; Fisher shortened to 64 per task
     for the CPU), TIES + LiNeS (beta searched on validation), EMR (task id at inference, its masks
-    and rescalers cost extra bytes per task) and WUDI (data-free; 100 of the paper's 400 steps at
-    4x the lr on this CPU)."""
-    from mergelab.databased.builders import emr_builder, fisher_builder, regmean_builder, registry_builder
+    and rescalers cost extra bytes per task), WUDI (data-free; 100 of the paper's 400 steps at
+    4x the lr on this CPU) and WEMoE (routers trained on the unlabelled test inputs at the paper's
+    lr 1e-4 and batch 16, 200 of its 1,000 steps: a step costs ~2 s here)."""
+    from mergelab.databased.builders import (emr_builder, fisher_builder, regmean_builder, registry_builder,
+                                             wemoe_builder)
     ties = {"lambda": 1.0, "density": 0.2, "merge": "mean", "trim_scope": "global"}
     return [MethodSpec("regmean", builder=regmean_builder, params={"alpha": 0.95, "num_examples": 256}),
             MethodSpec("fisher", builder=fisher_builder, params={"num_examples": 64}),
@@ -179,7 +181,8 @@ def leaderboard_rows() -> list[MethodSpec]:
                        grid={"lines": [{"beta": 0.2}, {"beta": 0.5}, {"beta": 1.0}]}),
             MethodSpec("emr", builder=emr_builder),
             MethodSpec("wudi", builder=registry_builder,
-                       params={"method": "wudi", "params": {"iter_num": 100, "lr": 4e-5}})]
+                       params={"method": "wudi", "params": {"iter_num": 100, "lr": 4e-5}}),
+            MethodSpec("wemoe@test", builder=wemoe_builder, params={"steps": 200, "lr": 1e-4, "split": "test"})]
 
 
 TEXT6_TASKS = ["fortune_topic", "fortune_lang", "foldoc", "gcide", "wordnet_noun", "wordnet_verb"]
@@ -206,7 +209,7 @@ SUITES: dict[str, Callable[[], Suite]] = {
     # text8 plus issue 19's leaderboard rows; `--resume` a text8 result to measure only the new rows
     "text8-all": lambda: Suite("text8-all", list(TEXT8_TASKS), Protocol(finetune_seeds=[0, 1], mtl_steps=600),
                                default_methods() + model_builder_rows() + adaptive_rows() + leaderboard_rows(),
-                               "text8 and the leaderboard methods (RegMean, Fisher, TIES+LiNeS, EMR, WUDI)"),
+                               "text8 and the leaderboard methods (RegMean, Fisher, TIES+LiNeS, EMR, WUDI, WEMoE)"),
     "text6": lambda: Suite("text6", list(TEXT6_TASKS), Protocol(mtl_steps=450),
                            default_methods() + model_builder_rows(),
                            "the six original Debian-corpus text tasks, zero-shot heads"),
