@@ -1,5 +1,6 @@
 """Zero-shot heads, the cosine schedule, multi-task fine-tuning, the paired bootstrap, failed rows and
 the suite definitions (issue 14). Tiny real BERT models built here; nothing is fetched."""
+import copy
 import dataclasses
 import json
 import math
@@ -299,3 +300,63 @@ def test_leaderboard_rows_run_in_the_benchmark(tmp_path):
     assert got["emr"]["params"] == 2 * n_base and got["regmean"]["params"] == n_base   # EMR: one encoder per task
     assert got["wemoe@test"].get("kind") == "method", got["wemoe@test"]
     assert got["wemoe@test"]["params"] > n_base      # one shared model: base + task vectors of the MLPs + routers
+
+
+def test_eval_cache_reuses_scored_encoders_and_measures_changed_ones(tmp_path, monkeypatch):
+    """A re-run takes every torch/transformers encoder's logits from CACHE/evals, bit for bit; a
+    changed merge, a damaged entry and a mergelab module are measured; --no-eval-cache writes nothing."""
+    from mergelab.bench import smile_methods
+
+    methods = [MethodSpec("task_arithmetic", "task_arithmetic", grid={"lambda": [0.5, 1.0]}, default={"lambda": 0.3}),
+               MethodSpec("smile", builder=smile_methods.bench_builder, params={"k": 2, "gate_k": 2})]
+    s = _tiny_suite(methods)
+    cache = tmp_path / "cache"
+    first = run_benchmark(s, cache_dir=cache, threads=None, base=tiny())
+    ec = first["eval_cache"]
+    # zero-shot, 2 fine-tunes, multi-task, paper row, grid (2 val) + test; SMILE is a mergelab module
+    assert ec["hits"] == 0 and ec["misses"] >= 7 and ec["not_cacheable"] == 1, ec
+    entries = sorted((cache / "evals").glob("*.safetensors"))
+    assert len(entries) == ec["misses"]
+
+    embeds = []
+    real = train.embed
+    monkeypatch.setattr(train, "embed", lambda *a, **k: embeds.append(1) or real(*a, **k))
+    again = run_benchmark(s, cache_dir=cache, threads=None, base=tiny())
+    assert again["eval_cache"] == {"hits": ec["misses"], "misses": 0, "not_cacheable": 1}
+    n_classes = sum(len(first["task_info"][n]["classes"]) for n in s.tasks)
+    assert len(embeds) == 1 + n_classes          # the SMILE test pass + the zero-shot heads' prompts (per class)
+    assert again["correct"] == first["correct"]
+    for name, row in first["rows"].items():
+        assert again["rows"][name].get("average") == row.get("average"), name
+
+    for e in entries:                                   # damaged entries are measured again and rewritten
+        e.write_bytes(b"not a safetensors file")
+    third = run_benchmark(s, cache_dir=cache, threads=None, base=tiny())
+    assert third["eval_cache"] == {"hits": 0, "misses": ec["misses"], "not_cacheable": 1}
+    assert third["correct"] == first["correct"]
+    changed = _tiny_suite([MethodSpec("task_arithmetic", "task_arithmetic", grid={"lambda": [0.5, 0.7]},
+                                      default={"lambda": 0.3})])
+    fourth = run_benchmark(changed, cache_dir=cache, threads=None, base=tiny())
+    assert fourth["eval_cache"]["misses"] >= 1 and fourth["eval_cache"]["hits"] >= 4, fourth["eval_cache"]
+    assert fourth["correct"]["task_arithmetic@paper"] == first["correct"]["task_arithmetic@paper"]
+
+    fresh = tmp_path / "fresh"
+    off = run_benchmark(s, cache_dir=fresh, threads=None, base=tiny(), eval_cache=False)
+    assert off["eval_cache"] is None and not (fresh / "evals").exists()
+    assert off["correct"] == first["correct"]
+
+
+def test_module_fingerprint_sees_every_weight_and_cacheable_refuses_mergelab_modules():
+    from mergelab.bench import evalcache
+    from mergelab.upscale.smile import upscale_to_smile
+
+    enc, _ = tiny()
+    fp = evalcache.module_fingerprint(enc)
+    assert evalcache.module_fingerprint(copy.deepcopy(enc)) == fp
+    other = copy.deepcopy(enc)
+    with torch.no_grad():
+        next(iter(other.parameters())).view(-1)[-1] += 1e-7
+    assert evalcache.module_fingerprint(other) != fp
+    assert evalcache.cacheable(enc)
+    sd = {k: v + 0.01 for k, v in enc.state_dict().items() if v.is_floating_point()}
+    assert not evalcache.cacheable(upscale_to_smile(enc, [sd, sd], k=2, gate_k=2))

@@ -199,6 +199,12 @@ def timings_table(result: dict) -> str:
     cpu = result.get("cpu_timings", {})
     lines = ["| stage | wall s | CPU s (this process) |", "|---|---|---|"]
     lines += [f"| {k} | {v:.1f} | {cpu.get(k, float('nan')):.1f} |" for k, v in result["timings"].items()]
+    ec = result.get("eval_cache")
+    if ec:
+        lines += ["", f"Evaluation cache: {ec['hits']} of {ec['hits'] + ec['misses']} embedding passes of torch / "
+                      f"transformers encoders taken from earlier runs (same weights, inputs and heads); "
+                      f"{ec.get('not_cacheable', 0)} passes of mergelab modules (SMILE, WEMoE, ...) always measured. "
+                      f"`--no-eval-cache` measures everything."]
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from mergelab.bench import data, train
+from mergelab.bench.evalcache import EvalCache
 from mergelab.bench.evaluate import EvalResult, mean_se
 from mergelab.bench.suite import MethodSpec, Protocol, Suite
 from mergelab.errors import MergelabError
@@ -95,6 +96,7 @@ class ModelPool:
     finetuned: dict[str, dict[str, torch.Tensor]]
     heads: dict[str, nn.Linear]
     paths: dict[str, str] = field(default_factory=dict)
+    eval_cache: EvalCache | None = None   # scored encoders' logits, reused when nothing they depend on changed
 
     def encoder(self, state_dict: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
         """A fresh copy of the base encoder, with ``state_dict`` loaded when given."""
@@ -363,8 +365,6 @@ def evaluate_built(model: Built, models: ModelPool, tasks: TaskPool, split: str,
     tasks); a mapping gives each task its own encoder.
     """
     names = list(names or tasks.names)
-    pad = models.pad_id
-    out: dict[str, EvalResult] = {}
     total = sum(len(tasks.inputs(n, split)) for n in names)
     bar = progress(desc or f"evaluate {split}", total)
     groups: list[tuple[nn.Module, list[str]]] = []
@@ -375,20 +375,39 @@ def evaluate_built(model: Built, models: ModelPool, tasks: TaskPool, split: str,
             if n not in model:
                 raise MergelabError(f"built model has no encoder for task {n!r}")
             groups.append((model[n], [n]))
+    out: dict[str, EvalResult] = {}
     for enc, group in groups:
-        seqs = [s for n in group for s in tasks.inputs(n, split)]
-        z = train.embed(enc, seqs, pad_id=pad, progress=bar.update)
-        start = 0
-        for n in group:
+        for n, logits in task_logits(enc, models, tasks, split, group, bar).items():
+            out[n] = _scored(logits, tasks.labels(n, split))
+    bar.close()
+    return out
+
+
+def task_logits(enc: nn.Module, models: ModelPool, tasks: TaskPool, split: str, names: Sequence[str],
+                bar: Any = None) -> dict[str, torch.Tensor]:
+    """Logits of each task's ``split`` inputs through its head, from one embedding pass of ``enc``
+    over all of them (or from the evaluation cache when the same pass was scored before)."""
+    def compute() -> dict[str, torch.Tensor]:
+        seqs = [s for n in names for s in tasks.inputs(n, split)]
+        z = train.embed(enc, seqs, pad_id=models.pad_id, progress=bar.update if bar is not None else None)
+        out, start = {}, 0
+        for n in names:
             k = len(tasks.inputs(n, split))
             head = models.heads[n]
             with torch.no_grad():
-                pred = head(z[start:start + k].to(head.weight.device)).argmax(-1).cpu()
-            y = torch.as_tensor(tasks.labels(n, split))
-            correct = (pred == y).tolist()
-            out[n] = EvalResult(sum(correct) / k, k, correct)
+                out[n] = head(z[start:start + k].to(head.weight.device)).float().cpu()
             start += k
-    bar.close()
+        return out
+
+    if models.eval_cache is None:
+        return compute()
+    parts = [(n, tasks.inputs(n, split), models.heads[n]) for n in names]
+    dev = next(enc.parameters()).device
+    before = models.eval_cache.hits
+    out = models.eval_cache.logits(enc, parts, compute, {"split": split, "pad_id": models.pad_id,
+                                                         "batch_size": 128, "device": str(dev)})
+    if models.eval_cache.hits > before and bar is not None:
+        bar.update(sum(len(tasks.inputs(n, split)) for n in names))
     return out
 
 
@@ -455,23 +474,6 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg[0] if msg else ''}".strip().rstrip(":")
 
 
-@torch.no_grad()
-def _test_embeddings(enc: nn.Module, models: ModelPool, tasks: TaskPool, split: str,
-                     progress: ProgressFactory, desc: str) -> dict[str, torch.Tensor]:
-    """Mean-pooled embeddings of every task's ``split`` inputs by one encoder (one pass)."""
-    names = tasks.names
-    seqs = [s for n in names for s in tasks.inputs(n, split)]
-    bar = progress(desc, len(seqs))
-    z = train.embed(enc, seqs, pad_id=models.pad_id, progress=bar.update)
-    bar.close()
-    out, start = {}, 0
-    for n in names:
-        k = len(tasks.inputs(n, split))
-        out[n] = z[start:start + k]
-        start += k
-    return out
-
-
 def _scored(logits: torch.Tensor, labels: Sequence[int]) -> EvalResult:
     correct = (logits.argmax(-1).cpu() == torch.as_tensor(list(labels))).tolist()
     return EvalResult(sum(correct) / len(correct), len(correct), correct)
@@ -492,14 +494,12 @@ def _reference_rows(models: ModelPool, tasks: TaskPool, suite: Suite, progress: 
     individual, probs = {}, {n: None for n in names}
     for m in names:
         enc = models.encoder(models.finetuned[m])
-        if suite.protocol.ensemble:
-            z = _test_embeddings(enc, models, tasks, "test", progress, f"test: fine-tune {m} on all tasks{tag}")
-        else:
-            z = {m: _test_embeddings_one(enc, models, tasks, m)}
-        for n, zn in z.items():
-            head = models.heads[n]
-            with torch.no_grad():
-                logits = head(zn.to(head.weight.device)).float().cpu()
+        on = names if suite.protocol.ensemble else [m]
+        bar = progress(f"test: fine-tune {m} on {'all tasks' if len(on) > 1 else m}{tag}",
+                       sum(len(tasks.inputs(n, "test")) for n in on))
+        z = task_logits(enc, models, tasks, "test", on, bar)
+        bar.close()
+        for n, logits in z.items():
             if n == m:
                 individual[n] = _scored(logits, tasks.labels(n, "test"))
             p = logits.softmax(-1)
@@ -510,10 +510,6 @@ def _reference_rows(models: ModelPool, tasks: TaskPool, suite: Suite, progress: 
     if suite.protocol.ensemble:
         out["ensemble"] = {n: _scored(probs[n], tasks.labels(n, "test")) for n in names}
     return out
-
-
-def _test_embeddings_one(enc: nn.Module, models: ModelPool, tasks: TaskPool, name: str) -> torch.Tensor:
-    return train.embed(enc, tasks.inputs(name, "test"), pad_id=models.pad_id)
 
 
 def method_rows(spec: MethodSpec) -> list[tuple[str, list[dict], str]]:
@@ -561,7 +557,7 @@ def run_benchmark(suite: Suite, cache_dir: Path | None = None, threads: int | No
                   progress: ProgressFactory = _null_progress,
                   base: tuple[nn.Module, Any] | None = None, seeds: Sequence[int] | None = None,
                   partial_path: str | Path | None = None, device: str | None = None,
-                  resume: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+                  resume: Sequence[Mapping[str, Any]] = (), eval_cache: bool = True) -> dict[str, Any]:
     """Run the whole benchmark and return a JSON-ready result dict (see report.write_report).
 
     ``seeds`` (default ``protocol.finetune_seeds``) are the fine-tuning seeds: each gets its own
@@ -572,6 +568,11 @@ def run_benchmark(suite: Suite, cache_dir: Path | None = None, threads: int | No
     ``resume``: earlier results (partial or complete, e.g. one per seed run side by side) of the
     same suite; a row they hold for the same seed, fine-tunes, protocol and method settings is
     taken from them instead of being measured again (failed rows are measured again).
+
+    ``eval_cache``: keep every scored encoder's logits under ``cache_dir/evals`` (see
+    ``bench.evalcache``) and take them from there when the same encoder, inputs and heads come
+    again (the reference rows and unchanged merges of a re-run); ``result["eval_cache"]`` counts
+    the hits.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -610,6 +611,8 @@ def run_benchmark(suite: Suite, cache_dir: Path | None = None, threads: int | No
 
     def publish():
         result["rows"] = _mean_rows(result["runs"], tasks.names) if result["runs"] else {}
+        if cache is not None:
+            result["eval_cache"] = cache.stats()
         result["correct"] = result["runs"][str(seeds[0])]["correct"] if result["runs"] else {}
         if partial_path is not None:
             tmp = Path(str(partial_path) + ".tmp")
@@ -617,11 +620,15 @@ def run_benchmark(suite: Suite, cache_dir: Path | None = None, threads: int | No
             tmp.write_text(json.dumps(result, default=_jsonable))
             tmp.replace(partial_path)
 
+    cache = EvalCache((Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "evals",
+                      stable=(train.ZeroShotHead,)) if eval_cache else None
+    result["eval_cache"] = cache.stats() if cache else None
     zero_shot = None
     for seed in seeds:
         tag = "" if seed == seeds[0] else f" (seed {seed})"
         models = prepare_models(suite, tasks, cache_dir, base=base, base_id=base_id, user_models=user_models,
                                 progress=progress, timings=timings, seed=seed, heads=heads)
+        models.eval_cache = cache
         result["finetuned_paths_per_seed"][str(seed)] = dict(models.paths)
         if seed == seeds[0]:
             result["finetuned_paths"] = dict(models.paths)

@@ -31,6 +31,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="append", default=[], metavar="RESULT_JSON",
                    help="take finished rows from an earlier run of the same suite (its OUT.result.json "
                         "partial file or OUT/results.json; repeatable, e.g. one file per seed run side by side)")
+    p.add_argument("--no-eval-cache", action="store_true",
+                   help="score every model again (default: logits of an encoder already scored on the same "
+                        "inputs and heads are taken from CACHE_DIR/evals)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--list", action="store_true", help="list suites and tasks, then exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -118,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
     result = run_benchmark(s, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
                            threads=args.threads, user_models=user_models, base_path=args.base,
                            methods=methods, progress=_progress(args.quiet), seeds=seeds,
-                           partial_path=raw, device=args.device, resume=resume)
+                           partial_path=raw, device=args.device, resume=resume,
+                           eval_cache=not args.no_eval_cache)
     raw.write_text(json.dumps(result, default=str))
     folder = report.write_report(result, out, plots=not args.no_plots)
     raw.unlink()
