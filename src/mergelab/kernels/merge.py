@@ -21,6 +21,7 @@ __all__ = [
     "zero_above",
     "keep_band",
     "topk_exact",
+    "stack_sum",
     "elect_sign",
     "disjoint_merge",
     "breadcrumbs_rows",
@@ -171,13 +172,28 @@ def breadcrumbs_rows(delta: torch.Tensor, keep: float, top_remove: float) -> tor
     return delta * mask
 
 
+# Up to this many rows, ``stack_sum`` adds them one by one: bit-identical to ``sum(dim=0)`` (torch reduces up
+# to 4 outer rows in order; from 5 rows on it regroups them, tests check 1-8 rows) and cheaper on CPU.
+_SEQUENTIAL_ROWS = 4
+
+
+def stack_sum(stacked: torch.Tensor) -> torch.Tensor:
+    """``stacked.sum(dim=0)`` of ``[T, *shape]`` as a new tensor (rows added in order for small T)."""
+    if stacked.shape[0] == 0 or stacked.shape[0] > _SEQUENTIAL_ROWS or stacked.dtype not in _SHRINK_DTYPES:
+        return stacked.sum(dim=0)
+    out = stacked[0].clone(memory_format=torch.contiguous_format)
+    for row in stacked[1:]:
+        out.add_(row)
+    return out
+
+
 def elect_sign(stacked: torch.Tensor, zero: str = "majority") -> torch.Tensor:
     """TIES sign election by mass: sign of the summed (trimmed) task vectors.
 
     ``zero="majority"``: coordinates with zero sum take the sign of the sum of all elected signs (TIES
     code, here over the tensor given); ``zero="positive"``: they take +1 (mergekit).
     """
-    sign = torch.sign(stacked.sum(dim=0))
+    sign = stack_sum(stacked).sign_()
     if zero == "positive":
         return sign.add_(0.5).sign_()                   # +1 -> +1, -1 -> -1, 0 -> +1 (no boolean mask)
     majority = float(torch.sign(sign.sum()))
@@ -238,7 +254,7 @@ def dare_mask_(delta: torch.Tensor, drop_rate: float, generator: torch.Generator
         bits = bits.to(delta.device)
     flat = delta.view(-1) if delta.is_contiguous() else None
     if flat is not None and delta.dtype == torch.float32:
-        keep = torch.sub(threshold - 1, bits, out=bits).bitwise_right_shift_(31)   # -1 keep, 0 drop
+        keep = bits.neg_().add_(threshold - 1).bitwise_right_shift_(31)   # -1 keep, 0 drop (no overflow)
         flat.view(torch.int32).bitwise_and_(keep)
         return delta
     mask = (bits >= threshold).reshape(delta.shape)

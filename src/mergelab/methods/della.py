@@ -112,12 +112,12 @@ register(Method(
     summary="MagPrune random drop (keep probability by magnitude rank), L1 rescale, TIES sign consensus",
     reference="Deep et al. 2024, arXiv 2406.11617; mergekit 0.1.5 della",
     formula="p = d - eps + 2 eps rank/(n-1) per row; delta *= Bernoulli(p), L1-rescaled; sign-consensus mean",
-    params=_params(True), merge_tensor=_della, stats=_stats, prepare=_check,
+    params=_params(True), task_vectors_only=True, merge_tensor=_della, stats=_stats, prepare=_check,
 ))
 register(Method(
     name="della_linear",
     summary="MagPrune random drop and L1 rescale, then a weighted sum (no sign consensus)",
     reference="Deep et al. 2024, arXiv 2406.11617; mergekit 0.1.5 della_linear",
     formula="p = d - eps + 2 eps rank/(n-1) per row; delta *= Bernoulli(p), L1-rescaled; base + lambda sum w delta",
-    params=_params(False), merge_tensor=_della_linear, stats=_stats, prepare=_check,
+    params=_params(False), task_vectors_only=True, merge_tensor=_della_linear, stats=_stats, prepare=_check,
 ))

@@ -1,0 +1,122 @@
+"""The streamlined DARE-TIES / consensus path gives the same bits as the straightforward formulas, checks
+its inputs through its L1 norms, and builds task vectors one model at a time; DELLA's integer masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergelab import kernels as K
+from mergelab.engine.streaming import _Inputs, merge_state_dicts, row_blocks
+from mergelab.errors import MergelabError
+from mergelab.io import open_checkpoint
+from mergelab.methods import TensorJob
+
+
+@pytest.mark.parametrize("rows", range(1, 9))
+def test_stack_sum_is_bit_identical_to_sum_dim0(rows):
+    g = torch.Generator().manual_seed(rows)
+    stacked = torch.randn(rows, 37, 53, generator=g) * torch.rand(rows, 1, 1, generator=g) * 100
+    assert torch.equal(K.stack_sum(stacked), stacked.sum(dim=0))
+    assert torch.equal(K.stack_sum(stacked[:, :, ::2]), stacked[:, :, ::2].sum(dim=0))
+
+
+def _reference_dare_ties(base, models, name, model_params, params, blocks):
+    """mergekit dare_ties as it was written before the fast path: whole-tensor L1 norms, masks per block,
+    sign of the weighted sum (0 -> +), kept-weight divisor with the amax fix, base + lambda * mix."""
+    spans = blocks or [None]
+    sl = (lambda r: slice(None)) if blocks is None else (lambda r: slice(r[0], r[1]))
+
+    def job(r):
+        return TensorJob(name, base[sl(r)], [m[sl(r)] for m in models], params, model_params, "mergekit", rows=r)
+
+    norms = torch.zeros(2 * len(models), dtype=torch.float64)
+    for r in spans:
+        for i, (m, p) in enumerate(zip(models, model_params)):
+            d = m[sl(r)] - base[sl(r)]
+            norms[2 * i] += d.abs().sum().double()
+            kept = K.dare(d.clone(), 1 - p["density"], job(r).generator(i), rescale="none")
+            norms[2 * i + 1] += kept.abs().sum().double()
+    out = []
+    w = torch.tensor([p["weight"] for p in model_params])
+    for r in spans:
+        ds = []
+        for i, (m, p) in enumerate(zip(models, model_params)):
+            d = K.dare(m[sl(r)] - base[sl(r)], 1 - p["density"], job(r).generator(i), rescale="none")
+            before, after = (float(norms[2 * i]), float(norms[2 * i + 1])) if blocks else \
+                (float((m - base).abs().sum()), float(d.abs().sum()))
+            if 0 < p["density"] < 1 and before >= 1e-7 and after >= 1e-7:
+                d = d * (before / after)
+            ds.append(d)
+        deltas = torch.stack(ds) * w.reshape(-1, *([1] * base.dim()))
+        sign = torch.sign(deltas.sum(dim=0)).add_(0.5).sign_()
+        agreeing = (deltas * sign).clamp(min=0)
+        mixed = agreeing.sum(dim=0) * sign
+        mask = agreeing.sign()
+        divisor = torch.tensordot(w, mask, dims=1)
+        divisor = divisor + (1 - mask.amax(dim=0))
+        if params["normalize"]:
+            mixed = mixed / divisor
+        out.append(base[sl(r)] + mixed * params["lambda"])
+    return torch.cat(out) if blocks else out[0]
+
+
+@pytest.mark.parametrize("block", [None, 64 * 10])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_dare_ties_mergekit_matches_the_reference_bit_for_bit(block, normalize):
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(64, 40, generator=g)}
+    models = [{"w": base["w"] + 0.01 * torch.randn(64, 40, generator=g)} for _ in range(3)]
+    mp = [{"weight": w, "density": d} for w, d in ((1.0, 0.5), (0.5, 0.3), (2.0, 1.0))]
+    params = {"lambda": 0.7, "normalize": normalize, "seed": 5, "rescale": True}
+    out = merge_state_dicts(base, models, "dare_ties", params, mp, compat="mergekit",
+                            block_elements=block or (1 << 22))["w"]
+    full_mp = [dict(p) for p in mp]
+    blocks = row_blocks((64, 40), block) if block else None
+    assert (blocks is not None) == (block is not None)
+    ref = _reference_dare_ties(base["w"], [m["w"] for m in models], "w", full_mp, params, blocks)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("block", [None, 64 * 8])
+def test_dare_ties_names_a_nan_even_where_the_mask_drops_it(block):
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(64, 32, generator=g)}
+    models = [{"w": base["w"] + 0.01 * torch.randn(64, 32, generator=g)} for _ in range(2)]
+    models[1]["w"][40, 3] = float("nan")
+    # density 0 drops every entry: the NaN cannot reach the result, only the L1 norm sees it
+    mp = [{"density": 0.5}, {"density": 0.0}]
+    with pytest.raises(MergelabError, match=r"models\[1\].*NaN or Inf"):
+        merge_state_dicts(base, models, "dare_ties", {"seed": 1}, mp, compat="mergekit",
+                          block_elements=block or (1 << 22))
+
+
+def test_task_vectors_are_built_one_model_at_a_time_with_the_same_values():
+    g = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(12, 5, generator=g)}
+    models = [{"w": torch.randn(12, 5, generator=g)} for _ in range(3)]
+    inputs = _Inputs(open_checkpoint(base), [open_checkpoint(m) for m in models], ["a", "b", "c"], "base",
+                     torch.device("cpu"), torch.float32)
+    b = inputs._load(inputs.base, "w", "base", (2, 9), True)
+    stacked = inputs.task_vectors("w", (2, 9), b)
+    assert torch.equal(stacked, K.task_vectors(base["w"][2:9], [m["w"][2:9] for m in models]))
+
+
+def test_task_vector_methods_get_no_model_inputs(monkeypatch):
+    from mergelab.methods import get_method
+    from mergelab.methods import registry
+    seen = []
+    method = get_method("dare_ties")
+    assert method.task_vectors_only
+    original = method.merge_tensor
+
+    def spy(job):
+        seen.append((len(job.models), job.stacked is not None))
+        return original(job)
+    monkeypatch.setattr(registry, "get_method", lambda name: registry.Method(**{**method.__dict__, "merge_tensor": spy}))
+    import mergelab.engine.streaming as S
+    monkeypatch.setattr(S, "get_method", registry.get_method)
+    base = {"w": torch.randn(16, 8)}
+    models = [{"w": torch.randn(16, 8)} for _ in range(2)]
+    merge_state_dicts(base, models, "dare_ties", {}, compat="mergekit", block_elements=32)
+    assert seen and all(s == (0, True) for s in seen)
