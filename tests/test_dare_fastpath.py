@@ -120,3 +120,53 @@ def test_task_vector_methods_get_no_model_inputs(monkeypatch):
     models = [{"w": torch.randn(16, 8)} for _ in range(2)]
     merge_state_dicts(base, models, "dare_ties", {}, compat="mergekit", block_elements=32)
     assert seen and all(s == (0, True) for s in seen)
+
+
+def test_keep_with_probabilities_matches_each_entrys_probability():
+    n = 400_000
+    probs = torch.linspace(0.05, 0.95, n)
+    delta = torch.randn(n, generator=torch.Generator().manual_seed(0)).add_(10.0)    # no zeros
+    kept = K.keep_with_probabilities_(delta.clone(), probs, torch.Generator().manual_seed(7)) != 0
+    # 5 sigma of a binomial fraction over each of 8 bands of probabilities, and over everything
+    for band in torch.arange(n).chunk(8):
+        p = float(probs[band].mean())
+        assert abs(float(kept[band].float().mean()) - p) < 5 * (p * (1 - p) / len(band)) ** 0.5
+    assert abs(float(kept.float().mean()) - float(probs.mean())) < 5 * (0.25 / n) ** 0.5
+
+
+def test_keep_with_probabilities_is_reproducible_for_a_seed_and_exact_at_0_and_1():
+    delta = torch.randn(5000, generator=torch.Generator().manual_seed(1))
+    probs = torch.rand(5000, generator=torch.Generator().manual_seed(2))
+    a = K.keep_with_probabilities_(delta.clone(), probs, torch.Generator().manual_seed(3))
+    b = K.keep_with_probabilities_(delta.clone(), probs, torch.Generator().manual_seed(3))
+    c = K.keep_with_probabilities_(delta.clone(), probs, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a[a != 0], delta[a != 0])          # kept values untouched
+    assert not K.keep_with_probabilities_(delta.clone(), torch.zeros(5000), None).any()
+    ones = torch.ones(5000)
+    # p = 1 keeps each entry with probability 1 - 2^-31: all of 5000 here
+    assert torch.equal(K.keep_with_probabilities_(delta.clone(), ones, torch.Generator().manual_seed(3)), delta)
+    # the non-float32 path draws the same mask
+    d64 = K.keep_with_probabilities_(delta.double(), probs, torch.Generator().manual_seed(3))
+    assert torch.equal(d64 != 0, a != 0)
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_kept_fraction_follows_the_magprune_probabilities(method):
+    from mergelab.methods.della import magprune_probabilities
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(256, 512, generator=g)}
+    models = [{"w": base["w"] + torch.randn(256, 512, generator=g)}]
+    params = {"seed": 3, "rescale": False, "normalize": False}
+    mp = [{"density": 0.4, "epsilon": 0.3}]
+    out = merge_state_dicts(base, models, method, params, mp, compat="mergekit")["w"]
+    again = merge_state_dicts(base, models, method, params, mp, compat="mergekit", block_elements=256 * 64)["w"]
+    kept = out != base["w"]
+    delta = models[0]["w"] - base["w"]
+    probs = magprune_probabilities(delta, 0.4, 0.3)
+    assert abs(float(kept.float().mean()) - 0.4) < 0.005
+    small, large = probs < 0.4, probs >= 0.4       # lower and upper half of the ranks in each row
+    assert abs(float(kept[small].float().mean()) - float(probs[small].mean())) < 0.01
+    assert abs(float(kept[large].float().mean()) - float(probs[large].mean())) < 0.01
+    assert torch.equal(out[kept], models[0]["w"][kept])           # no rescale: kept deltas unchanged
+    assert abs(float((again != base["w"]).float().mean()) - 0.4) < 0.005   # blocks: other masks, same rate

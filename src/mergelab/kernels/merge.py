@@ -29,6 +29,7 @@ __all__ = [
     "dare",
     "dare_mask_",
     "dare_keep_bits",
+    "keep_with_probabilities_",
     "model_stock",
     "l1_rescale",
 ]
@@ -259,6 +260,28 @@ def dare_mask_(delta: torch.Tensor, drop_rate: float, generator: torch.Generator
         return delta
     mask = (bits >= threshold).reshape(delta.shape)
     return delta.mul_(mask)
+
+
+def keep_with_probabilities_(delta: torch.Tensor, probabilities: torch.Tensor,
+                             generator: torch.Generator | None = None) -> torch.Tensor:
+    """In place: keep each entry of ``delta`` with its own probability (``probabilities``, same shape, values in
+    [0, 1]), zero it otherwise; returns ``delta``. DARE's integer path with a threshold per entry: entry j is
+    kept when r_j < round(p_j * 2^31), r_j the same 31-bit bits ``dare_keep_bits`` gives, so a seeded
+    generator gives the same mask on every device and the keep probability is p_j to 2^-31."""
+    if delta.numel() == 0:
+        return delta
+    limit = probabilities.to(torch.float64 if probabilities.dtype == torch.float64 else torch.float32)
+    thresholds = limit.clamp(0, 1).mul(2**DARE_BITS).round_().clamp_(max=2**DARE_BITS - 1).to(torch.int32)
+    bits = dare_keep_bits(delta.numel(), generator)
+    if thresholds.device != bits.device:
+        bits = bits.to(thresholds.device)
+    flat = delta.view(-1) if delta.is_contiguous() else None
+    if flat is not None and delta.dtype == torch.float32:
+        # r - t < 0 exactly where r < t (no overflow: both in [0, 2^31)); the sign, spread: -1 keep, 0 drop
+        keep = bits.sub_(thresholds.view(-1)).bitwise_right_shift_(31)
+        flat.view(torch.int32).bitwise_and_(keep)
+        return delta
+    return delta.mul_((bits < thresholds.reshape(-1)).reshape(delta.shape))
 
 
 def dare(delta: torch.Tensor, drop_rate: float, generator: torch.Generator | None = None,
