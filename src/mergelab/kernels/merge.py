@@ -22,6 +22,7 @@ __all__ = [
     "keep_band",
     "topk_exact",
     "stack_sum",
+    "l1_norm",
     "elect_sign",
     "disjoint_merge",
     "breadcrumbs_rows",
@@ -182,10 +183,18 @@ def stack_sum(stacked: torch.Tensor) -> torch.Tensor:
     """``stacked.sum(dim=0)`` of ``[T, *shape]`` as a new tensor (rows added in order for small T)."""
     if stacked.shape[0] == 0 or stacked.shape[0] > _SEQUENTIAL_ROWS or stacked.dtype not in _SHRINK_DTYPES:
         return stacked.sum(dim=0)
-    out = stacked[0].clone(memory_format=torch.contiguous_format)
-    for row in stacked[1:]:
+    if stacked.shape[0] == 1:
+        return stacked[0].clone(memory_format=torch.contiguous_format)
+    out = torch.add(stacked[0], stacked[1])
+    for row in stacked[2:]:
         out.add_(row)
     return out
+
+
+def l1_norm(x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """``x.abs().sum()`` (the same value), with ``|x|`` written into ``scratch`` (a tensor like ``x``) when
+    given: ``abs(x, out=)`` into reused memory costs a fraction of ``x.abs()``'s fresh tensor on CPU."""
+    return torch.abs(x, out=scratch if scratch is not None else torch.empty_like(x)).sum()
 
 
 def elect_sign(stacked: torch.Tensor, zero: str = "majority") -> torch.Tensor:

@@ -20,6 +20,13 @@ def _dare_sparsify(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.
     # L1 norms: float32 sums (torch's cascade summation, ~1e-7 relative; 10x cheaper than float64 ones),
     # added over the blocks of a tensor in float64
 
+    scratch: list[torch.Tensor] = []     # |delta| of one model at a time, reused over the job's models
+
+    def norm(x: torch.Tensor) -> float:
+        if not scratch or scratch[0].shape != x.shape:
+            scratch[:] = [torch.empty_like(x)]
+        return float(K.l1_norm(x, scratch[0]))
+
     def drop(delta: torch.Tensor, p: dict, i: int) -> torch.Tensor:
         if l1:   # mergekit: match the L1 norm of the whole tensor's delta (blocks: sums from the stats pass)
             if job.stats is not None:
@@ -27,10 +34,10 @@ def _dare_sparsify(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.
                 _check_norm(job, before)
                 kept = K.dare(delta, 1.0 - p["density"], job.generator(i), rescale="none", inplace=True)
             else:
-                before = float(delta.abs().sum())
+                before = norm(delta)
                 _check_norm(job, before)
                 kept = K.dare(delta, 1.0 - p["density"], job.generator(i), rescale="none", inplace=True)
-                after = float(kept.abs().sum())
+                after = norm(kept)
             if 0 < p["density"] < 1 and before >= 1e-7 and after >= 1e-7:
                 kept.mul_(before / after)
             return kept
@@ -56,10 +63,11 @@ def _dare_stats(job: TensorJob) -> torch.Tensor | None:
     sums = []
     for i, (model, p) in enumerate(zip(job.models, job.model_params)):
         delta = model - job.base               # one task vector at a time
-        before = delta.abs().sum().double()
+        scratch = torch.empty_like(delta)
+        before = K.l1_norm(delta, scratch).double()
         kept = K.dare(delta, 1.0 - p["density"], job.generator(i), rescale="none", inplace=True)
-        sums += [before.cpu(), kept.abs().sum().double().cpu()]
-        del delta, kept
+        sums += [before.cpu(), K.l1_norm(kept, scratch).double().cpu()]
+        del delta, kept, scratch
     return torch.stack(sums)
 
 

@@ -63,12 +63,12 @@ def _sparsify(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.Tenso
         if rescale and job.stats is not None:
             before, after = float(job.stats[2 * i]), float(job.stats[2 * i + 1])
         elif rescale:
-            before = float(delta.abs().sum())
+            before = float(K.l1_norm(delta))
         kept = _masked_(delta, p, job.generator(i))
         if not rescale:
             return kept
         if job.stats is None:
-            after = float(kept.abs().sum())
+            after = float(K.l1_norm(kept))
         if before < 1e-7 or after < 1e-7:
             return kept
         return kept.mul_(before / after)
