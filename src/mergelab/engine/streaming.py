@@ -479,8 +479,12 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
             selections = _block_selections(ranks, inputs, name, blocks, select_weights)
         elif ranks and inputs.base is not None and any(r is not None for rs in ranks for r in rs):
             # a whole tensor: read once, select from its task vectors, and merge from the same ones
-            b, ms = inputs.read(name)
-            deltas = K.task_vectors(b, ms)
+            if method.task_vectors_only and norms is None:     # one model's input at a time
+                b, ms = inputs._load(inputs.base, name, inputs.base_label, None, True), []
+                deltas = inputs.task_vectors(name, None, b)
+            else:
+                b, ms = inputs.read(name)
+                deltas = K.task_vectors(b, ms)
             selections = _selections_of(ranks, deltas, select_weights)
             _merge_and_sink(name, TensorJob(name, b, ms, params, model_params, compat, thresholds, selections,
                                             None, _numel(shape), None, deltas), None)
