@@ -170,3 +170,15 @@ def test_della_kept_fraction_follows_the_magprune_probabilities(method):
     assert abs(float(kept[large].float().mean()) - float(probs[large].mean())) < 0.01
     assert torch.equal(out[kept], models[0]["w"][kept])           # no rescale: kept deltas unchanged
     assert abs(float((again != base["w"]).float().mean()) - 0.4) < 0.005   # blocks: other masks, same rate
+
+
+@pytest.mark.parametrize("shape", [(7,), (1,), (3, 1), (64, 40), (5, 6, 7)])
+def test_magprune_ranks_by_scatter_equal_mergekits_double_argsort(shape):
+    from mergelab.methods.della import magprune_probabilities
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    x.view(-1)[::3] = 0.0                                   # ties
+    y = x.unsqueeze(0) if x.dim() < 2 else x
+    ranks = torch.argsort(torch.argsort(y.abs(), dim=1), dim=1).to(torch.float32) + 1
+    lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    rn = ((ranks - lo) / torch.where(hi - lo > 0, hi - lo, 1)).clamp(0, 1)
+    assert torch.equal(magprune_probabilities(x, 0.5, 0.2), ((0.5 - 0.2) + rn * 2 * 0.2).reshape(x.shape))

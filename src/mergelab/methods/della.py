@@ -37,13 +37,16 @@ K = lazy_module("mergelab.kernels")
 
 
 def magprune_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """Keep probabilities of mergekit's ``della_magprune`` (ranks along dim 1; 1-D tensors as one row)."""
+    """Keep probabilities of mergekit's ``della_magprune`` (ranks along dim 1; 1-D tensors as one row).
+
+    Ranks are the inverse of one ``argsort`` (a scatter, not mergekit's second argsort: the same ranks);
+    they are a permutation of 1..n in every row, so min and max are 1 and n."""
     x = delta.unsqueeze(0) if delta.dim() < 2 else delta
-    ranks = torch.argsort(x.abs(), dim=1, descending=False).argsort(dim=1).to(torch.float32) + 1
-    lo = ranks.min(dim=1, keepdim=True).values
-    hi = ranks.max(dim=1, keepdim=True).values
-    span = hi - lo
-    rn = ((ranks - lo) / torch.where(span > 0, span, 1)).clamp(0, 1)
+    order = torch.argsort(x.abs(), dim=1, descending=False)
+    positions = torch.arange(x.shape[1], device=x.device).reshape(1, -1, *([1] * (x.dim() - 2)))
+    ranks = torch.empty_like(order).scatter_(1, order, positions.expand_as(order)).to(torch.float32) + 1
+    n = x.shape[1]
+    rn = ((ranks - 1) / (n - 1 if n > 1 else 1)).clamp(0, 1)
     return ((density - epsilon) + rn * 2 * epsilon).reshape(delta.shape)
 
 
