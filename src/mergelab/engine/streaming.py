@@ -8,6 +8,7 @@ one counting pass inside a sampled bracket (``kernels.BandSelect``; two exact hi
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -149,6 +150,19 @@ class _Inputs:
         """Inputs of one tensor; ``check=False`` skips the NaN/Inf check (pre-passes: the merge checks)."""
         base = self._load(self.base, name, self.base_label, rows, check) if self.base is not None else None
         return base, [self._load(m, name, lbl, rows, check) for m, lbl in zip(self.models, self.labels)]
+
+    def task_vectors(self, name: str, rows: tuple[int, int] | None, base: torch.Tensor,
+                     check: bool = True) -> torch.Tensor:
+        """``[T, *shape]`` task vectors ``model_i - base``, each model read and subtracted in turn (one
+        model's input alive at a time, not all of them next to the stacked result)."""
+        out = torch.empty((len(self.models), *base.shape), dtype=base.dtype, device=base.device)
+        for i, (m, lbl) in enumerate(zip(self.models, self.labels)):
+            torch.sub(self._load(m, name, lbl, rows, check), base, out=out[i])
+        return out
+
+    def check(self, name: str, rows: tuple[int, int] | None) -> None:
+        """The NaN/Inf check of every input of one tensor (or block): raises, naming the first bad one."""
+        self.read(name, rows, check=True)
 
     def deltas(self, name: str, rows: tuple[int, int] | None, which: Sequence[int],
                weights: Sequence[float] | None) -> dict[int, torch.Tensor]:
@@ -465,8 +479,12 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
             selections = _block_selections(ranks, inputs, name, blocks, select_weights)
         elif ranks and inputs.base is not None and any(r is not None for rs in ranks for r in rs):
             # a whole tensor: read once, select from its task vectors, and merge from the same ones
-            b, ms = inputs.read(name)
-            deltas = K.task_vectors(b, ms)
+            if method.task_vectors_only and norms is None:     # one model's input at a time
+                b, ms = inputs._load(inputs.base, name, inputs.base_label, None, True), []
+                deltas = inputs.task_vectors(name, None, b)
+            else:
+                b, ms = inputs.read(name)
+                deltas = K.task_vectors(b, ms)
             selections = _selections_of(ranks, deltas, select_weights)
             _merge_and_sink(name, TensorJob(name, b, ms, params, model_params, compat, thresholds, selections,
                                             None, _numel(shape), None, deltas), None)
@@ -482,10 +500,23 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
                 if part is None:
                     break
                 stats = part if stats is None else stats + part
+                b = ms = None
+        # a kernel whose own sums see every input checks them itself (and calls ``check_inputs`` when one
+        # is not finite); a kernel of task vectors only gets them built one model at a time
+        own_check = method.checks_inputs is not None and method.checks_inputs(params, compat)
+        streamed = method.task_vectors_only and norms is None and inputs.base is not None
         for rows in blocks or [None]:
-            b, ms = inputs.read(name, rows)
-            _merge_and_sink(name, TensorJob(name, b, ms, params, model_params, compat, thresholds, selections,
-                                            rows, _numel(shape), stats), rows)
+            recheck = functools.partial(inputs.check, name, rows) if own_check else None
+            if streamed:
+                b = inputs._load(inputs.base, name, inputs.base_label, rows, not own_check)
+                job = TensorJob(name, b, [], params, model_params, compat, thresholds, selections, rows,
+                                _numel(shape), stats, inputs.task_vectors(name, rows, b, not own_check), recheck)
+            else:
+                b, ms = inputs.read(name, rows, check=not own_check)
+                job = TensorJob(name, b, ms, params, model_params, compat, thresholds, selections, rows,
+                                _numel(shape), stats, check_inputs=recheck)
+            _merge_and_sink(name, job, rows)
+            job = b = ms = None      # before the next block is read (not two blocks alive at once)
 
     def _merge_and_sink(name: str, job: TensorJob, rows: tuple[int, int] | None) -> None:
         summed = None

@@ -21,6 +21,8 @@ __all__ = [
     "zero_above",
     "keep_band",
     "topk_exact",
+    "stack_sum",
+    "l1_norm",
     "elect_sign",
     "disjoint_merge",
     "breadcrumbs_rows",
@@ -28,6 +30,7 @@ __all__ = [
     "dare",
     "dare_mask_",
     "dare_keep_bits",
+    "keep_with_probabilities_",
     "model_stock",
     "l1_rescale",
 ]
@@ -171,13 +174,36 @@ def breadcrumbs_rows(delta: torch.Tensor, keep: float, top_remove: float) -> tor
     return delta * mask
 
 
+# Up to this many rows, ``stack_sum`` adds them one by one: bit-identical to ``sum(dim=0)`` (torch reduces up
+# to 4 outer rows in order; from 5 rows on it regroups them, tests check 1-8 rows) and cheaper on CPU.
+_SEQUENTIAL_ROWS = 4
+
+
+def stack_sum(stacked: torch.Tensor) -> torch.Tensor:
+    """``stacked.sum(dim=0)`` of ``[T, *shape]`` as a new tensor (rows added in order for small T)."""
+    if stacked.shape[0] == 0 or stacked.shape[0] > _SEQUENTIAL_ROWS or stacked.dtype not in _SHRINK_DTYPES:
+        return stacked.sum(dim=0)
+    if stacked.shape[0] == 1:
+        return stacked[0].clone(memory_format=torch.contiguous_format)
+    out = torch.add(stacked[0], stacked[1])
+    for row in stacked[2:]:
+        out.add_(row)
+    return out
+
+
+def l1_norm(x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """``x.abs().sum()`` (the same value), with ``|x|`` written into ``scratch`` (a tensor like ``x``) when
+    given: ``abs(x, out=)`` into reused memory costs a fraction of ``x.abs()``'s fresh tensor on CPU."""
+    return torch.abs(x, out=scratch if scratch is not None else torch.empty_like(x)).sum()
+
+
 def elect_sign(stacked: torch.Tensor, zero: str = "majority") -> torch.Tensor:
     """TIES sign election by mass: sign of the summed (trimmed) task vectors.
 
     ``zero="majority"``: coordinates with zero sum take the sign of the sum of all elected signs (TIES
     code, here over the tensor given); ``zero="positive"``: they take +1 (mergekit).
     """
-    sign = torch.sign(stacked.sum(dim=0))
+    sign = stack_sum(stacked).sign_()
     if zero == "positive":
         return sign.add_(0.5).sign_()                   # +1 -> +1, -1 -> -1, 0 -> +1 (no boolean mask)
     majority = float(torch.sign(sign.sum()))
@@ -238,11 +264,33 @@ def dare_mask_(delta: torch.Tensor, drop_rate: float, generator: torch.Generator
         bits = bits.to(delta.device)
     flat = delta.view(-1) if delta.is_contiguous() else None
     if flat is not None and delta.dtype == torch.float32:
-        keep = torch.sub(threshold - 1, bits, out=bits).bitwise_right_shift_(31)   # -1 keep, 0 drop
+        keep = bits.neg_().add_(threshold - 1).bitwise_right_shift_(31)   # -1 keep, 0 drop (no overflow)
         flat.view(torch.int32).bitwise_and_(keep)
         return delta
     mask = (bits >= threshold).reshape(delta.shape)
     return delta.mul_(mask)
+
+
+def keep_with_probabilities_(delta: torch.Tensor, probabilities: torch.Tensor,
+                             generator: torch.Generator | None = None) -> torch.Tensor:
+    """In place: keep each entry of ``delta`` with its own probability (``probabilities``, same shape, values in
+    [0, 1]), zero it otherwise; returns ``delta``. DARE's integer path with a threshold per entry: entry j is
+    kept when r_j < round(p_j * 2^31), r_j the same 31-bit bits ``dare_keep_bits`` gives, so a seeded
+    generator gives the same mask on every device and the keep probability is p_j to 2^-31."""
+    if delta.numel() == 0:
+        return delta
+    limit = probabilities.to(torch.float64 if probabilities.dtype == torch.float64 else torch.float32)
+    thresholds = limit.clamp(0, 1).mul(2**DARE_BITS).round_().clamp_(max=2**DARE_BITS - 1).to(torch.int32)
+    bits = dare_keep_bits(delta.numel(), generator)
+    if thresholds.device != bits.device:
+        bits = bits.to(thresholds.device)
+    flat = delta.view(-1) if delta.is_contiguous() else None
+    if flat is not None and delta.dtype == torch.float32:
+        # r - t < 0 exactly where r < t (no overflow: both in [0, 2^31)); the sign, spread: -1 keep, 0 drop
+        keep = bits.sub_(thresholds.view(-1)).bitwise_right_shift_(31)
+        flat.view(torch.int32).bitwise_and_(keep)
+        return delta
+    return delta.mul_((bits < thresholds.reshape(-1)).reshape(delta.shape))
 
 
 def dare(delta: torch.Tensor, drop_rate: float, generator: torch.Generator | None = None,

@@ -81,12 +81,12 @@ register(Method(
     name="breadcrumbs",
     summary="per row, drop the largest outliers and the small deltas, add the rest",
     reference="Davari & Belilovsky ECCV 2024, arXiv 2312.06795",
-    params=_breadcrumbs_params(False), merge_tensor=_breadcrumbs, prepare=_check_band, select=_breadcrumbs_select,
+    params=_breadcrumbs_params(False), task_vectors_only=True, merge_tensor=_breadcrumbs, prepare=_check_band, select=_breadcrumbs_select,
 ))
 register(Method(
     name="breadcrumbs_ties",
     summary="breadcrumbs masks, then TIES sign election and disjoint merge",
     reference="mergekit; Davari & Belilovsky 2024 + Yadav et al. 2023",
-    params=_breadcrumbs_params(True), merge_tensor=_breadcrumbs_ties, prepare=_check_band,
+    params=_breadcrumbs_params(True), task_vectors_only=True, merge_tensor=_breadcrumbs_ties, prepare=_check_band,
     select=_breadcrumbs_select,
 ))

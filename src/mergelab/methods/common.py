@@ -57,30 +57,40 @@ def _mergekit_mix(job: TensorJob, sparsify: Callable[[torch.Tensor, dict, int], 
     ``normalize``; times ``lambda``.
     """
     deltas = _stacked_deltas(job, sparsify, weighted=False)
-    weights = torch.tensor(job.weights(), dtype=deltas.dtype, device=deltas.device)
-    if bool((weights != 1).any()):
+    w = job.weights()
+    weights = torch.tensor(w, dtype=deltas.dtype, device=deltas.device)
+    if any(x != 1 for x in w):
         deltas.mul_(weights.reshape(-1, *([1] * (deltas.dim() - 1))))
+    normalize = job.params["normalize"]
     if consensus:
         sign = K.elect_sign(deltas, zero="positive")
         agreeing = deltas.mul_(sign).clamp_(min=0)          # |w delta| where signs agree, else 0
-        mixed = agreeing.sum(dim=0).mul_(sign)
-        mask = agreeing.sign_()                              # 1 where kept, 0 elsewhere
-        divisor = torch.tensordot(weights, mask, dims=1)
-        if bool((weights > 0).all()):
-            # the divisor is 0 exactly where nothing is kept: make it 1 there without a boolean mask
-            divisor.add_(mask.amax(dim=0).sub_(1), alpha=-1.0)
-        else:
-            divisor[divisor == 0] = 1
+        mixed = K.stack_sum(agreeing).mul_(sign)
+        del sign
+        divisor = _kept_weights(weights, agreeing.sign_()) if normalize else None   # mask: 1 where kept
     else:
-        mixed = deltas.sum(dim=0)
+        mixed = K.stack_sum(deltas)
         divisor = weights.sum()
         if divisor.abs() < 1e-8:
             divisor = torch.ones_like(divisor)
-    if job.params["normalize"]:
-        mixed = mixed / divisor
+    del deltas
+    if normalize:
+        mixed.div_(divisor)
     if job.params["lambda"] != 1:
-        mixed = mixed * job.params["lambda"]
-    return job.base + mixed
+        mixed.mul_(job.params["lambda"])
+    return mixed.add_(job.base)          # base + mixed (the same sum), in the buffer of the mix
+
+
+def _kept_weights(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of the weights of the kept entries (``mask`` 0/1), 1 where nothing is kept (mergekit)."""
+    divisor = torch.tensordot(weights, mask, dims=1)
+    low = float(weights.min()) if weights.numel() else 0.0
+    if low > 0:
+        # a sum of positive weights is >= the smallest one, so this changes only the zeros (nothing
+        # kept); there the mix is +-0, and +-0 / low == +-0 / 1
+        return divisor.clamp_(min=low)
+    divisor[divisor == 0] = 1
+    return divisor
 
 
 def sum_merge(job: TensorJob, sparsify: Callable[[torch.Tensor, dict, int], torch.Tensor]) -> torch.Tensor:

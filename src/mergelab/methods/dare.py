@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 from mergelab._lazy import lazy_module
@@ -19,15 +20,24 @@ def _dare_sparsify(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.
     # L1 norms: float32 sums (torch's cascade summation, ~1e-7 relative; 10x cheaper than float64 ones),
     # added over the blocks of a tensor in float64
 
+    scratch: list[torch.Tensor] = []     # |delta| of one model at a time, reused over the job's models
+
+    def norm(x: torch.Tensor) -> float:
+        if not scratch or scratch[0].shape != x.shape:
+            scratch[:] = [torch.empty_like(x)]
+        return float(K.l1_norm(x, scratch[0]))
+
     def drop(delta: torch.Tensor, p: dict, i: int) -> torch.Tensor:
         if l1:   # mergekit: match the L1 norm of the whole tensor's delta (blocks: sums from the stats pass)
             if job.stats is not None:
                 before, after = float(job.stats[2 * i]), float(job.stats[2 * i + 1])
+                _check_norm(job, before)
                 kept = K.dare(delta, 1.0 - p["density"], job.generator(i), rescale="none", inplace=True)
             else:
-                before = float(delta.abs().sum())
+                before = norm(delta)
+                _check_norm(job, before)
                 kept = K.dare(delta, 1.0 - p["density"], job.generator(i), rescale="none", inplace=True)
-                after = float(kept.abs().sum())
+                after = norm(kept)
             if 0 < p["density"] < 1 and before >= 1e-7 and after >= 1e-7:
                 kept.mul_(before / after)
             return kept
@@ -35,15 +45,29 @@ def _dare_sparsify(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.
     return drop
 
 
+def _check_norm(job: TensorJob, norm: float) -> None:
+    """The inputs' NaN/Inf check, left to this kernel by the engine: ||model_i - base||_1 is finite unless
+    an input is (or the sum overflowed: then the inputs pass the check and the merge goes on)."""
+    if not math.isfinite(norm) and job.check_inputs is not None:
+        job.check_inputs()
+
+
+def _dare_checks_inputs(params: dict, compat: str) -> bool:
+    return compat == "mergekit" and bool(params.get("rescale", True))
+
+
 def _dare_stats(job: TensorJob) -> torch.Tensor | None:
     """L1 norms of each delta before and after the drop (same seeded masks as the merge pass)."""
     if job.compat != "mergekit" or not job.params["rescale"]:
         return None
     sums = []
-    for i, (delta, p) in enumerate(zip(job.deltas(), job.model_params)):
-        before = delta.abs().sum().double()
+    for i, (model, p) in enumerate(zip(job.models, job.model_params)):
+        delta = model - job.base               # one task vector at a time
+        scratch = torch.empty_like(delta)
+        before = K.l1_norm(delta, scratch).double()
         kept = K.dare(delta, 1.0 - p["density"], job.generator(i), rescale="none", inplace=True)
-        sums += [before.cpu(), kept.abs().sum().double().cpu()]
+        sums += [before.cpu(), K.l1_norm(kept, scratch).double().cpu()]
+        del delta, kept, scratch
     return torch.stack(sums)
 
 
@@ -73,10 +97,12 @@ register(Method(
     summary="drop delta entries with probability p, rescale by 1/(1-p), task arithmetic",
     reference="Yu et al. ICML 2024, arXiv 2311.03099",
     params=_dare_params(False), merge_tensor=_dare_linear, stats=_dare_stats,
+    task_vectors_only=True, checks_inputs=_dare_checks_inputs,
 ))
 register(Method(
     name="dare_ties",
     summary="DARE drop and rescale, then TIES sign election and disjoint merge",
     reference="Yu et al. ICML 2024 + Yadav et al. NeurIPS 2023",
     params=_dare_params(True), merge_tensor=_dare_ties, stats=_dare_stats,
+    task_vectors_only=True, checks_inputs=_dare_checks_inputs,
 ))

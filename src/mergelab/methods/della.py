@@ -16,7 +16,9 @@ theta = base + lambda * mixed
 Defaults (mergekit): density 1.0 (nothing dropped), epsilon 0.15, lambda 1, rescale true, normalize true
 for ``della`` and false for ``della_linear``; 0 < density - epsilon and density + epsilon < 1 is required
 when density < 1. Masks come from mergelab's seeded generator per (seed, tensor, model, block), so a run is
-reproducible; mergekit draws from torch's unseeded global generator: outputs agree in distribution
+reproducible: 31-bit integer bits (DARE's, ``kernels.keep_with_probabilities_``) compared with each entry's
+probability scaled to 2^31, no float uniforms (since 2026-12: other masks than the earlier
+``torch.bernoulli`` ones for the same seed); mergekit draws from torch's unseeded global generator: outputs agree in distribution
 (kept fraction, norms), not entry by entry. A row of one element (mergekit raises) keeps it with
 probability ``density``.
 """
@@ -31,37 +33,45 @@ from mergelab.methods.common import _mergekit_mix, lambda_param, weight_param
 from mergelab.methods.registry import Method, Param, TensorJob, register
 
 torch = lazy_module("torch")
+K = lazy_module("mergelab.kernels")
 
 
 def magprune_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """Keep probabilities of mergekit's ``della_magprune`` (ranks along dim 1; 1-D tensors as one row)."""
+    """Keep probabilities of mergekit's ``della_magprune`` (ranks along dim 1; 1-D tensors as one row).
+
+    Ranks are the inverse of one ``argsort`` (a scatter, not mergekit's second argsort: the same ranks);
+    they are a permutation of 1..n in every row, so min and max are 1 and n."""
     x = delta.unsqueeze(0) if delta.dim() < 2 else delta
-    ranks = torch.argsort(x.abs(), dim=1, descending=False).argsort(dim=1).to(torch.float32) + 1
-    lo = ranks.min(dim=1, keepdim=True).values
-    hi = ranks.max(dim=1, keepdim=True).values
-    span = hi - lo
-    rn = ((ranks - lo) / torch.where(span > 0, span, 1)).clamp(0, 1)
+    order = torch.argsort(x.abs(), dim=1, descending=False)
+    positions = torch.arange(x.shape[1], device=x.device).reshape(1, -1, *([1] * (x.dim() - 2)))
+    ranks = torch.empty_like(order).scatter_(1, order, positions.expand_as(order)).to(torch.float32) + 1
+    n = x.shape[1]
+    rn = ((ranks - 1) / (n - 1 if n > 1 else 1)).clamp(0, 1)
     return ((density - epsilon) + rn * 2 * epsilon).reshape(delta.shape)
 
 
-def _masked(delta: torch.Tensor, p: dict, gen: torch.Generator) -> torch.Tensor:
-    probs = magprune_probabilities(delta, p["density"], p["epsilon"])
-    return delta * torch.bernoulli(probs.cpu(), generator=gen).to(delta.device, delta.dtype)
+def _masked_(delta: torch.Tensor, p: dict, gen: torch.Generator) -> torch.Tensor:
+    """In place: MagPrune's drop (integer bits against each entry's keep probability; ``kernels``)."""
+    return K.keep_with_probabilities_(delta, magprune_probabilities(delta, p["density"], p["epsilon"]), gen)
 
 
 def _sparsify(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.Tensor]:
     def drop(delta: torch.Tensor, p: dict, i: int) -> torch.Tensor:
+        """``delta`` is a row of the job's own stacked task vectors: dropped and rescaled in place."""
         if p["density"] >= 1:
             return delta
         if p["density"] <= 0:
-            return torch.zeros_like(delta)
-        kept = _masked(delta, p, job.generator(i))
-        if not job.params["rescale"]:
-            return kept
-        if job.stats is not None:
+            return delta.zero_()
+        rescale = job.params["rescale"]
+        if rescale and job.stats is not None:
             before, after = float(job.stats[2 * i]), float(job.stats[2 * i + 1])
-        else:
-            before, after = float(delta.abs().sum()), float(kept.abs().sum())
+        elif rescale:
+            before = float(K.l1_norm(delta))
+        kept = _masked_(delta, p, job.generator(i))
+        if not rescale:
+            return kept
+        if job.stats is None:
+            after = float(K.l1_norm(kept))
         if before < 1e-7 or after < 1e-7:
             return kept
         return kept.mul_(before / after)
@@ -73,9 +83,12 @@ def _stats(job: TensorJob) -> torch.Tensor | None:
     if not job.params["rescale"]:
         return None
     sums = []
-    for i, (delta, p) in enumerate(zip(job.deltas(), job.model_params)):
-        kept = _masked(delta, p, job.generator(i)) if 0 < p["density"] < 1 else delta
-        sums += [delta.abs().sum(dtype=torch.float64).cpu(), kept.abs().sum(dtype=torch.float64).cpu()]
+    for i, (model, p) in enumerate(zip(job.models, job.model_params)):
+        delta = model - job.base               # one task vector at a time
+        sums.append(delta.abs().sum(dtype=torch.float64).cpu())
+        kept = _masked_(delta, p, job.generator(i)) if 0 < p["density"] < 1 else delta
+        sums.append(kept.abs().sum(dtype=torch.float64).cpu())
+        del delta, kept
     return torch.stack(sums)
 
 
@@ -112,12 +125,12 @@ register(Method(
     summary="MagPrune random drop (keep probability by magnitude rank), L1 rescale, TIES sign consensus",
     reference="Deep et al. 2024, arXiv 2406.11617; mergekit 0.1.5 della",
     formula="p = d - eps + 2 eps rank/(n-1) per row; delta *= Bernoulli(p), L1-rescaled; sign-consensus mean",
-    params=_params(True), merge_tensor=_della, stats=_stats, prepare=_check,
+    params=_params(True), task_vectors_only=True, merge_tensor=_della, stats=_stats, prepare=_check,
 ))
 register(Method(
     name="della_linear",
     summary="MagPrune random drop and L1 rescale, then a weighted sum (no sign consensus)",
     reference="Deep et al. 2024, arXiv 2406.11617; mergekit 0.1.5 della_linear",
     formula="p = d - eps + 2 eps rank/(n-1) per row; delta *= Bernoulli(p), L1-rescaled; base + lambda sum w delta",
-    params=_params(False), merge_tensor=_della_linear, stats=_stats, prepare=_check,
+    params=_params(False), task_vectors_only=True, merge_tensor=_della_linear, stats=_stats, prepare=_check,
 ))

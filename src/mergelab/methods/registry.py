@@ -80,6 +80,9 @@ class TensorJob:
     # ``[T, *shape]`` task vectors ``models[i] - base`` already computed by the engine (owned by the job:
     # kernels may overwrite them), or None
     stacked: torch.Tensor | None = None
+    # set when the engine left the NaN/Inf check of the inputs to the kernel (``Method.checks_inputs``):
+    # runs it (raising, naming the input); the kernel calls it when a sum over its inputs is not finite
+    check_inputs: Callable[[], None] | None = None
 
     def deltas(self) -> list[torch.Tensor]:
         return [m - self.base for m in self.models]
@@ -124,6 +127,13 @@ class Method:
     # combination of the inputs (average, task arithmetic), else None: the engine then computes it in
     # one fused pass over the raw inputs (no task vectors, no copies) instead of calling ``merge_tensor``
     linear_combination: Callable[[dict, list[dict], str], tuple[float | None, list[float]] | None] | None = None
+    # True when ``merge_tensor`` reads only ``job.base`` and ``job.stacked`` (never ``job.models``): the
+    # engine then builds the task vectors one model at a time and hands over no model inputs (memory)
+    task_vectors_only: bool = False
+    # (params, compat) -> True when the kernel sums |model_i - base| over every entry of every model and
+    # checks the sums are finite (calling ``TensorJob.check_inputs`` when not): the engine then skips its
+    # own NaN/Inf pass over each input (a non-finite input makes its task vector's L1 norm non-finite)
+    checks_inputs: Callable[[dict, str], bool] | None = None
     formula: str = ""           # one line for ``mergelab methods``
     # mergekit's base policy IGNORED: a configured base_model is one more input (averaged, passed through)
     base_is_input: bool = False

@@ -74,5 +74,5 @@ register(Method(
               choices=("global", "per_tensor", "per_row"), mergekit_default="per_tensor"),
         normalize_param(True),
     ),
-    merge_tensor=_ties, global_trim=_ties_global_trim, select=_ties_select,
+    task_vectors_only=True, merge_tensor=_ties, global_trim=_ties_global_trim, select=_ties_select,
 ))
