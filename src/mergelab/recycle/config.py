@@ -19,6 +19,7 @@ auxiliary:
 runs: 6                         # target fine-tunings of the Ratatouille sweep (and of the soup sweep)
 fusing_runs: 2
 fusing_range: 0.0               # 0: plain average of the auxiliaries; >0: random weights (paper: 4)
+fusing_base: false              # the base is one more member of the fused average (paper: yes)
 hparams:                        # a list is a choice, {low, high, log} a range, a number fixed
   lr: [1.0e-5, 3.0e-5, 5.0e-5]
   weight_decay: [1.0e-4, 1.0e-6]
@@ -54,9 +55,12 @@ DEFAULT_AUX_HPARAMS = {"lr": 5e-5, "weight_decay": 0.0, "dropout": 0.0, "steps":
 INT_HPARAMS = {"steps", "batch_size", "eval_every"}
 # the corpus each built-in target is drawn from: neither an auxiliary task nor a checkpoint fine-tuned on it
 # may be recycled (the auxiliary would have seen the target's test texts)
-TARGET_SOURCES = {"gcide_to_wordnet": "gcide"}
+TARGET_SOURCES = {"gcide_to_wordnet": ("gcide", "gcide2")}
+# the corpora of a built-in target's OOD side: a *checkpoint* fine-tuned on one of them may have trained
+# on the OOD test texts (auxiliary *tasks* are fine: the pipeline removes every target text from them)
+TARGET_OOD_SOURCES = {"gcide_to_wordnet": ("wordnet_noun", "wordnet_noun2", "wordnet_verb", "wordnet_pos")}
 KNOWN_HPARAMS = {"lr", "weight_decay", "dropout", "steps", "batch_size", "eval_every", "lp_lr"}
-TOP_KEYS = {"base_model", "target", "data", "auxiliary", "runs", "fusing_runs", "fusing_range", "hparams",
+TOP_KEYS = {"base_model", "target", "data", "auxiliary", "runs", "fusing_runs", "fusing_range", "fusing_base", "hparams",
             "lp_steps", "soup", "executor", "ray_address", "num_cpus", "cpus_per_run", "seed", "max_length",
             "train_head", "probe_iters"}
 
@@ -75,6 +79,7 @@ class RecycleConfig:
     runs: int = 6
     fusing_runs: int = 2
     fusing_range: float = 0.0
+    fusing_base: bool = False
     hparams: dict = field(default_factory=lambda: dict(DEFAULT_HPARAMS))
     lp_steps: int = 20
     soup: str = "greedy"
@@ -149,17 +154,22 @@ def checkpoint_task(path: str | Path) -> str | None:
 
 
 def _check_no_leak(cfg: RecycleConfig, where: str) -> None:
-    source = TARGET_SOURCES.get(cfg.target.get("task"))
-    if source is None:
-        return
-    if source in cfg.aux_tasks:
-        raise MergelabError(f"{where}: auxiliary.tasks: {source!r} is the target's own corpus; choose another task")
+    task = cfg.target.get("task")
+    sources = TARGET_SOURCES.get(task, ())
+    for source in sources:
+        if source in cfg.aux_tasks:
+            raise MergelabError(f"{where}: auxiliary.tasks: {source!r} is the target's own corpus; choose another task")
     for name, path in cfg.aux_checkpoints.items():
         trained_on = checkpoint_task(path)
-        if name == source or trained_on == source:
-            what = f"was fine-tuned on {source!r}" if trained_on == source else f"is named {source!r}"
-            raise MergelabError(f"{where}: auxiliary.checkpoints.{name} ({path}) {what}, the target's own corpus "
-                                "(its texts include the target's test texts); choose another checkpoint")
+        for source in sources:
+            if name == source or trained_on == source:
+                what = f"was fine-tuned on {source!r}" if trained_on == source else f"is named {source!r}"
+                raise MergelabError(f"{where}: auxiliary.checkpoints.{name} ({path}) {what}, the target's own corpus "
+                                    "(its texts include the target's test texts); choose another checkpoint")
+        if trained_on in TARGET_OOD_SOURCES.get(task, ()):
+            raise MergelabError(f"{where}: auxiliary.checkpoints.{name} ({path}) was fine-tuned on {trained_on!r}, "
+                                "the corpus of the target's OOD side (it may have trained on the OOD test texts); "
+                                "choose another checkpoint")
 
 
 def load_config(source: str | Path | Mapping) -> RecycleConfig:
@@ -239,6 +249,10 @@ def load_config(source: str | Path | Mapping) -> RecycleConfig:
     if isinstance(fr, bool) or not isinstance(fr, (int, float)) or fr < 0:
         raise MergelabError(f"{where}: fusing_range must be a number >= 0")
     cfg.fusing_range = float(fr)
+    fb = raw.get("fusing_base", False)
+    if not isinstance(fb, bool):
+        raise MergelabError(f"{where}: fusing_base must be true or false")
+    cfg.fusing_base = fb
     cfg.hparams = {**DEFAULT_HPARAMS, **_check_space(raw.get("hparams") or {}, where + ": hparams")}
     cfg.soup = raw.get("soup", "greedy")
     if cfg.soup not in ("uniform", "greedy"):

@@ -176,6 +176,8 @@ def plan_runs(cfg: RecycleConfig, base: str, data_hash: str) -> dict:
     for r in range(cfg.fusing_runs):
         rng = random.Random(cfg.seed * 100003 + 70000 + r)
         members = [featurizers[n][r % len(featurizers[n])] for n in cfg.aux_names]
+        if cfg.fusing_base:              # the paper's variant: the base is one more member
+            members = [{"type": "base"}] + members
         kappa = [math.exp(cfg.fusing_range * rng.random()) for _ in members]
         weights = [round(k / sum(kappa), 8) for k in kappa]
         groups["fusing"].append(add(f"f{r:02d}-fusing", r, {"type": "fusing", "members": members,
@@ -185,12 +187,23 @@ def plan_runs(cfg: RecycleConfig, base: str, data_hash: str) -> dict:
 
 # ----------------------------------------------------------------------------- the job
 def _featurizer(ref: Mapping, store: RunStore, spec: Mapping) -> dict:
+    if spec["type"] == "base":
+        return {k: v.detach().clone() for k, v in ref.items()}
     if spec["type"] == "run":
         return encoder_part(store.load(spec["run"]), ref, f"run {spec['run']}")
     if spec["type"] == "checkpoint":
         from mergelab.io import load_state_dict
         return encoder_part(load_state_dict(spec["path"]), ref, spec["path"])
     raise MergelabError(f"unknown featurizer source {spec!r}")
+
+
+def initial_featurizer(init: Mapping, ref: Mapping, store: RunStore) -> dict:
+    """The encoder weights a target run starts from: the base (``ref``), an auxiliary featurizer, or
+    the weighted average of the fusing members (``init['weights']``, in the order of ``init['members']``)."""
+    if init["type"] == "fusing":
+        parts = [_featurizer(ref, store, m) for m in init["members"]]
+        return merge_state_dicts(None, parts, "average", model_params=[{"weight": w} for w in init["weights"]])
+    return _featurizer(ref, store, init)
 
 
 def run_job(job: Mapping) -> dict:
@@ -226,13 +239,8 @@ def run_job(job: Mapping) -> dict:
             task = bundle["target"]
             train = _split(task["train"])
             init = spec["init"]
-            if init["type"] in ("run", "checkpoint"):
-                encoder.load_state_dict(_featurizer(ref, store, init))
-            elif init["type"] == "fusing":
-                parts = [_featurizer(ref, store, m) for m in init["members"]]
-                fused = merge_state_dicts(None, parts, "average",
-                                          model_params=[{"weight": w} for w in init["weights"]])
-                encoder.load_state_dict(fused)
+            if init["type"] != "base":
+                encoder.load_state_dict(initial_featurizer(init, ref, store))
             probe = store.load(PROBE_ID)
             head = nn.Linear(probe["head.weight"].shape[1], probe["head.weight"].shape[0])
             head.load_state_dict({"weight": probe["head.weight"], "bias": probe["head.bias"]})
@@ -411,6 +419,7 @@ def _run_recycle(cfg: RecycleConfig, out: Path, *, force: bool, executor: str | 
 
     # Stage 3: soups and baselines, all scored on the same splits
     emit("stage", name="evaluate")
+    t_eval = time.perf_counter()
     ev = Evaluator(base, data, store)
     val = {rid: records[rid]["val_acc"] for rid in plan["target"]}
     g = plan["groups"]
@@ -451,9 +460,13 @@ def _run_recycle(cfg: RecycleConfig, out: Path, *, force: bool, executor: str | 
             final_state = state
 
     comparisons = []
-    for a, b in [("Ratatouille [uniform]", "Model soup [uniform]"), ("Ratatouille [greedy]", "Model soup [greedy]"),
-                 ("Ratatouille [uniform]", "ERM (single fine-tune) [best val]"),
-                 ("Ratatouille [greedy]", "ERM (single fine-tune) [best val]")]:
+    pairs = [("Ratatouille [uniform]", "Model soup [uniform]"), ("Ratatouille [greedy]", "Model soup [greedy]"),
+             ("Ratatouille [uniform]", "ERM (single fine-tune) [best val]"),
+             ("Ratatouille [greedy]", "ERM (single fine-tune) [best val]")]
+    for other in ("Inter-training [best val]", "Fusing [best val]"):
+        if other in correct:
+            pairs += [("Ratatouille [uniform]", other), ("Ratatouille [greedy]", other)]
+    for a, b in pairs:
         for s in ("test_id", "test_ood"):
             d, se = paired(correct[a][s], correct[b][s])
             comparisons.append({"a": a, "b": b, "split": s, "diff": d, "se": se})
@@ -473,7 +486,12 @@ def _run_recycle(cfg: RecycleConfig, out: Path, *, force: bool, executor: str | 
                    "description": data.get("meta", {}).get("description", "")},
         "auxiliary": cfg.aux_names, "pool": plan["pool"], "groups": g, "methods": rows,
         "comparisons": comparisons, "runs": runs, "probe_val_acc": probe["val_acc"],
+        # per-example outcomes ('1' correct) of every method on the test splits, in split order: paired
+        # comparisons across invocations (e.g. pooled over data seeds) are computed from them
+        "outcomes": {k: {s: "".join("1" if x else "0" for x in c[s]) for s in ("test_id", "test_ood")}
+                     for k, c in correct.items()},
         "executor": kind, "cpus": cpus, "seconds": round(time.perf_counter() - t_start, 1),
+        "seconds_evaluate": round(time.perf_counter() - t_eval, 1),
         "trained_now": sum(1 for r in runs if not r["resumed"]), "base_model": base,
     }
 
@@ -510,5 +528,6 @@ def _init_label(spec: Mapping, ckpt_names: Mapping[str, str] | None = None) -> s
         return init["run"]
     if init["type"] == "checkpoint":
         return names_of.get(init["path"], Path(init["path"]).name)
-    names = [m.get("run") or names_of.get(m["path"], Path(m["path"]).name) for m in init["members"]]
+    names = ["base" if m["type"] == "base" else m.get("run") or names_of.get(m["path"], Path(m["path"]).name)
+             for m in init["members"]]
     return "fusing(" + ", ".join(f"{n}:{w:.2f}" for n, w in zip(names, init["weights"])) + ")"

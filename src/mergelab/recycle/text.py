@@ -28,6 +28,19 @@ WORDNET_DOMAIN_ROOTS = {
     "medicine": ["06043075", "00612160"],
     "music": ["07020895", "00543233", "05718935", "05718556"],
 }
+# more fields, for a harder target (``target.classes``): the GCIDE marks of ``gcide``/``gcide2``
+# and the WordNet topic-domain synsets with the same meaning
+EXTRA_DOMAIN_ROOTS = {
+    "mathematics": ["06000644"],
+    "astronomy": ["06095022"],
+    "geology": ["06115701"],
+    "botany": ["06066555"],
+    "zoology": ["06083243"],
+    "anatomy": ["06057539"],
+    "architecture": ["06123363"],
+    "nautical": ["00314469"],      # seafaring (GCIDE's (Naut.))
+}
+ALL_DOMAIN_ROOTS = {**WORDNET_DOMAIN_ROOTS, **EXTRA_DOMAIN_ROOTS}
 BUILDER_VERSION = 2   # bump when the splits built from the same recipe change
 _LEADING_LABEL = re.compile(r"^(\([^()]*\)\s*)+")
 TARGET_CLASSES = ["law", "military", "chemistry", "medicine", "music"]
@@ -99,7 +112,7 @@ def build_text_bundle(cfg, base: str) -> dict:
     """Read the corpora, split them (fixed seeds) and tokenize with the base model's tokenizer."""
     from transformers import AutoTokenizer
 
-    from mergelab.bench.data import TASKS, read_examples, split_balanced
+    from mergelab.bench.data import GCIDE2_DOMAINS, GCIDE_DOMAINS, TASKS, read_examples, read_gcide, split_balanced
 
     t = dict(cfg.target)
     if t.get("task") != "gcide_to_wordnet":
@@ -109,17 +122,26 @@ def build_text_bundle(cfg, base: str) -> dict:
     if bad:
         raise MergelabError(f"target: unknown key {sorted(bad)[0]!r}")
     classes = list(t.get("classes") or TARGET_CLASSES)
-    unknown = [c for c in classes if c not in WORDNET_DOMAIN_ROOTS]
-    if unknown or len(classes) < 2:
-        raise MergelabError(f"target.classes: choose at least two of {TARGET_CLASSES}, got {classes}")
+    unknown = [c for c in classes if c not in ALL_DOMAIN_ROOTS]
+    if unknown or len(classes) < 2 or len(set(classes)) != len(classes):
+        raise MergelabError(f"target.classes: choose at least two distinct of {sorted(ALL_DOMAIN_ROOTS)}, "
+                            f"got {classes}")
     n_train, n_val, n_test = int(t.get("n_train", 1000)), int(t.get("n_val", 250)), int(t.get("n_test", 750))
     per_class, seed = int(t.get("ood_per_class", 300)), int(t.get("seed", 0))
 
-    ident = [(x, y) for x, y in read_examples("gcide") if y in classes]
+    # the fields in play: the five of the default target plus the classes asked for (so the default
+    # target's data are what they were); a sense or gloss marked with two fields in play is dropped
+    in_play = list(dict.fromkeys(TARGET_CLASSES + classes))
+    if set(classes) <= set(GCIDE_DOMAINS.values()):
+        ident = read_examples("gcide")
+    else:
+        marks = {k: v for k, v in {**GCIDE_DOMAINS, **GCIDE2_DOMAINS}.items() if v in set(GCIDE_DOMAINS.values()) | set(classes)}
+        ident = read_gcide(None, marks)
+    ident = [(x, y) for x, y in ident if y in classes]
     test_id, val, train = split_balanced(ident, classes, [n_test, n_val, n_train], seed=seed)
     seen = {x.casefold() for x, _ in ident}
     ood_all: dict[int, list[str]] = {i: [] for i in range(len(classes))}
-    for x, y in read_wordnet_domains():
+    for x, y in read_wordnet_domains(roots={c: ALL_DOMAIN_ROOTS[c] for c in in_play}):
         if y in classes and x.casefold() not in seen:
             seen.add(x.casefold())
             ood_all[classes.index(y)].append(x)
@@ -147,8 +169,8 @@ def build_text_bundle(cfg, base: str) -> dict:
     for name in cfg.aux_tasks:
         if name not in TASKS:
             raise MergelabError(f"auxiliary.tasks: unknown task {name!r}; known: {', '.join(sorted(TASKS))}")
-        if name == "gcide":
-            raise MergelabError("auxiliary.tasks: 'gcide' is the target's own corpus; choose another task")
+        if name in ("gcide", "gcide2"):
+            raise MergelabError(f"auxiliary.tasks: {name!r} is the target's own corpus; choose another task")
         spec = TASKS[name]
         examples = [(x, y) for x, y in read_examples(name) if x.casefold() not in seen]   # no target text
         aux_classes = list(spec.classes) if spec.classes else sorted({y for _, y in examples})
