@@ -412,8 +412,10 @@ def task_logits(enc: nn.Module, models: ModelPool, tasks: TaskPool, split: str, 
 
 
 def count_params(model: Built) -> int:
+    """Weights held: parameters plus floating-point buffers (WEMoE keeps its task vectors as buffers)."""
     mods = [model] if isinstance(model, nn.Module) else list({id(m): m for m in model.values()}.values())
-    return sum(p.numel() for m in mods for p in m.parameters())
+    return sum(p.numel() for m in mods for p in m.parameters()) + \
+        sum(b.numel() for m in mods for b in m.buffers() if b.is_floating_point())
 
 
 def _summary(results: Mapping[str, EvalResult], individual: Mapping[str, EvalResult] | None) -> dict:
