@@ -290,8 +290,10 @@ def main(argv=None) -> int:
     p.add_argument("--n-train", type=int, default=1000)
     p.add_argument("--n-val", type=int, default=250)
     p.add_argument("--n-test", type=int, default=750)
-    p.add_argument("--cache", type=Path, default=Path(os.environ.get("MERGELAB_BENCH_CACHE", "/tmp/bw/cache")),
-                   help="the `mergelab bench` cache holding the auxiliary fine-tunes")
+    p.add_argument("--cache", type=Path,
+                   default=Path(os.environ.get("MERGELAB_CACHE") or Path.home() / ".cache" / "mergelab" / "bench"),
+                   help="the `mergelab bench` cache holding the auxiliary fine-tunes (default $MERGELAB_CACHE or "
+                        "~/.cache/mergelab/bench, as mergelab bench)")
     p.add_argument("--executor", choices=["ray", "local"], default="ray")
     p.add_argument("--num-cpus", type=int, default=2)
     p.add_argument("--bootstrap", type=int, default=2000)
