@@ -26,6 +26,7 @@ from torch import nn
 from mergelab.engine import merge_state_dicts
 from mergelab.errors import MergelabError
 from mergelab.recycle.config import RecycleConfig, sample_hparams
+from mergelab.recycle.seeds import paired_diff
 from mergelab.recycle.executor import make_executor
 from mergelab.recycle.soup import SoupResult, greedy_soup, rank_runs, uniform_soup
 from mergelab.recycle.store import RunStore, canonical, write_json_atomic
@@ -295,15 +296,6 @@ def binomial_se(p: float, n: int) -> float:
     return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
 
 
-def paired(a: Sequence[bool], b: Sequence[bool]) -> tuple[float, float]:
-    """Mean of a - b over the same examples and its standard error."""
-    d = [float(x) - float(y) for x, y in zip(a, b)]
-    n = len(d)
-    mu = sum(d) / n
-    var = sum((x - mu) ** 2 for x in d) / max(1, n - 1)
-    return mu, math.sqrt(var / n)
-
-
 # ----------------------------------------------------------------------------- the pipeline
 def _work_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.work"
@@ -468,7 +460,7 @@ def _run_recycle(cfg: RecycleConfig, out: Path, *, force: bool, executor: str | 
             pairs += [("Ratatouille [uniform]", other), ("Ratatouille [greedy]", other)]
     for a, b in pairs:
         for s in ("test_id", "test_ood"):
-            d, se = paired(correct[a][s], correct[b][s])
+            d, se = paired_diff(correct[a][s], correct[b][s])
             comparisons.append({"a": a, "b": b, "split": s, "diff": d, "se": se})
 
     runs = []

@@ -31,7 +31,8 @@ def _se(d: Sequence[float]) -> float:
 
 
 def paired_diff(a: Sequence[int], b: Sequence[int]) -> tuple[float, float]:
-    """Mean of a - b over the same examples and the standard error of that mean."""
+    """Mean of a - b over the same examples (0/1 or booleans) and the standard error of that mean
+    (also the pipeline's per-run comparisons)."""
     if len(a) != len(b) or not a:
         raise ValueError("paired outcomes must be non-empty and of equal length")
     d = [x - y for x, y in zip(a, b)]
