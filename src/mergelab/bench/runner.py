@@ -383,13 +383,17 @@ def evaluate_built(model: Built, models: ModelPool, tasks: TaskPool, split: str,
     return out
 
 
+EVAL_BATCH = 128   # embedding batch of every scored pass (part of the evaluation cache's key)
+
+
 def task_logits(enc: nn.Module, models: ModelPool, tasks: TaskPool, split: str, names: Sequence[str],
                 bar: Any = None) -> dict[str, torch.Tensor]:
     """Logits of each task's ``split`` inputs through its head, from one embedding pass of ``enc``
     over all of them (or from the evaluation cache when the same pass was scored before)."""
     def compute() -> dict[str, torch.Tensor]:
         seqs = [s for n in names for s in tasks.inputs(n, split)]
-        z = train.embed(enc, seqs, pad_id=models.pad_id, progress=bar.update if bar is not None else None)
+        z = train.embed(enc, seqs, batch_size=EVAL_BATCH, pad_id=models.pad_id,
+                        progress=bar.update if bar is not None else None)
         out, start = {}, 0
         for n in names:
             k = len(tasks.inputs(n, split))
@@ -405,7 +409,7 @@ def task_logits(enc: nn.Module, models: ModelPool, tasks: TaskPool, split: str, 
     dev = next(enc.parameters()).device
     before = models.eval_cache.hits
     out = models.eval_cache.logits(enc, parts, compute, {"split": split, "pad_id": models.pad_id,
-                                                         "batch_size": 128, "device": str(dev)})
+                                                         "batch_size": EVAL_BATCH, "device": str(dev)})
     if models.eval_cache.hits > before and bar is not None:
         bar.update(sum(len(tasks.inputs(n, split)) for n in names))
     return out
