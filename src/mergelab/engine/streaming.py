@@ -148,8 +148,12 @@ class _Inputs:
     def read(self, name: str, rows: tuple[int, int] | None = None,
              check: bool = True) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """Inputs of one tensor; ``check=False`` skips the NaN/Inf check (pre-passes: the merge checks)."""
-        base = self._load(self.base, name, self.base_label, rows, check) if self.base is not None else None
-        return base, [self._load(m, name, lbl, rows, check) for m, lbl in zip(self.models, self.labels)]
+        return self.base_tensor(name, rows, check), [self._load(m, name, lbl, rows, check)
+                                                     for m, lbl in zip(self.models, self.labels)]
+
+    def base_tensor(self, name: str, rows: tuple[int, int] | None = None, check: bool = True) -> torch.Tensor | None:
+        """The base's tensor (or block), None without a base."""
+        return self._load(self.base, name, self.base_label, rows, check) if self.base is not None else None
 
     def task_vectors(self, name: str, rows: tuple[int, int] | None, base: torch.Tensor,
                      check: bool = True) -> torch.Tensor:
@@ -480,7 +484,7 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
         elif ranks and inputs.base is not None and any(r is not None for rs in ranks for r in rs):
             # a whole tensor: read once, select from its task vectors, and merge from the same ones
             if method.task_vectors_only and norms is None:     # one model's input at a time
-                b, ms = inputs._load(inputs.base, name, inputs.base_label, None, True), []
+                b, ms = inputs.base_tensor(name), []
                 deltas = inputs.task_vectors(name, None, b)
             else:
                 b, ms = inputs.read(name)
@@ -508,7 +512,7 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
         for rows in blocks or [None]:
             recheck = functools.partial(inputs.check, name, rows) if own_check else None
             if streamed:
-                b = inputs._load(inputs.base, name, inputs.base_label, rows, not own_check)
+                b = inputs.base_tensor(name, rows, not own_check)
                 job = TensorJob(name, b, [], params, model_params, compat, thresholds, selections, rows,
                                 _numel(shape), stats, inputs.task_vectors(name, rows, b, not own_check), recheck)
             else:
