@@ -219,6 +219,7 @@ class Case:
     seed: int | None = None
     extra_mergelab_params: dict = field(default_factory=dict)
     n_models: int | None = None   # fine-tunes merged (None: all); slerp takes one besides the base
+    note: str = "not comparable (different algorithm)"   # the agreement cell of a compare="none" row
 
 
 CASES = [
@@ -227,8 +228,14 @@ CASES = [
     Case("ties-global", "ties", {"weight": 1.0, "density": 0.2}, {"lambda": 1.0},
          compat=False, mergekit=False, compare="none", mergekit_row="ties",
          extra_mergelab_params={"trim_scope": "global"}),
+    Case("ties-alltied", "ties", {"weight": 1.0, "density": 0.2}, {"normalize": True, "lambda": 1.0},
+         mergekit=False, compare="none", mergekit_row="ties", extra_mergelab_params={"exact_ties": False},
+         note="mergekit semantics, every entry tied at a cut kept (a few entries more than mergekit)"),
     Case("breadcrumbs", "breadcrumbs", {"weight": 1.0, "density": 0.1, "gamma": 0.01},
          {"lambda": 1.0}),
+    Case("breadcrumbs-alltied", "breadcrumbs", {"weight": 1.0, "density": 0.1, "gamma": 0.01}, {"lambda": 1.0},
+         mergekit=False, compare="none", mergekit_row="breadcrumbs", extra_mergelab_params={"exact_ties": False},
+         note="mergekit semantics, every entry tied at a cut kept (a few entries more than mergekit)"),
     Case("dare_ties", "dare_ties", {"weight": 1.0, "density": 0.5}, {"lambda": 1.0},
          compare="stats", seed=42),
     Case("slerp", "slerp", {}, {"t": 0.3}, n_models=1),
@@ -858,7 +865,7 @@ def main(argv=None) -> int:
             else:
                 row["agreement"] = compare_stats(outs["mergekit"], outs["mergelab"], ck["base"])
         elif case.compare == "none":
-            row["agreement_note"] = "not comparable (different algorithm)"
+            row["agreement_note"] = case.note
         if not args.keep_outputs:
             for t, o in outs.items():
                 if not (t == "mergekit" and args.reuse_mergekit):

@@ -205,6 +205,51 @@ def test_mergekit_compat_matches_port(name, params, sparsify, consensus, normali
         assert torch.allclose(out[k], ref, atol=1e-6), k
 
 
+def tied_models(seed=3):
+    """Deltas on a grid of 8 values, so that many magnitudes tie at every trim cut (as in half precision)."""
+    g = torch.Generator().manual_seed(seed)
+    base = {"w": torch.randn(40, 50, generator=g)}
+    models = [{"w": base["w"] + torch.randint(-4, 5, (40, 50), generator=g).float() / 8} for _ in range(3)]
+    return base, models
+
+
+@pytest.mark.parametrize("name,params,per,sparsify,consensus,normalize", [
+    ("ties", {"lambda": 1.0}, {"density": 0.3}, lambda t: mk_magnitude(t, 0.3), True, True),
+    ("breadcrumbs", {}, {"density": 0.4, "gamma": 0.1}, lambda t: mk_outliers(t, 0.4, 0.1), False, False),
+    ("breadcrumbs_ties", {}, {"density": 0.4, "gamma": 0.1}, lambda t: mk_outliers(t, 0.4, 0.1), True, False),
+])
+def test_exact_ties_keeps_mergekits_choice_or_every_tied_entry(name, params, per, sparsify, consensus, normalize):
+    base, models = tied_models()
+    pm = [dict(per, weight=1.0) for _ in models]
+    ref = mk_merge_group(base["w"], [m["w"] for m in models], [1.0] * 3, sparsify, consensus, normalize, 1.0)
+    exact = merge_state_dicts(base, models, name, params, pm, compat="mergekit")
+    assert torch.equal(exact["w"], ref)                                  # mergekit's argsort choice, bit for bit
+    loose = merge_state_dicts(base, models, name, dict(params, exact_ties=False), pm, compat="mergekit")
+    assert not torch.equal(loose["w"], ref)
+    n = base["w"].numel()
+    cut = max(1, int(0.3 * n)) if name == "ties" else int(0.4 * n)
+    assert all(int(_kept_all_tied(m["w"] - base["w"], name).sum()) > cut for m in models)   # ties straddle
+    loose_ref = mk_merge_group(base["w"], [m["w"] for m in models], [1.0] * 3,
+                               lambda t: t * _kept_all_tied(t, name), consensus, normalize, 1.0)
+    assert torch.equal(loose["w"], loose_ref)
+
+
+def _kept_all_tied(delta, name):
+    mag = delta.abs()
+    n = mag.numel()
+    s = torch.sort(mag.reshape(-1)).values
+    if name == "ties":
+        return mag >= s[n - max(1, int(0.3 * n))]
+    target, n_bot = int(0.4 * n), n - int(0.4 * n) - int(0.1 * n)
+    return (mag >= s[n_bot]) & (mag <= s[n_bot + target - 1])
+
+
+def test_exact_ties_is_a_mergekit_semantics_parameter():
+    base, models = tied_models()
+    with pytest.raises(MergelabError, match="exact_ties"):
+        merge_state_dicts(base, models, "ties", {"exact_ties": False}, compat="paper")
+
+
 def test_mergekit_mode_rejects_paper_only_params():
     base, models = tiny_models()
     with pytest.raises(MergelabError, match="merge.*mergekit"):

@@ -6,7 +6,8 @@ from typing import Callable
 
 from mergelab._lazy import lazy_module
 from mergelab.errors import MergelabError
-from mergelab.methods.common import MERGE_MODE, consensus_merge, lambda_param, normalize_param, sum_merge, weight_param
+from mergelab.methods.common import (MERGE_MODE, consensus_merge, exact_ties_param, lambda_param, normalize_param,
+                                     sum_merge, weight_param)
 from mergelab.methods.registry import Method, Param, TensorJob, register
 
 torch = lazy_module("torch")
@@ -16,6 +17,8 @@ MS = lazy_module("mergelab.methods.mergekit_sparsify")
 
 def _breadcrumbs_sparsify(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.Tensor]:
     if job.compat == "mergekit":
+        exact = job.params.get("exact_ties", True)
+
         def band(delta: torch.Tensor, p: dict, i: int) -> torch.Tensor:
             """mergekit's magnitude_outliers with the tensor's band limits from the engine."""
             if p["keep"] >= 1:
@@ -23,7 +26,7 @@ def _breadcrumbs_sparsify(job: TensorJob) -> Callable[[torch.Tensor, dict, int],
             if int(p["keep"] * job.numel) <= 0:
                 return torch.zeros_like(delta)
             low, high = job.selections[i]
-            if job.rows is None and MS.straddles(delta, low, high, int(p["keep"] * delta.numel())):
+            if exact and job.rows is None and MS.straddles(delta, low, high, int(p["keep"] * delta.numel())):
                 return MS.magnitude_outliers(delta, p["keep"], p["top_remove"])   # ties at a cut: as mergekit
             return K.keep_band(delta, low, high)    # in place: delta is the job's own row
         return band
@@ -73,6 +76,7 @@ def _breadcrumbs_params(merge_mode: bool) -> tuple[Param, ...]:
               per_model=True, low=0.0, high=1.0, aliases=("gamma",)),
         lambda_param(1.0),
         normalize_param(False),
+        exact_ties_param(),
     )
     return params + ((MERGE_MODE,) if merge_mode else ())
 

@@ -24,6 +24,12 @@ def normalize_param(default: bool):
     return Param("normalize", bool, default, "divide by the sum of weights (mergekit)", modes=("mergekit",))
 
 
+def exact_ties_param():
+    return Param("exact_ties", bool, True,
+                 "magnitudes tied at a trim cut: keep the ones mergekit's argsort keeps (bit-identical; a full sort "
+                 "of each such tensor) or, if false, keep them all (a few entries more, no sort)", modes=("mergekit",))
+
+
 DENSITY_HELP = "fraction of each task vector kept"
 MERGE_MODE = Param("merge", str, "mean", "disjoint merge: mean (TIES paper), sum (FusionBench), max",
                     choices=("mean", "sum", "max"), modes=("paper",))

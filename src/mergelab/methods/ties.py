@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Callable
 
 from mergelab._lazy import lazy_module
-from mergelab.methods.common import (DENSITY_HELP, MERGE_MODE, consensus_merge, lambda_param, normalize_param,
-                                     weight_param)
+from mergelab.methods.common import (DENSITY_HELP, MERGE_MODE, consensus_merge, exact_ties_param, lambda_param,
+                                     normalize_param, weight_param)
 from mergelab.methods.registry import Method, Param, TensorJob, register
 
 torch = lazy_module("torch")
@@ -17,6 +17,7 @@ MS = lazy_module("mergelab.methods.mergekit_sparsify")
 def _ties_trimmer(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.Tensor]:
     """TIES trim of one (weighted) delta with the threshold of its scope (model, tensor or row)."""
     scope = job.params.get("trim_scope", "per_tensor" if job.compat == "mergekit" else "global")
+    exact = job.compat == "mergekit" and job.params.get("exact_ties", True)
 
     def trim(delta: torch.Tensor, p: dict, i: int) -> torch.Tensor:
         density = p["density"]
@@ -27,7 +28,7 @@ def _ties_trimmer(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.T
         if density <= 0:
             return torch.zeros_like(delta)
         threshold = job.thresholds[i] if scope == "global" else job.selections[i][0]
-        if job.compat == "mergekit" and scope == "per_tensor" and job.rows is None and threshold and \
+        if exact and scope == "per_tensor" and job.rows is None and threshold and \
                 MS.straddles(delta, threshold, None, max(1, int(density * delta.numel()))):
             return MS.magnitude(delta, density)     # ties at the cut: mergekit's own choice among them
         return K.zero_below(delta, threshold)   # in place: delta is the job's own row
@@ -73,6 +74,7 @@ register(Method(
         Param("trim_scope", str, "global", "top-k over the whole model (paper), per tensor (mergekit) or per row",
               choices=("global", "per_tensor", "per_row"), mergekit_default="per_tensor"),
         normalize_param(True),
+        exact_ties_param(),
     ),
     task_vectors_only=True, merge_tensor=_ties, global_trim=_ties_global_trim, select=_ties_select,
 ))
