@@ -3,9 +3,11 @@
 
 mergekit keeps exactly ``k`` entries chosen by ``torch.argsort`` (descending, not stable) of the float32
 magnitudes on CPU; among entries equal to the threshold, the ones it keeps depend on that sort's order. A
-threshold keeps all of them. The engine's thresholds are exact when no tie straddles the cut (the usual
-float32 case); these functions are used where one does (common in bfloat16, whose deltas take few
-distinct values), so that results are bit-identical with the same torch version.
+threshold keeps all of them. The engine's thresholds are exact when no tie straddles the cut; these
+functions are used where one does, so that results are bit-identical with the same torch version. That is
+common: in bfloat16 (few distinct deltas) and in float32 too (a delta ``ft - base`` is a multiple of the
+base weight's ulp; 20 of the 129 tensors of the 1 GB benchmark model), where the full sort is about 40 % of a
+TIES merge's CPU time. ``exact_ties: false`` skips it and keeps every tied entry.
 """
 
 from __future__ import annotations
