@@ -53,3 +53,28 @@ def test_smile_on_cuda_matches_cpu(tmp_path):
         with torch.no_grad():
             outputs[dev] = model(input_ids=x.to(dev)).last_hidden_state.cpu()
     assert torch.allclose(outputs["cpu"], outputs["cuda"], atol=1e-4)
+
+
+def bench_on(device, cache):
+    """The tiny two-task benchmark (real BERT, real fine-tuning steps, zero-shot heads) on one device."""
+    from mergelab.bench import smile_methods
+    from mergelab.bench.runner import run_benchmark
+    from mergelab.bench.suite import MethodSpec
+    from tests.test_bench_zeroshot import _tiny_suite, tiny
+
+    methods = [MethodSpec("ties", "ties", grid={"density": [0.2, 0.5]}, default={"density": 0.2}),
+               MethodSpec("smile", builder=smile_methods.bench_builder, params={"k": 2, "gate_k": 2})]
+    return run_benchmark(_tiny_suite(methods, steps=4), cache_dir=cache, threads=None, base=tiny(), device=device,
+                         eval_cache=False)
+
+
+def test_bench_fine_tunes_merges_and_scores_on_cuda(tmp_path):
+    """`mergelab bench --device cuda`: the same rows as on the CPU, each accuracy within two test examples per
+    task of the CPU's (fine-tuning on another device is not bit-identical)."""
+    cpu = bench_on("cpu", tmp_path / "cpu")
+    gpu = bench_on("cuda", tmp_path / "cuda")
+    assert gpu["device"] == "cuda" and set(gpu["rows"]) == set(cpu["rows"])
+    for name, row in cpu["rows"].items():
+        assert row.get("kind") != "failed" and gpu["rows"][name].get("kind") != "failed", (name, gpu["rows"][name])
+        for task, acc in row["per_task"].items():
+            assert abs(gpu["rows"][name]["per_task"][task] - acc) <= 2 / 12 + 1e-9, (name, task)

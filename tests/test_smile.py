@@ -275,7 +275,6 @@ def _powerlaw(m, n, alpha, gen):
 @pytest.mark.parametrize("shape", [(96, 96), (192, 48), (48, 192)])
 def test_lowrank_svd_matches_full_svd(shape):
     gen = torch.Generator().manual_seed(5)
-    torch.manual_seed(5)  # svd_lowrank draws from the global generator
     a = _powerlaw(*shape, alpha=1.0, gen=gen)  # decaying spectrum, as in fine-tuning deltas
     uf, sf, vf = truncated_svd(a, 6, "full")
     ul, sl, vl = truncated_svd(a, 6, "lowrank")
@@ -294,6 +293,22 @@ def test_lowrank_svd_matches_full_svd(shape):
     yf, yl = lf(x), ll(x)
     assert torch.equal(lf.routing(x)[1], ll.routing(x)[1])
     assert ((yf - yl).norm() / yf.norm()) < 1e-2
+
+
+def test_lowrank_svd_is_reproducible_and_leaves_the_global_generator_alone():
+    """A SMILE layer built after other random work is the same layer; the caller's random stream goes on
+    as if no factorisation had happened (torch.svd_lowrank alone draws from the global generator)."""
+    gen = torch.Generator().manual_seed(2)
+    w0, ws = torch.zeros(96, 96), [_powerlaw(96, 96, 1.0, gen), _powerlaw(96, 96, 1.0, gen)]
+    torch.manual_seed(0)
+    first = smile_linear_from_weights(w0, None, ws, k=6, gate_k=4, svd="lowrank").state_dict()
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    torch.rand(1000)                       # other random work before the second build
+    second = smile_linear_from_weights(w0, None, ws, k=6, gate_k=4, svd="lowrank").state_dict()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(3), after)
 
 
 def test_auto_svd_choice_and_bad_method():
