@@ -120,8 +120,8 @@ def robust_svd_lowrank(matrix: torch.Tensor, q: int, niter: int,
     ``robust_svd`` (exact, truncated to ``q``).
 
     ``torch.svd_lowrank`` draws its test matrix from the global generator, so the same matrix factorised
-    after other random work came out slightly different (a SMILE model built twice disagreed on 1 of 8,000
-    benchmark predictions). The draw is seeded here, on a forked generator: the result depends on ``seed``
+    after other random work came out slightly different (a SMILE row of ``mergelab bench`` depended on which
+    rows ran before it). The draw is seeded here, on a forked generator: the result depends on ``seed``
     only, and the caller's random stream is left as it was."""
     try:
         u, s, v = _seeded(matrix.device, seed, lambda: torch.svd_lowrank(matrix, q=q, niter=niter))
