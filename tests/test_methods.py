@@ -213,34 +213,41 @@ def tied_models(seed=3):
     return base, models
 
 
-@pytest.mark.parametrize("name,params,per,sparsify,consensus,normalize", [
-    ("ties", {"lambda": 1.0}, {"density": 0.3}, lambda t: mk_magnitude(t, 0.3), True, True),
-    ("breadcrumbs", {}, {"density": 0.4, "gamma": 0.1}, lambda t: mk_outliers(t, 0.4, 0.1), False, False),
-    ("breadcrumbs_ties", {}, {"density": 0.4, "gamma": 0.1}, lambda t: mk_outliers(t, 0.4, 0.1), True, False),
+@pytest.mark.parametrize("name,params,per,consensus,normalize", [
+    ("ties", {"lambda": 1.0}, {"density": 0.3}, True, True),
+    ("breadcrumbs", {}, {"density": 0.4, "gamma": 0.1}, False, False),
+    ("breadcrumbs_ties", {}, {"density": 0.4, "gamma": 0.1}, True, False),
 ])
-def test_exact_ties_keeps_mergekits_choice_or_every_tied_entry(name, params, per, sparsify, consensus, normalize):
+def test_exact_ties_keeps_mergekits_choice_or_every_tied_entry(name, params, per, consensus, normalize):
     base, models = tied_models()
     pm = [dict(per, weight=1.0) for _ in models]
+    if name == "ties":
+        sparsify = lambda t: mk_magnitude(t, per["density"])
+    else:
+        sparsify = lambda t: mk_outliers(t, per["density"], per["gamma"])
     ref = mk_merge_group(base["w"], [m["w"] for m in models], [1.0] * 3, sparsify, consensus, normalize, 1.0)
     exact = merge_state_dicts(base, models, name, params, pm, compat="mergekit")
     assert torch.equal(exact["w"], ref)                                  # mergekit's argsort choice, bit for bit
     loose = merge_state_dicts(base, models, name, dict(params, exact_ties=False), pm, compat="mergekit")
     assert not torch.equal(loose["w"], ref)
     n = base["w"].numel()
-    cut = max(1, int(0.3 * n)) if name == "ties" else int(0.4 * n)
-    assert all(int(_kept_all_tied(m["w"] - base["w"], name).sum()) > cut for m in models)   # ties straddle
+    cut = max(1, int(per["density"] * n)) if name == "ties" else int(per["density"] * n)
+    assert all(int(_kept_all_tied(m["w"] - base["w"], per).sum()) > cut for m in models)   # ties straddle
     loose_ref = mk_merge_group(base["w"], [m["w"] for m in models], [1.0] * 3,
-                               lambda t: t * _kept_all_tied(t, name), consensus, normalize, 1.0)
+                               lambda t: t * _kept_all_tied(t, per), consensus, normalize, 1.0)
     assert torch.equal(loose["w"], loose_ref)
 
 
-def _kept_all_tied(delta, name):
+def _kept_all_tied(delta, per):
+    """The entries a threshold keeps: all magnitudes tied at the cut of mergekit's ``magnitude`` (no ``gamma``)
+    or at either cut of its ``magnitude_outliers`` band."""
     mag = delta.abs()
     n = mag.numel()
     s = torch.sort(mag.reshape(-1)).values
-    if name == "ties":
-        return mag >= s[n - max(1, int(0.3 * n))]
-    target, n_bot = int(0.4 * n), n - int(0.4 * n) - int(0.1 * n)
+    if "gamma" not in per:
+        return mag >= s[n - max(1, int(per["density"] * n))]
+    target = int(per["density"] * n)
+    n_bot = n - target - int(per["gamma"] * n)
     return (mag >= s[n_bot]) & (mag <= s[n_bot + target - 1])
 
 
