@@ -26,8 +26,8 @@ from torch import nn
 from mergelab.engine import merge_state_dicts
 from mergelab.errors import MergelabError
 from mergelab.recycle.config import RecycleConfig, sample_hparams
-from mergelab.recycle.seeds import paired_diff
 from mergelab.recycle.executor import make_executor
+from mergelab.recycle.seeds import paired_diff
 from mergelab.recycle.soup import SoupResult, greedy_soup, rank_runs, uniform_soup
 from mergelab.recycle.store import RunStore, canonical, write_json_atomic
 from mergelab.recycle.train import (ENC, Classifier, Split, accuracy, encoder_part, load_encoder, probe_head,
