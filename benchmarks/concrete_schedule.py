@@ -40,6 +40,21 @@ def paired(a: dict[str, list], b: dict[str, list], tasks: list[str]) -> dict[str
     return {"diff": diff, "se": se, "lo": boot["ci_low"], "hi": boot["ci_high"]}
 
 
+def baseline_outcomes(path: Path, suite: str, seed: int) -> dict[str, dict[str, list]]:
+    """Per-example test outcomes of the two rows for fine-tuning ``seed`` in a ``mergelab bench`` results.json
+    (one seed or several); a result of another suite or without that seed or row is refused, not paired."""
+    res = json.loads(path.read_text())
+    if res.get("suite") != suite:
+        raise SystemExit(f"{path}: a result of suite {res.get('suite')!r}, not {suite!r}")
+    run = res.get("runs", {}).get(str(seed))
+    if run is None:
+        raise SystemExit(f"{path}: no fine-tuning seed {seed} (it has seeds {res.get('seeds')})")
+    missing = [f"{n}@test" for n in ROWS if f"{n}@test" not in run["correct"]]
+    if missing:
+        raise SystemExit(f"{path}: no row {', '.join(missing)} for seed {seed}")
+    return {n: run["correct"][f"{n}@test"] for n in ROWS}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--suite", default="text8")
@@ -61,6 +76,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     suite = get_suite(a.suite)
+    baseline = baseline_outcomes(a.baseline, suite.name, a.seed) if a.baseline is not None else {}
     base = train.load_base_encoder()
     tasks = prepare_tasks(suite.tasks, suite.protocol, base[1], specs=suite.task_specs)
     models = prepare_models(suite, tasks, Path(a.cache_dir) if a.cache_dir else None, base=base, seed=a.seed)
@@ -85,11 +101,10 @@ def main(argv=None) -> int:
               f"{info.get('entropy_first') or float('nan'):.3f} -> {info.get('entropy_last') or float('nan'):.3f}",
               flush=True)
         del model
-    if a.baseline is not None:
-        base_res = json.loads(a.baseline.read_text())
-        for name in ROWS:
-            correct = base_res["correct"][f"{name}@test"]
-            outcomes[f"{name} x1"] = {t: [bool(c) for c in correct[t]] for t in tasks.names}
+    for name, correct in baseline.items():
+        if any(len(correct.get(t, ())) != len(outcomes[f"{name} x{a.scale}"][t]) for t in tasks.names):
+            raise SystemExit(f"{a.baseline}: {name}@test was scored on other test examples than this run's")
+        outcomes[f"{name} x1"] = {t: [bool(c) for c in correct[t]] for t in tasks.names}
     names = tasks.names
     pairs = [(f"concrete_adamerging x{a.scale}", f"adamerging_layer x{a.scale}"),
              ("concrete_adamerging x1", "adamerging_layer x1"),
