@@ -31,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -222,20 +222,24 @@ class Case:
     note: str = "not comparable (different algorithm)"   # the agreement cell of a compare="none" row
 
 
+def all_tied(case: Case) -> Case:
+    """``case`` with ``exact_ties: false`` (every magnitude tied at a cut kept), timed against ``case``'s mergekit run."""
+    return replace(case, key=f"{case.key}-alltied", mergekit=False, compare="none", mergekit_row=case.key,
+                   extra_mergelab_params={**case.extra_mergelab_params, "exact_ties": False},
+                   note="mergekit semantics, every entry tied at a cut kept (a few entries more than mergekit)")
+
+
+_TIES = Case("ties", "ties", {"weight": 1.0, "density": 0.2}, {"normalize": True, "lambda": 1.0})
+_BREADCRUMBS = Case("breadcrumbs", "breadcrumbs", {"weight": 1.0, "density": 0.1, "gamma": 0.01}, {"lambda": 1.0})
 CASES = [
     Case("task_arithmetic", "task_arithmetic", {"weight": 1.0}, {"lambda": 0.5}),
-    Case("ties", "ties", {"weight": 1.0, "density": 0.2}, {"normalize": True, "lambda": 1.0}),
+    _TIES,
     Case("ties-global", "ties", {"weight": 1.0, "density": 0.2}, {"lambda": 1.0},
          compat=False, mergekit=False, compare="none", mergekit_row="ties",
          extra_mergelab_params={"trim_scope": "global"}),
-    Case("ties-alltied", "ties", {"weight": 1.0, "density": 0.2}, {"normalize": True, "lambda": 1.0},
-         mergekit=False, compare="none", mergekit_row="ties", extra_mergelab_params={"exact_ties": False},
-         note="mergekit semantics, every entry tied at a cut kept (a few entries more than mergekit)"),
-    Case("breadcrumbs", "breadcrumbs", {"weight": 1.0, "density": 0.1, "gamma": 0.01},
-         {"lambda": 1.0}),
-    Case("breadcrumbs-alltied", "breadcrumbs", {"weight": 1.0, "density": 0.1, "gamma": 0.01}, {"lambda": 1.0},
-         mergekit=False, compare="none", mergekit_row="breadcrumbs", extra_mergelab_params={"exact_ties": False},
-         note="mergekit semantics, every entry tied at a cut kept (a few entries more than mergekit)"),
+    all_tied(_TIES),
+    _BREADCRUMBS,
+    all_tied(_BREADCRUMBS),
     Case("dare_ties", "dare_ties", {"weight": 1.0, "density": 0.5}, {"lambda": 1.0},
          compare="stats", seed=42),
     Case("slerp", "slerp", {}, {"t": 0.3}, n_models=1),
