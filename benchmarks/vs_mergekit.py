@@ -223,7 +223,7 @@ class Case:
 
 
 def all_tied(case: Case) -> Case:
-    """``case`` with ``exact_ties: false`` (every magnitude tied at a cut kept), timed against ``case``'s mergekit run."""
+    """``case`` with ``exact_ties: false`` (every tied magnitude at a cut kept), timed against its mergekit run."""
     return replace(case, key=f"{case.key}-alltied", mergekit=False, compare="none", mergekit_row=case.key,
                    extra_mergelab_params={**case.extra_mergelab_params, "exact_ties": False},
                    note="mergekit semantics, every entry tied at a cut kept (a few entries more than mergekit)")
