@@ -242,6 +242,10 @@ def test_kth_smallest_sampled_path_is_exact(dist):
         x = torch.randint(0, 5, (n,), generator=g).float()
     for k in (1, 2, 1000, n // 5, n // 2, n - 7, n):
         assert K.kth_smallest(x, k).item() == torch.kthvalue(x, k).values.item(), (dist, k)
+        for values in (x, x[:5000]):                 # the band's counts and the small-tensor path's
+            value, below, at_most = K.kth_smallest_counted(values, min(k, values.numel()))
+            assert value == torch.kthvalue(values, min(k, values.numel())).values.item()
+            assert (below, at_most) == (int((values < value).sum()), int((values <= value).sum())), (dist, k)
 
 
 def test_disjoint_merge_zero_majority_follows_ties_code():

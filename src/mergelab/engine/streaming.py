@@ -342,19 +342,27 @@ def _sample_magnitudes(inputs: _Inputs, names: list[str], which: Sequence[int], 
     return {i: np.sort(np.concatenate(p)) if p else np.empty(0, dtype=np.float32) for i, p in parts.items()}
 
 
+Selections = list[list[float | None]]       # per model, the values of the requested magnitude ranks
+SelectionCounts = list[list[tuple[int, int] | None]]     # per value: (magnitudes below it, at most it)
+
+
 def _selections_of(ranks: list[list[int | None]], deltas: Mapping[int, torch.Tensor] | torch.Tensor,
-                   weights: Sequence[float] | None) -> list[list[float | None]]:
-    """Exact values of the requested magnitude ranks of whole-tensor deltas (``deltas[i]``: model i)."""
-    out = []
+                   weights: Sequence[float] | None) -> tuple[Selections, SelectionCounts]:
+    """Exact values of the requested magnitude ranks of whole-tensor deltas (``deltas[i]``: model i), and
+    per value how many magnitudes are below it and at most it (``TensorJob.selection_counts``)."""
+    values, counts = [], []
     for i, rs in enumerate(ranks):
         if all(r is None for r in rs):
-            out.append([None] * len(rs))
+            values.append([None] * len(rs))
+            counts.append([None] * len(rs))
             continue
         delta = deltas[i]
         w = 1.0 if weights is None else weights[i]
         mag = (delta * w).abs_() if w != 1.0 else delta.abs()
-        out.append([None if r is None else float(K.kth_smallest(mag, r)) for r in rs])
-    return out
+        found = [None if r is None else K.kth_smallest_counted(mag, r) for r in rs]
+        values.append([None if f is None else f[0] for f in found])
+        counts.append([None if f is None else f[1:] for f in found])
+    return values, counts
 
 
 def _fused_combination(method: Method, params: dict, model_params: list[dict], compat: str, device: torch.device,
@@ -489,9 +497,9 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
             else:
                 b, ms = inputs.read(name)
                 deltas = K.task_vectors(b, ms)
-            selections = _selections_of(ranks, deltas, select_weights)
+            selections, counts = _selections_of(ranks, deltas, select_weights)
             _merge_and_sink(name, TensorJob(name, b, ms, params, model_params, compat, thresholds, selections,
-                                            None, _numel(shape), None, deltas), None)
+                                            None, _numel(shape), None, deltas, selection_counts=counts), None)
             return
         elif ranks:
             selections = [[None] * len(rs) for rs in ranks]

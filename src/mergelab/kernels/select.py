@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["kth_smallest", "sample_bracket", "BandSelect", "RadixSelect"]
+__all__ = ["kth_smallest", "kth_smallest_counted", "sample_bracket", "BandSelect", "RadixSelect"]
 
 
 def kth_smallest(values: torch.Tensor, k: int, dim: int | None = None) -> torch.Tensor:
@@ -20,6 +20,18 @@ def kth_smallest(values: torch.Tensor, k: int, dim: int | None = None) -> torch.
     if flat.device.type == "cpu" and flat.numel() > _SAMPLE * 8 and flat.dtype in (torch.float32, torch.float64):
         return torch.tensor(_kth_sampled(flat.numpy(), k), dtype=flat.dtype)
     return torch.kthvalue(flat, k).values
+
+
+def kth_smallest_counted(values: torch.Tensor, k: int) -> tuple[float, int, int]:
+    """The k-th smallest (1-based) of all ``values``, with how many values are below it and at most it.
+
+    The counts say whether ties straddle the rank (``n_less < k - 1`` or ``n_at_most > k``) without
+    another pass over the tensor: on large CPU tensors they come from the selection's own band."""
+    flat = values.reshape(-1)
+    if flat.device.type == "cpu" and flat.numel() > _SAMPLE * 8 and flat.dtype in (torch.float32, torch.float64):
+        return _kth_sampled(flat.numpy(), k, counted=True)
+    value = torch.kthvalue(flat, k).values
+    return float(value), int((flat < value).sum()), int((flat <= value).sum())
 
 
 _SAMPLE = 1 << 14
@@ -78,21 +90,31 @@ class BandSelect:
             self.failed, self.parts = True, []
 
     def finish(self) -> float | None:
+        found = self.finish_counted()
+        return None if found is None else found[0]
+
+    def finish_counted(self) -> tuple[float, int, int] | None:
+        """(k-th smallest, values below it, values at most it), or None as ``finish``."""
         rank = self.k - self.below
         if self.failed or not 1 <= rank <= self.kept:
             return None
         if isinstance(self.parts[0], np.ndarray):
-            band = np.concatenate(self.parts)
-            return float(np.partition(band, rank - 1)[rank - 1])
-        return float(torch.kthvalue(torch.cat(self.parts), rank).values)
+            band = np.concatenate(self.parts) if len(self.parts) > 1 else self.parts[0]
+            value = np.partition(band, rank - 1)[rank - 1]
+            return (float(value), self.below + int(np.count_nonzero(band < value)),
+                    self.below + int(np.count_nonzero(band <= value)))
+        band = torch.cat(self.parts)
+        value = torch.kthvalue(band, rank).values
+        return float(value), self.below + int((band < value).sum()), self.below + int((band <= value).sum())
 
 
-def _kth_sampled(values: np.ndarray, k: int) -> float:
+def _kth_sampled(values: np.ndarray, k: int, counted: bool = False):
     """Exact k-th smallest by sampling a narrow band that contains it (Floyd-Rivest style).
 
     A sorted random sample brackets the k-th value; one counting pass and one band extraction
     then leave a small array to partition. 5-7x faster than ``torch.kthvalue`` on large CPU tensors.
     The result is exact whatever the sample: if the band misses, it falls back to a full partition.
+    ``counted``: (value, values below it, values at most it), as ``kth_smallest_counted``.
     """
     n = values.size
     rng = np.random.default_rng(n * 1_000_003 + k)
@@ -100,10 +122,13 @@ def _kth_sampled(values: np.ndarray, k: int) -> float:
     if lo != float("-inf") or hi != float("inf"):
         band = BandSelect(k, lo, hi)
         band.add(torch.from_numpy(values))
-        found = band.finish()
+        found = band.finish_counted()
         if found is not None:
-            return found
-    return float(np.partition(values, k - 1)[k - 1])
+            return found if counted else found[0]
+    value = np.partition(values, k - 1)[k - 1]
+    if not counted:
+        return float(value)
+    return float(value), int(np.count_nonzero(values < value)), int(np.count_nonzero(values <= value))
 
 
 def _bincount(values: torch.Tensor, bins: int) -> torch.Tensor:

@@ -26,7 +26,8 @@ def _breadcrumbs_sparsify(job: TensorJob) -> Callable[[torch.Tensor, dict, int],
             if int(p["keep"] * job.numel) <= 0:
                 return torch.zeros_like(delta)
             low, high = job.selections[i]
-            if exact and job.rows is None and MS.straddles(delta, low, high, int(p["keep"] * delta.numel())):
+            counts = job.selection_counts[i] if job.selection_counts else None
+            if exact and job.rows is None and MS.straddles(delta, low, high, int(p["keep"] * delta.numel()), counts):
                 return MS.magnitude_outliers(delta, p["keep"], p["top_remove"])   # ties at a cut: as mergekit
             return K.keep_band(delta, low, high)    # in place: delta is the job's own row
         return band

@@ -83,6 +83,9 @@ class TensorJob:
     # set when the engine left the NaN/Inf check of the inputs to the kernel (``Method.checks_inputs``):
     # runs it (raising, naming the input); the kernel calls it when a sum over its inputs is not finite
     check_inputs: Callable[[], None] | None = None
+    # per selection value of a whole tensor: (magnitudes below it, magnitudes at most it), or None:
+    # whether ties straddle a trim cut, known without another pass
+    selection_counts: list[list[tuple[int, int] | None]] | None = None
 
     def deltas(self) -> list[torch.Tensor]:
         return [m - self.base for m in self.models]

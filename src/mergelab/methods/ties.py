@@ -28,8 +28,9 @@ def _ties_trimmer(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.T
         if density <= 0:
             return torch.zeros_like(delta)
         threshold = job.thresholds[i] if scope == "global" else job.selections[i][0]
+        counts = job.selection_counts[i] if job.selection_counts and scope == "per_tensor" else None
         if exact and scope == "per_tensor" and job.rows is None and threshold and \
-                MS.straddles(delta, threshold, None, max(1, int(density * delta.numel()))):
+                MS.straddles(delta, threshold, None, max(1, int(density * delta.numel())), counts):
             return MS.magnitude(delta, density)     # ties at the cut: mergekit's own choice among them
         return K.zero_below(delta, threshold)   # in place: delta is the job's own row
     return trim
