@@ -442,3 +442,20 @@ def test_fused_pass_is_skipped_where_it_cannot_see_every_input_and_names_bad_inp
     ms[1]["lin.bias"][0] = float("nan")
     with pytest.raises(MergelabError, match=r"models\[1\].*'lin.bias' contains NaN or Inf"):
         merge_state_dicts(None, ms, "average", {})
+
+
+@pytest.mark.parametrize("compat,lam", [("mergekit", 0.3), ("mergekit", 0.0), ("paper", 0.5)])
+def test_task_arithmetic_names_a_non_finite_input_from_its_result(compat, lam):
+    """The per-tensor kernels check their result instead of every input: a NaN or Inf anywhere still
+    reaches it (also with weight 0 or lambda 0, as NaN * 0 is NaN) and is named."""
+    for where, value in (("base", float("nan")), (0, float("inf")), (1, float("-inf")), ("base", float("inf"))):
+        b, ms = tiny_models(n=2, seed=5)
+        (b if where == "base" else ms[where])["lin.weight"][2, 3] = value
+        label = "base" if where == "base" else f"models\\[{where}\\]"
+        per = [{"weight": 0.0}, {"weight": 1.0}]
+        with pytest.raises(MergelabError, match=label + r".*'lin.weight' contains NaN or Inf"):
+            merge_state_dicts(b, ms, "task_arithmetic", {"lambda": lam}, per, compat=compat)
+    b, ms = tiny_models(n=2, seed=5)                     # finite inputs whose sum overflows: written as mergekit
+    ms[0]["lin.bias"][0], ms[1]["lin.bias"][0], b["lin.bias"][0] = 3e38, 3e38, -3e38
+    out = merge_state_dicts(b, ms, "task_arithmetic", {"lambda": 1.0}, compat="mergekit")
+    assert torch.isinf(out["lin.bias"][0])

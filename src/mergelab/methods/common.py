@@ -99,6 +99,18 @@ def _kept_weights(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return divisor
 
 
+def check_inputs_through(job: TensorJob, result: torch.Tensor) -> torch.Tensor:
+    """The inputs' NaN/Inf check, left to a kernel whose result every input reaches (``checks_inputs``):
+    NaN and Inf survive any weight, lambda or normalisation (NaN * 0 and Inf * 0 are NaN), so one look
+    at the result replaces a pass over every input. Names the input when the result is not finite; an
+    overflow of finite inputs passes, as mergekit writes it."""
+    if job.check_inputs is not None and result.numel():
+        low, high = torch.aminmax(result)
+        if not bool(torch.isfinite(low) & torch.isfinite(high)):
+            job.check_inputs()
+    return result
+
+
 def sum_merge(job: TensorJob, sparsify: Callable[[torch.Tensor, dict, int], torch.Tensor]) -> torch.Tensor:
     """Sparsified task vectors added up (breadcrumbs, DARE): base + lambda * sum."""
     if job.compat == "mergekit":

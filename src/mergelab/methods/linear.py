@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mergelab._lazy import lazy_module
 from mergelab.errors import MergelabError
-from mergelab.methods.common import lambda_param, normalize_param, sum_merge, weight_param
+from mergelab.methods.common import check_inputs_through, lambda_param, normalize_param, sum_merge, weight_param
 from mergelab.methods.registry import Method, Param, TensorJob, register
 
 torch = lazy_module("torch")
@@ -44,7 +44,7 @@ register(Method(
 
 
 def _task_arithmetic(job: TensorJob) -> torch.Tensor:
-    return sum_merge(job, lambda delta, p, i: delta)
+    return check_inputs_through(job, sum_merge(job, lambda delta, p, i: delta))
 
 
 def _task_arithmetic_coefficients(params: dict, model_params: list[dict], compat: str) -> tuple[float, list[float]]:
@@ -64,4 +64,5 @@ register(Method(
     reference="Ilharco et al. ICLR 2023, arXiv 2212.04089",
     params=(weight_param(), lambda_param(0.3), normalize_param(False)),
     merge_tensor=_task_arithmetic, linear_combination=_task_arithmetic_coefficients,
+    task_vectors_only=True, checks_inputs=lambda params, compat: True,
 ))

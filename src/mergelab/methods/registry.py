@@ -133,9 +133,10 @@ class Method:
     # True when ``merge_tensor`` reads only ``job.base`` and ``job.stacked`` (never ``job.models``): the
     # engine then builds the task vectors one model at a time and hands over no model inputs (memory)
     task_vectors_only: bool = False
-    # (params, compat) -> True when the kernel sums |model_i - base| over every entry of every model and
-    # checks the sums are finite (calling ``TensorJob.check_inputs`` when not): the engine then skips its
-    # own NaN/Inf pass over each input (a non-finite input makes its task vector's L1 norm non-finite)
+    # (params, compat) -> True when the kernel sees every input in a sum it checks for NaN/Inf, calling
+    # ``TensorJob.check_inputs`` when one is not finite: the L1 norm of each task vector (DARE), or the
+    # result itself where every input reaches it (task arithmetic, ``common.check_inputs_through``). The
+    # engine then skips its own NaN/Inf pass over each input
     checks_inputs: Callable[[dict, str], bool] | None = None
     formula: str = ""           # one line for ``mergelab methods``
     # mergekit's base policy IGNORED: a configured base_model is one more input (averaged, passed through)
