@@ -1,7 +1,6 @@
 """Streaming merges of real checkpoint folders, loading with transformers, and every bad input."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -390,15 +389,3 @@ def test_output_folder_has_ordinary_permissions(folders, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "o").stat().st_mode & 0o777 == 0o777 & ~umask
-
-
-@pytest.mark.parametrize("user_value", [None, "0"])
-def test_cli_asks_torch_for_huge_pages_unless_the_user_said_otherwise(folders, tmp_path, monkeypatch, user_value):
-    if user_value is None:
-        monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
-    else:
-        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", user_value)
-    base, models = folders
-    recipe = write_recipe(tmp_path / "r.yaml", base, models, "task_arithmetic")
-    assert run_cli("merge", recipe, tmp_path / "out", "--quiet") == 0
-    assert os.environ["THP_MEM_ALLOC_ENABLE"] == (user_value or "1")

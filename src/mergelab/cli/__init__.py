@@ -78,14 +78,6 @@ def _quiet_third_parties() -> None:
             pass
 
 
-def _fast_allocation() -> None:
-    """Transparent huge pages for torch's large CPU buffers: the task vectors and results of a merge are
-    fresh memory, and this machine's 4 KiB page faults cost 1 ms per MB (a 1 GB TIES merge: 15-25 %
-    less system time and wall time with it). Read by torch at its first large allocation, so it must be
-    set before any: a user's own value wins, and library use is left alone."""
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-
 def _install_signal_handlers() -> dict:
     fired = []
 
@@ -118,7 +110,6 @@ def _one_line(text: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _fast_allocation()
     _quiet_third_parties()
     previous = _install_signal_handlers()
     try:
