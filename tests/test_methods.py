@@ -2,6 +2,8 @@
 mergekit 0.1.5's merge_group (argsort-based sparsification, weighted sign vote, weighted mean)."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from mergelab import MergelabError, merge_state_dicts
@@ -459,3 +461,40 @@ def test_task_arithmetic_names_a_non_finite_input_from_its_result(compat, lam):
     ms[0]["lin.bias"][0], ms[1]["lin.bias"][0], b["lin.bias"][0] = 3e38, 3e38, -3e38
     out = merge_state_dicts(b, ms, "task_arithmetic", {"lambda": 1.0}, compat="mergekit")
     assert torch.isinf(out["lin.bias"][0])
+
+
+def _poisoned(shape, where, value, seed):
+    g = torch.Generator().manual_seed(seed)
+    base = {"w": torch.randn(*shape, generator=g)}
+    models = [{"w": base["w"] + torch.randint(-3, 4, shape, generator=g).float() / 64} for _ in range(3)]
+    sd = base if where == "base" else models[where]
+    sd["w"].view(-1)[int(torch.randint(0, sd["w"].numel(), (), generator=g))] = value
+    return base, models
+
+
+@settings(max_examples=60, deadline=None)
+@given(method=st.sampled_from(["ties", "breadcrumbs", "breadcrumbs_ties", "task_arithmetic", "dare_ties"]),
+       where=st.sampled_from(["base", 0, 1, 2]), value=st.sampled_from([float("nan"), float("inf"), float("-inf")]),
+       weights=st.lists(st.sampled_from([0.0, 0.5, 1.0]), min_size=3, max_size=3),
+       densities=st.lists(st.sampled_from([0.0, 0.05, 0.3, 1.0]), min_size=3, max_size=3),
+       lam=st.sampled_from([0.0, 1.0]), seed=st.integers(0, 1000))
+def test_kernels_that_check_their_result_still_name_every_non_finite_input(method, where, value, weights, densities,
+                                                                        lam, seed):
+    """ties / breadcrumbs / task arithmetic under mergekit semantics skip the engine's pass over each input and
+    look at their result: a NaN or Inf anywhere, whatever the weights, densities or lambda, is still named."""
+    base, models = _poisoned((12, 7), where, value, seed)
+    per = [{"weight": w} if method == "task_arithmetic" else {"weight": w, "density": d}
+           for w, d in zip(weights, densities)]
+    params = {} if method == "breadcrumbs" else {"lambda": lam}
+    label = "base" if where == "base" else f"models\\[{where}\\]"
+    with pytest.raises(MergelabError, match=label + r".*'w' contains NaN or Inf"):
+        merge_state_dicts(base, models, method, params, per, compat="mergekit")
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
+@pytest.mark.parametrize("where,value", [("base", float("nan")), (1, float("inf")), (2, float("nan"))])
+def test_large_tensors_name_non_finite_inputs_through_the_sampled_selection(method, where, value):
+    base, models = _poisoned((400, 400), where, value, seed=3)      # past the sampled selection's size
+    label = "base" if where == "base" else f"models\\[{where}\\]"
+    with pytest.raises(MergelabError, match=label + r".*'w' contains NaN or Inf"):
+        merge_state_dicts(base, models, method, {}, [{"weight": 1.0, "density": 0.3}] * 3, compat="mergekit")

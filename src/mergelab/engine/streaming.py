@@ -485,6 +485,9 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
                 merged = _linear_combination(inputs, name, rows, *combination)
                 sink(name, merged.to(out_dtype or reference.dtype(name)), rows[0] if rows else 0)
             return
+        # a kernel whose own sums see every input checks them itself (and calls ``check_inputs`` when one
+        # is not finite); a kernel of task vectors only gets them built one model at a time
+        own_check = method.checks_inputs is not None and method.checks_inputs(params, compat)
         ranks = method.select(params, model_params, compat, _numel(shape)) if method.select else None
         selections = None
         if ranks and blocks:
@@ -492,14 +495,15 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
         elif ranks and inputs.base is not None and any(r is not None for rs in ranks for r in rs):
             # a whole tensor: read once, select from its task vectors, and merge from the same ones
             if method.task_vectors_only and norms is None:     # one model's input at a time
-                b, ms = inputs.base_tensor(name), []
-                deltas = inputs.task_vectors(name, None, b)
+                b, ms = inputs.base_tensor(name, None, not own_check), []
+                deltas = inputs.task_vectors(name, None, b, not own_check)
             else:
-                b, ms = inputs.read(name)
+                b, ms = inputs.read(name, check=not own_check)
                 deltas = K.task_vectors(b, ms)
             selections, counts = _selections_of(ranks, deltas, select_weights)
+            recheck = functools.partial(inputs.check, name, None) if own_check else None
             _merge_and_sink(name, TensorJob(name, b, ms, params, model_params, compat, thresholds, selections,
-                                            None, _numel(shape), None, deltas, selection_counts=counts), None)
+                                            None, _numel(shape), None, deltas, recheck, counts), None)
             return
         elif ranks:
             selections = [[None] * len(rs) for rs in ranks]
@@ -513,9 +517,6 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
                     break
                 stats = part if stats is None else stats + part
                 b = ms = None
-        # a kernel whose own sums see every input checks them itself (and calls ``check_inputs`` when one
-        # is not finite); a kernel of task vectors only gets them built one model at a time
-        own_check = method.checks_inputs is not None and method.checks_inputs(params, compat)
         streamed = method.task_vectors_only and norms is None and inputs.base is not None
         for rows in blocks or [None]:
             recheck = functools.partial(inputs.check, name, rows) if own_check else None

@@ -6,8 +6,8 @@ from typing import Callable
 
 from mergelab._lazy import lazy_module
 from mergelab.errors import MergelabError
-from mergelab.methods.common import (MERGE_MODE, consensus_merge, exact_ties_param, lambda_param, normalize_param,
-                                     sum_merge, weight_param)
+from mergelab.methods.common import (MERGE_MODE, check_inputs_through, consensus_merge, exact_ties_param, lambda_param,
+                                     normalize_param, sum_merge, weight_param)
 from mergelab.methods.registry import Method, Param, TensorJob, register
 
 torch = lazy_module("torch")
@@ -35,11 +35,26 @@ def _breadcrumbs_sparsify(job: TensorJob) -> Callable[[torch.Tensor, dict, int],
 
 
 def _breadcrumbs(job: TensorJob) -> torch.Tensor:
-    return sum_merge(job, _breadcrumbs_sparsify(job))
+    _check_what_the_band_drops(job)
+    return check_inputs_through(job, sum_merge(job, _breadcrumbs_sparsify(job)))
 
 
 def _breadcrumbs_ties(job: TensorJob) -> torch.Tensor:
-    return consensus_merge(job, _breadcrumbs_sparsify(job))
+    _check_what_the_band_drops(job)
+    return check_inputs_through(job, consensus_merge(job, _breadcrumbs_sparsify(job)))
+
+
+def _breadcrumbs_checks_inputs(params: dict, compat: str) -> bool:
+    """mergekit's band keeps NaN (neither below nor above a limit; its sort puts NaN in the dropped top,
+    and ``delta * 0`` is NaN) and turns an Inf above the band into NaN (``Inf - Inf``): a non-finite input
+    reaches the result unless the band keeps no entry of its tensor (checked)."""
+    return compat == "mergekit"
+
+
+def _check_what_the_band_drops(job: TensorJob) -> None:
+    if job.check_inputs is not None and any(p["keep"] < 1 and int(p["keep"] * job.numel) <= 0
+                                            for p in job.model_params):
+        job.check_inputs()          # a task vector zeroed whole does not reach the result
 
 
 def _breadcrumbs_select(params: dict, model_params: list[dict], compat: str,
@@ -86,12 +101,13 @@ register(Method(
     name="breadcrumbs",
     summary="per row, drop the largest outliers and the small deltas, add the rest",
     reference="Davari & Belilovsky ECCV 2024, arXiv 2312.06795",
-    params=_breadcrumbs_params(False), task_vectors_only=True, merge_tensor=_breadcrumbs, prepare=_check_band, select=_breadcrumbs_select,
+    params=_breadcrumbs_params(False), task_vectors_only=True, merge_tensor=_breadcrumbs, prepare=_check_band,
+    select=_breadcrumbs_select, checks_inputs=_breadcrumbs_checks_inputs,
 ))
 register(Method(
     name="breadcrumbs_ties",
     summary="breadcrumbs masks, then TIES sign election and disjoint merge",
     reference="mergekit; Davari & Belilovsky 2024 + Yadav et al. 2023",
     params=_breadcrumbs_params(True), task_vectors_only=True, merge_tensor=_breadcrumbs_ties, prepare=_check_band,
-    select=_breadcrumbs_select,
+    select=_breadcrumbs_select, checks_inputs=_breadcrumbs_checks_inputs,
 ))

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Callable
 
 from mergelab._lazy import lazy_module
-from mergelab.methods.common import (DENSITY_HELP, MERGE_MODE, consensus_merge, exact_ties_param, lambda_param,
-                                     normalize_param, weight_param)
+from mergelab.methods.common import (DENSITY_HELP, MERGE_MODE, check_inputs_through, consensus_merge, exact_ties_param,
+                                     lambda_param, normalize_param, weight_param)
 from mergelab.methods.registry import Method, Param, TensorJob, register
 
 torch = lazy_module("torch")
@@ -37,7 +37,15 @@ def _ties_trimmer(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.T
 
 
 def _ties(job: TensorJob) -> torch.Tensor:
-    return consensus_merge(job, _ties_trimmer(job))
+    if job.check_inputs is not None and any(p["density"] <= 0 for p in job.model_params):
+        job.check_inputs()          # a task vector trimmed to nothing does not reach the result
+    return check_inputs_through(job, consensus_merge(job, _ties_trimmer(job)))
+
+
+def _ties_checks_inputs(params: dict, compat: str) -> bool:
+    """mergekit's per-tensor trim keeps NaN (``|NaN| < t`` is false; its sort puts NaN first) and Inf (the
+    largest magnitude), so a non-finite input reaches the result unless its density is 0 (checked)."""
+    return compat == "mergekit" and params.get("trim_scope", "per_tensor") == "per_tensor"
 
 
 def _ties_global_trim(params: dict, model_params: list[dict], compat: str) -> list[float] | None:
@@ -78,4 +86,5 @@ register(Method(
         exact_ties_param(),
     ),
     task_vectors_only=True, merge_tensor=_ties, global_trim=_ties_global_trim, select=_ties_select,
+    checks_inputs=_ties_checks_inputs,
 ))
