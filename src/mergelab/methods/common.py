@@ -26,8 +26,8 @@ def normalize_param(default: bool):
 
 def exact_ties_param():
     return Param("exact_ties", bool, True,
-                 "magnitudes tied at a trim cut: keep the ones mergekit's argsort keeps (bit-identical; a full sort "
-                 "of each such tensor) or, if false, keep them all (a few entries more, no sort)", modes=("mergekit",))
+                 "magnitudes tied at a trim cut: keep the ones mergekit's argsort keeps (bit-identical; its sort "
+                 "replayed on each such tensor) or, if false, keep them all (a few entries more)", modes=("mergekit",))
 
 
 DENSITY_HELP = "fraction of each task vector kept"
