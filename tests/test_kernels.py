@@ -257,3 +257,29 @@ def test_disjoint_merge_zero_majority_follows_ties_code():
     assert torch.equal(K.disjoint_merge(stacked, sign, "mean"), torch.tensor([-0.5, -0.2]))
     assert torch.equal(K.disjoint_merge(stacked, sign, "sum"), torch.tensor([-0.5, -0.2]))
     assert K.disjoint_merge(stacked, sign, "max").tolist() == [0.0, 0.0]
+
+
+def test_kth_smallest_counted_when_the_sampled_band_misses(monkeypatch):
+    """The counts come from a full pass when the sample's bracket misses the rank (a forced miss)."""
+    from mergelab.kernels import select
+    x = torch.randint(0, 7, (300_000,), generator=torch.Generator().manual_seed(4)).float()
+    monkeypatch.setattr(select, "sample_bracket", lambda sample, k, n, slack=4.0: (100.0, 101.0))   # holds nothing
+    for k in (1, 1000, 150_000, 300_000):
+        value, below, at_most = K.kth_smallest_counted(x, k)
+        assert value == torch.kthvalue(x, k).values.item()
+        assert (below, at_most) == (int((x < value).sum()), int((x <= value).sum()))
+
+
+def test_band_select_counts_in_torch_for_other_dtypes():
+    """Half precision (and GPU tensors) keep their band as torch tensors: the counts are the same."""
+    x = torch.randint(0, 9, (5000,), generator=torch.Generator().manual_seed(5)).to(torch.float16)
+    for k in (1, 2500, 5000):
+        sel = K.BandSelect(k, 2.0, 6.0)
+        for part in x.split(1000):
+            sel.add(part)
+        found = sel.finish_counted()
+        value = torch.kthvalue(x.float(), k).values.item()
+        if not 2.0 <= value <= 6.0:
+            assert found is None
+            continue
+        assert found == (value, int((x < value).sum()), int((x <= value).sum()))
