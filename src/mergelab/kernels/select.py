@@ -17,7 +17,7 @@ def kth_smallest(values: torch.Tensor, k: int, dim: int | None = None) -> torch.
     if dim is not None:
         return torch.kthvalue(values, k, dim=dim, keepdim=True).values
     flat = values.reshape(-1)
-    if flat.device.type == "cpu" and flat.numel() > _SAMPLE * 8 and flat.dtype in (torch.float32, torch.float64):
+    if _sampled_pays(flat):
         return torch.tensor(_kth_sampled(flat.numpy(), k), dtype=flat.dtype)
     return torch.kthvalue(flat, k).values
 
@@ -28,13 +28,18 @@ def kth_smallest_counted(values: torch.Tensor, k: int) -> tuple[float, int, int]
     The counts say whether ties straddle the rank (``n_less < k - 1`` or ``n_at_most > k``) without
     another pass over the tensor: on large CPU tensors they come from the selection's own band."""
     flat = values.reshape(-1)
-    if flat.device.type == "cpu" and flat.numel() > _SAMPLE * 8 and flat.dtype in (torch.float32, torch.float64):
+    if _sampled_pays(flat):
         return _kth_sampled(flat.numpy(), k, counted=True)
     value = torch.kthvalue(flat, k).values
     return float(value), int((flat < value).sum()), int((flat <= value).sum())
 
 
 _SAMPLE = 1 << 14
+
+
+def _sampled_pays(flat: torch.Tensor) -> bool:
+    """Large float CPU tensors: the sampled band (numpy) beats ``torch.kthvalue``."""
+    return flat.device.type == "cpu" and flat.numel() > _SAMPLE * 8 and flat.dtype in (torch.float32, torch.float64)
 
 
 def sample_bracket(sample: np.ndarray, k: int, n: int, slack: float = 4.0) -> tuple[float, float]:
@@ -89,23 +94,33 @@ class BandSelect:
         if self.max_kept is not None and self.kept > self.max_kept:
             self.failed, self.parts = True, []
 
-    def finish(self) -> float | None:
-        found = self.finish_counted()
-        return None if found is None else found[0]
-
-    def finish_counted(self) -> tuple[float, int, int] | None:
-        """(k-th smallest, values below it, values at most it), or None as ``finish``."""
+    def _found(self):
+        """(k-th smallest, the band it was found in), or None as ``finish``."""
         rank = self.k - self.below
         if self.failed or not 1 <= rank <= self.kept:
             return None
         if isinstance(self.parts[0], np.ndarray):
             band = np.concatenate(self.parts) if len(self.parts) > 1 else self.parts[0]
-            value = np.partition(band, rank - 1)[rank - 1]
-            return (float(value), self.below + int(np.count_nonzero(band < value)),
-                    self.below + int(np.count_nonzero(band <= value)))
+            return np.partition(band, rank - 1)[rank - 1], band
         band = torch.cat(self.parts)
-        value = torch.kthvalue(band, rank).values
-        return float(value), self.below + int((band < value).sum()), self.below + int((band <= value).sum())
+        return torch.kthvalue(band, rank).values, band
+
+    def finish(self) -> float | None:
+        found = self._found()
+        return None if found is None else float(found[0])
+
+    def finish_counted(self) -> tuple[float, int, int] | None:
+        """(k-th smallest, values below it, values at most it), or None as ``finish``: the counts from the
+        band (two passes over it, which ``finish`` does not make)."""
+        found = self._found()
+        if found is None:
+            return None
+        value, band = found
+        if isinstance(band, np.ndarray):
+            less, at_most = np.count_nonzero(band < value), np.count_nonzero(band <= value)
+        else:
+            less, at_most = (band < value).sum(), (band <= value).sum()
+        return float(value), self.below + int(less), self.below + int(at_most)
 
 
 def _kth_sampled(values: np.ndarray, k: int, counted: bool = False):
@@ -122,9 +137,9 @@ def _kth_sampled(values: np.ndarray, k: int, counted: bool = False):
     if lo != float("-inf") or hi != float("inf"):
         band = BandSelect(k, lo, hi)
         band.add(torch.from_numpy(values))
-        found = band.finish_counted()
+        found = band.finish_counted() if counted else band.finish()
         if found is not None:
-            return found if counted else found[0]
+            return found
     value = np.partition(values, k - 1)[k - 1]
     if not counted:
         return float(value)
