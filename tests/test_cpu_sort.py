@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from mergelab.kernels import cpu_sort
 from mergelab.methods import mergekit_sparsify as MS
+from tests.test_methods import mk_magnitude, mk_outliers
 
 
 def _torch_slice(keys: np.ndarray, lo: int, hi: int) -> np.ndarray:
@@ -58,25 +59,9 @@ def _tied_delta(shape, seed=0):
     return torch.randint(-6, 7, shape, generator=g).float() / 8
 
 
-def _argsort_magnitude(delta, density):
-    n = delta.numel()
-    mask = torch.zeros(n)
-    mask[torch.argsort(delta.abs().reshape(-1), descending=True)[:max(1, int(density * n))]] = 1
-    return delta * mask.reshape_as(delta)
-
-
-def _sort_outliers(delta, density, gamma):
-    n = delta.numel()
-    target = int(density * n)
-    n_bot = max(0, n - target - int(gamma * n))
-    mask = torch.zeros(n)
-    mask[torch.sort(delta.abs().reshape(-1)).indices[n_bot:n_bot + target]] = 1
-    return delta * mask.reshape_as(delta)
-
-
 def test_sparsifiers_replay_instead_of_sorting(monkeypatch):
     delta = _tied_delta((300, 200))
-    expected = _argsort_magnitude(delta, 0.3), _sort_outliers(delta, 0.4, 0.05)
+    expected = mk_magnitude(delta, 0.3), mk_outliers(delta, 0.4, 0.05)
 
     def no_sort(*args, **kwargs):
         raise AssertionError("sorted")
@@ -90,11 +75,11 @@ def test_sparsifiers_sort_when_the_replay_does_not_apply(monkeypatch):
     delta = _tied_delta((50, 40), seed=1)
     delta[3, 4] = float("nan")
     out = MS.magnitude(delta, 0.3)
-    assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(_argsort_magnitude(delta, 0.3)))
+    assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(mk_magnitude(delta, 0.3)))
     monkeypatch.setattr(cpu_sort, "torch_sort_matches", lambda: False)      # a torch whose sort differs
     monkeypatch.setattr(cpu_sort, "sort_slice_mask", lambda *a, **k: pytest.fail("replayed"))
     delta = _tied_delta((50, 40), seed=2)
-    assert torch.equal(MS.magnitude_outliers(delta, 0.4, 0.1), _sort_outliers(delta, 0.4, 0.1))
+    assert torch.equal(MS.magnitude_outliers(delta, 0.4, 0.1), mk_outliers(delta, 0.4, 0.1))
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -2,9 +2,9 @@
 mergekit 0.1.5's merge_group (argsort-based sparsification, weighted sign vote, weighted mean)."""
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch
 
 from mergelab import MergelabError, merge_state_dicts
 from mergelab.methods import get_method, list_methods
