@@ -283,3 +283,58 @@ def test_band_select_counts_in_torch_for_other_dtypes():
             assert found is None
             continue
         assert found == (value, int((x < value).sum()), int((x <= value).sum()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(), (0,), (7,), (33, 65), (3, 1000)])
+@pytest.mark.parametrize("n_models,weights,normalize,lam", [
+    (1, None, False, 1.0), (2, [1.0, 0.5], True, 0.3), (3, None, False, 0.5), (3, [0.25, 1.0, 3.0], True, 1.0),
+    (4, [2.0, -1.0, 0.5, 1.0], False, 0.7), (4, [1.0, 1.0, -2.0, 1.0], True, 1.0),   # weights summing to 0
+])
+def test_fused_task_arithmetic_is_bit_identical_to_mergekits_passes(dtype, shape, n_models, weights, normalize, lam):
+    """Chunk by chunk (chunks far smaller than the tensor here) gives the same bits as mergekit's whole-tensor
+    order of operations: stacked task vectors, times the weights, summed, divided, scaled, plus the base."""
+    from mergelab.methods.common import _mergekit_mix
+    from mergelab.methods.registry import TensorJob
+    g = torch.Generator().manual_seed(len(shape) * 10 + n_models)
+    base = torch.randn(shape, generator=g, dtype=dtype)
+    models = [base + torch.randn(shape, generator=g, dtype=dtype) / 7 for _ in range(n_models)]
+    w = weights or [1.0] * n_models
+    params = {"lambda": lam, "normalize": normalize}
+    job = TensorJob("t", base, models, params, [{"weight": x} for x in w], "mergekit",
+                    stacked=K.task_vectors(base, models))
+    reference = _mergekit_mix(job, lambda delta, p, i: delta, consensus=False)
+    divisor = None
+    if normalize:
+        divisor = torch.tensor(w, dtype=dtype).sum()
+        divisor = torch.ones_like(divisor) if divisor.abs() < 1e-8 else divisor
+    for chunk in (64, 96, 1 << 17):
+        out, finite = K.fused_task_arithmetic(base, models, None if weights is None else torch.tensor(w, dtype=dtype),
+                                              lam, divisor, chunk=chunk)
+        assert out.shape == reference.shape and out.dtype == dtype
+        assert torch.equal(out, reference) and finite
+        assert out.numel() == 0 or all(m.data_ptr() != out.data_ptr() for m in models)
+
+
+def test_fused_kernels_report_a_non_finite_result():
+    base, model = torch.zeros(300), torch.ones(300)
+    model[250] = float("nan")
+    assert not K.fused_task_arithmetic(base, [model], None, 0.0, chunk=64)[1]        # NaN * 0 is NaN
+    assert not K.fused_linear_combination([base, model], [1.0, 0.0], chunk=64)[1]
+    model[250] = 3e38
+    assert not K.fused_task_arithmetic(base, [model, model], None, 1.0, chunk=64)[1]  # an overflow shows too
+    assert K.fused_task_arithmetic(base, [torch.ones(300)], None, 1.0, chunk=64)[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_linear_combination_chunks_change_no_bit(dtype):
+    """``add_`` with ``alpha`` may be a fused multiply-add: the same code path per element whatever the chunk."""
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(1000003, generator=g).to(dtype) for _ in range(3)]
+    coefficients = [0.3, 0.7123, -0.01]
+    whole = torch.mul(tensors[0].to(torch.float32), coefficients[0])
+    for t, c in zip(tensors[1:], coefficients[1:]):
+        whole.add_(t, alpha=c)
+    for chunk in (4096, 1 << 17, 1 << 21):
+        out, finite = K.fused_linear_combination(tensors, coefficients, chunk=chunk)
+        assert out.dtype == torch.float32 and torch.equal(out, whole) and finite

@@ -207,6 +207,27 @@ def test_mergekit_compat_matches_port(name, params, sparsify, consensus, normali
         assert torch.allclose(out[k], ref, atol=1e-6), k
 
 
+@pytest.mark.parametrize("weights,normalize,lam", [([0.5, 1.0, 0.7], False, 0.8), ([1.0, 1.0, 1.0], True, 1.0),
+                                                    ([2.0, -1.0, 0.25], True, 0.4)])
+def test_mergekit_task_arithmetic_is_one_pass_and_bit_identical(monkeypatch, weights, normalize, lam):
+    """Under mergekit semantics task arithmetic reads the inputs in one chunked pass (no task vectors), whole
+    tensors and blocks of rows alike, and keeps mergekit's bits."""
+    import mergelab.kernels as kernels
+    calls = []
+    real = kernels.fused_task_arithmetic
+    monkeypatch.setattr(kernels, "fused_task_arithmetic", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    base, models = tiny_models(seed=7)
+    per = [{"weight": w} for w in weights]
+    for block in (8, 1 << 20):
+        calls.clear()
+        out = merge_state_dicts(base, models, "task_arithmetic", {"lambda": lam, "normalize": normalize}, per,
+                                compat="mergekit", block_elements=block)
+        for k in FLOAT_KEYS:
+            ref = mk_merge_group(base[k], [m[k] for m in models], weights, lambda t: t, False, normalize, lam)
+            assert torch.equal(out[k], ref), k
+        assert len(calls) >= len(FLOAT_KEYS)
+
+
 def tied_models(seed=3):
     """Deltas on a grid of 8 values, so that many magnitudes tie at every trim cut (as in half precision)."""
     g = torch.Generator().manual_seed(seed)

@@ -382,23 +382,16 @@ def _fused_combination(method: Method, params: dict, model_params: list[dict], c
 
 def _linear_combination(inputs: _Inputs, name: str, rows: tuple[int, int] | None, c_base: float | None,
                         coefficients: Sequence[float]) -> torch.Tensor:
-    """``c_base * base + sum_i c_i * model_i`` in float32, one pass per input over the inputs as read (views
-    of the mapped files: no copy, no task vectors); the NaN/Inf check runs once, on the result, and only
-    when it fails are the inputs checked one by one to name the culprit."""
+    """``c_base * base + sum_i c_i * model_i`` in float32, in one chunked pass over the inputs as read (views
+    of the mapped files: no copy, no task vectors); the NaN/Inf check runs on the result, and only when it
+    fails are the inputs checked one by one to name the culprit."""
     sources = ([(inputs.base, inputs.base_label, c_base)] if c_base is not None else []) + \
         list(zip(inputs.models, inputs.labels, coefficients))
-    out = None
-    for ckpt, _, c in sources:
-        t = ckpt.get(name, rows)
-        if out is None:
-            out = t.to(torch.float32).mul_(c) if t.dtype != torch.float32 else torch.mul(t, c)
-        else:
-            out.add_(t, alpha=c)
-    if out.numel():
-        low, high = torch.aminmax(out)
-        if not bool(torch.isfinite(low) & torch.isfinite(high)):
-            for ckpt, label, _ in sources:
-                inputs._load(ckpt, name, label, rows, check=True)     # raises, naming the input
+    out, finite = K.fused_linear_combination([ckpt.get(name, rows) for ckpt, _, _ in sources],
+                                             [c for _, _, c in sources])
+    if not finite:
+        for ckpt, label, _ in sources:
+            inputs._load(ckpt, name, label, rows, check=True)     # raises, naming the input
     return out
 
 
@@ -517,7 +510,8 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
                     break
                 stats = part if stats is None else stats + part
                 b = ms = None
-        streamed = method.task_vectors_only and norms is None and inputs.base is not None
+        streamed = (method.task_vectors_only and norms is None and inputs.base is not None
+                    and not method.reads_inputs(params, model_params, compat))
         for rows in blocks or [None]:
             recheck = functools.partial(inputs.check, name, rows) if own_check else None
             if streamed:

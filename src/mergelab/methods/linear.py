@@ -8,6 +8,7 @@ from mergelab.methods.common import check_inputs_through, lambda_param, normaliz
 from mergelab.methods.registry import Method, Param, TensorJob, register
 
 torch = lazy_module("torch")
+K = lazy_module("mergelab.kernels")
 
 
 def _average(job: TensorJob) -> torch.Tensor:
@@ -44,7 +45,27 @@ register(Method(
 
 
 def _task_arithmetic(job: TensorJob) -> torch.Tensor:
+    if job.stacked is None and _one_pass(job.params, job.model_params, job.compat) and job.base is not None \
+            and all(m.dtype == job.base.dtype and m.shape == job.base.shape for m in job.models) \
+            and job.base.dtype in (torch.float32, torch.float64):
+        w = job.weights()
+        weights = torch.tensor(w, dtype=job.base.dtype) if any(x != 1 for x in w) else None
+        divisor = None
+        if job.params["normalize"]:        # mergekit's divisor: the weights' sum in the inputs' dtype
+            divisor = torch.tensor(w, dtype=job.base.dtype).sum()
+            if divisor.abs() < 1e-8:
+                divisor = torch.ones_like(divisor)
+        merged, finite = K.fused_task_arithmetic(job.base, job.models, weights, job.params["lambda"], divisor)
+        if not finite and job.check_inputs is not None:
+            job.check_inputs()
+        return merged
     return check_inputs_through(job, sum_merge(job, lambda delta, p, i: delta))
+
+
+def _one_pass(params: dict, model_params: list[dict], compat: str) -> bool:
+    """mergekit's task arithmetic in one pass over the inputs (its sum of up to 4 task vectors is added in
+    model order, which the chunked kernel keeps; more are summed by torch's regrouping reduction)."""
+    return compat == "mergekit" and 1 <= len(model_params) <= K.SEQUENTIAL_ROWS
 
 
 def _task_arithmetic_coefficients(params: dict, model_params: list[dict], compat: str) -> tuple[float, list[float]]:
@@ -64,5 +85,5 @@ register(Method(
     reference="Ilharco et al. ICLR 2023, arXiv 2212.04089",
     params=(weight_param(), lambda_param(0.3), normalize_param(False)),
     merge_tensor=_task_arithmetic, linear_combination=_task_arithmetic_coefficients,
-    task_vectors_only=True, checks_inputs=lambda params, compat: True,
+    task_vectors_only=True, checks_inputs=lambda params, compat: True, reads_inputs=_one_pass,
 ))

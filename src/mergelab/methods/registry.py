@@ -133,6 +133,10 @@ class Method:
     # True when ``merge_tensor`` reads only ``job.base`` and ``job.stacked`` (never ``job.models``): the
     # engine then builds the task vectors one model at a time and hands over no model inputs (memory)
     task_vectors_only: bool = False
+    # True when, for these (params, model_params, compat), ``merge_tensor`` computes from ``job.base`` and
+    # ``job.models`` in one pass (no task vectors): the engine then hands over the inputs as read (views of
+    # the mapped files) even for a ``task_vectors_only`` method
+    reads_inputs: Callable[[dict, list[dict], str], bool] = lambda params, model_params, compat: False
     # (params, compat) -> True when the kernel sees every input in a sum it checks for NaN/Inf, calling
     # ``TensorJob.check_inputs`` when one is not finite: the L1 norm of each task vector (DARE), or the
     # result itself where every input reaches it (task arithmetic, ``common.check_inputs_through``). The
