@@ -64,8 +64,9 @@ def _mergekit_mix(job: TensorJob, sparsify: Callable[[torch.Tensor, dict, int], 
     """
     deltas = _stacked_deltas(job, sparsify, weighted=False)
     w = job.weights()
-    if 0 < len(w) <= K.SEQUENTIAL_ROWS and deltas.dtype in (torch.float32, torch.float64) and deltas.is_contiguous():
-        return K.fused_mergekit_mix(job.base, deltas, w, consensus, job.params["normalize"], job.params["lambda"])
+    if consensus and 0 < len(w) <= K.SEQUENTIAL_ROWS and deltas.dtype in (torch.float32, torch.float64) \
+            and deltas.is_contiguous():
+        return K.fused_consensus_mix(job.base, deltas, w, job.params["normalize"], job.params["lambda"])
     weights = torch.tensor(w, dtype=deltas.dtype, device=deltas.device)
     if any(x != 1 for x in w):
         deltas.mul_(weights.reshape(-1, *([1] * (deltas.dim() - 1))))
