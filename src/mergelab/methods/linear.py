@@ -49,10 +49,11 @@ def _task_arithmetic(job: TensorJob) -> torch.Tensor:
             and all(m.dtype == job.base.dtype and m.shape == job.base.shape for m in job.models) \
             and job.base.dtype in (torch.float32, torch.float64):
         w = job.weights()
-        weights = torch.tensor(w, dtype=job.base.dtype) if any(x != 1 for x in w) else None
+        as_inputs = dict(dtype=job.base.dtype, device=job.base.device)
+        weights = torch.tensor(w, **as_inputs) if any(x != 1 for x in w) else None
         divisor = None
         if job.params["normalize"]:        # mergekit's divisor: the weights' sum in the inputs' dtype
-            divisor = torch.tensor(w, dtype=job.base.dtype).sum()
+            divisor = torch.tensor(w, **as_inputs).sum()
             if divisor.abs() < 1e-8:
                 divisor = torch.ones_like(divisor)
         merged, finite = K.fused_task_arithmetic(job.base, job.models, weights, job.params["lambda"], divisor)
