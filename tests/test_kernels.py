@@ -338,3 +338,26 @@ def test_fused_linear_combination_chunks_change_no_bit(dtype):
     for chunk in (4096, 1 << 17, 1 << 21):
         out, finite = K.fused_linear_combination(tensors, coefficients, chunk=chunk)
         assert out.dtype == torch.float32 and torch.equal(out, whole) and finite
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1.0, 0.7, -2.5])
+def test_kth_smallest_magnitude_counted_is_that_of_the_magnitudes(monkeypatch, dtype, scale):
+    """Magnitudes formed chunk by chunk give the value and counts of ``kth_smallest_counted(|scale * x|)``:
+    tied float deltas and continuous ones, ranks at both ends, sizes under and over a chunk and under the
+    sampled path's threshold, and a sampled bracket that misses (the full fallback)."""
+    from mergelab.kernels import select
+    g = torch.Generator().manual_seed(11)
+    cases = [torch.randn(300_001, generator=g) * 0.002,
+             torch.randint(-20, 21, (200_000,), generator=g).float() / 64,       # ties everywhere
+             torch.randn(1000, generator=g)]                                      # small: the torch path
+    for x in cases:
+        x = x.to(dtype)
+        mag = (x * scale).abs_() if scale != 1.0 else x.abs()
+        n = x.numel()
+        for k in (1, n // 5, n - n // 5, n):
+            assert K.kth_smallest_magnitude_counted(x, k, scale) == K.kth_smallest_counted(mag, k), (n, k)
+    x = cases[0].to(dtype)
+    mag = (x * scale).abs_() if scale != 1.0 else x.abs()
+    monkeypatch.setattr(select, "sample_bracket", lambda sample, k, n, slack=4.0: (5.0, 6.0))    # holds nothing
+    assert K.kth_smallest_magnitude_counted(x, 1234, scale) == K.kth_smallest_counted(mag, 1234)

@@ -358,8 +358,7 @@ def _selections_of(ranks: list[list[int | None]], deltas: Mapping[int, torch.Ten
             continue
         delta = deltas[i]
         w = 1.0 if weights is None else weights[i]
-        mag = (delta * w).abs_() if w != 1.0 else delta.abs()
-        found = [None if r is None else K.kth_smallest_counted(mag, r) for r in rs]
+        found = [None if r is None else K.kth_smallest_magnitude_counted(delta, r, w) for r in rs]
         values.append([None if f is None else f[0] for f in found])
         counts.append([None if f is None else f[1:] for f in found])
     return values, counts

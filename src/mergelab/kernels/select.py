@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["kth_smallest", "kth_smallest_counted", "sample_bracket", "BandSelect", "RadixSelect"]
+__all__ = ["kth_smallest", "kth_smallest_counted", "kth_smallest_magnitude_counted", "sample_bracket", "BandSelect",
+           "RadixSelect"]
 
 
 def kth_smallest(values: torch.Tensor, k: int, dim: int | None = None) -> torch.Tensor:
@@ -34,7 +35,36 @@ def kth_smallest_counted(values: torch.Tensor, k: int) -> tuple[float, int, int]
     return float(value), int((flat < value).sum()), int((flat <= value).sum())
 
 
+def kth_smallest_magnitude_counted(x: torch.Tensor, k: int, scale: float = 1.0) -> tuple[float, int, int]:
+    """``kth_smallest_counted(|scale * x|, k)``, the same value and counts, without the magnitudes in memory:
+    on large float CPU tensors they are formed chunk by chunk (in cache) while the sampled band is counted
+    and gathered (a 4 M-entry tensor: 13.3 -> 9.7 ms, and no 16 MB array per model)."""
+    flat = x.reshape(-1)
+    if not _sampled_pays(flat):
+        return kth_smallest_counted((flat * scale).abs_() if scale != 1.0 else flat.abs(), k)
+    a = flat.numpy()
+    n = a.size
+    rng = np.random.default_rng(n * 1_000_003 + k)        # the sample ``_kth_sampled`` draws of the magnitudes
+    lo, hi = sample_bracket(np.sort(_magnitudes(a[rng.integers(0, n, _SAMPLE)], scale)), k, n)
+    if lo != float("-inf") or hi != float("inf"):
+        band = BandSelect(k, lo, hi)
+        band.add(part=band.part_of_magnitudes(a, scale))
+        found = band.finish_counted()
+        if found is not None:
+            return found
+    return _kth_sampled(_magnitudes(a, scale), k, counted=True)    # the band missed: as from the magnitudes
+
+
+def _magnitudes(a: np.ndarray, scale: float, out: np.ndarray | None = None) -> np.ndarray:
+    """``|scale * a|`` as torch computes it (``scale`` rounded to the array's dtype, one multiply, abs)."""
+    if scale != 1.0:
+        out = np.multiply(a, a.dtype.type(scale), out=out)
+        return np.abs(out, out=out)
+    return np.abs(a, out=out)
+
+
 _SAMPLE = 1 << 14
+_BAND_CHUNK = 1 << 16       # entries: a chunk's magnitudes and masks stay in L2 between the three compares
 
 
 def _sampled_pays(flat: torch.Tensor) -> bool:
@@ -83,6 +113,18 @@ class BandSelect:
             a = flat.numpy()
             return int(np.count_nonzero(a < self.lo)), a[(a >= self.lo) & (a <= self.hi)]
         return int((flat < self.lo).sum()), flat[(flat >= self.lo) & (flat <= self.hi)]
+
+    def part_of_magnitudes(self, a: np.ndarray, scale: float = 1.0) -> tuple[int, np.ndarray]:
+        """``part(|scale * a|)`` of a float numpy array, the magnitudes formed chunk by chunk in a scratch."""
+        scratch = np.empty(min(_BAND_CHUNK, a.size), dtype=a.dtype)
+        below, bands = 0, []
+        for start in range(0, a.size, _BAND_CHUNK):
+            m = _magnitudes(a[start:start + _BAND_CHUNK], scale, scratch[:min(_BAND_CHUNK, a.size - start)])
+            below += int(np.count_nonzero(m < self.lo))
+            inside = m >= self.lo
+            inside &= m <= self.hi
+            bands.append(m[inside])
+        return below, np.concatenate(bands) if bands else np.empty(0, dtype=a.dtype)
 
     def add(self, values: torch.Tensor | None = None, part: tuple[int, object] | None = None) -> None:
         if self.failed:
