@@ -32,6 +32,7 @@ __all__ = [
     "fused_task_arithmetic",
     "fused_consensus_mix",
     "fused_linear_combination",
+    "one_where_nothing_kept_",
     "dare_mask_",
     "dare_keep_bits",
     "keep_with_probabilities_",
@@ -202,6 +203,28 @@ def stack_sum(stacked: torch.Tensor) -> torch.Tensor:
 FUSED_CHUNK = 1 << 17
 
 
+def one_where_nothing_kept_(kept_weights: torch.Tensor, low: float) -> torch.Tensor:
+    """In place: mergekit's divisor of a consensus mix, the sum of the kept weights with 1 where nothing is
+    kept. ``low`` is the smallest weight: when positive, every kept sum is >= it, so clamping to it changes
+    only the zeros (where the mix is +-0, and +-0 / low == +-0 / 1) without a boolean mask."""
+    if low > 0:
+        return kept_weights.clamp_(min=low)
+    kept_weights[kept_weights == 0] = 1
+    return kept_weights
+
+
+def _chunks(n: int, chunk: int, device: torch.device):
+    """(start, stop) of each step of a one-pass kernel: chunks on CPU, one step elsewhere (no cache to stay in)."""
+    step = chunk if device.type == "cpu" else max(n, 1)
+    for start in range(0, n, step):
+        yield start, min(n, start + step)
+
+
+def _all_finite(extremes: list[torch.Tensor]) -> bool:
+    """Whether the (min, max) pairs of every chunk are finite: the one-pass kernels' NaN/Inf check."""
+    return not extremes or bool(torch.isfinite(torch.stack(extremes)).all())
+
+
 def fused_task_arithmetic(base: torch.Tensor, models: list[torch.Tensor], weights: torch.Tensor | None,
                           lam: float, divisor: torch.Tensor | None = None,
                           chunk: int = FUSED_CHUNK) -> tuple[torch.Tensor, bool]:
@@ -217,12 +240,9 @@ def fused_task_arithmetic(base: torch.Tensor, models: list[torch.Tensor], weight
     n = base.numel()
     flat_out, flat_base = out.view(-1), base.reshape(-1)
     flat_models = [m.reshape(-1) for m in models]
-    if base.device.type != "cpu":
-        chunk = max(n, 1)           # no cache to stay in: one step
-    scratch = torch.empty(min(chunk, n), dtype=base.dtype, device=base.device)
+    scratch = torch.empty(min(chunk, n) if base.device.type == "cpu" else n, dtype=base.dtype, device=base.device)
     extremes = []
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
+    for start, stop in _chunks(n, chunk, base.device):
         acc, b, tmp = flat_out[start:stop], flat_base[start:stop], scratch[:stop - start]
         for i, m in enumerate(flat_models):
             step = acc if i == 0 else tmp
@@ -237,8 +257,7 @@ def fused_task_arithmetic(base: torch.Tensor, models: list[torch.Tensor], weight
             acc.mul_(lam)
         acc.add_(b)
         extremes.extend(torch.aminmax(acc))
-    finite = not extremes or bool(torch.isfinite(torch.stack(extremes)).all())
-    return out, finite
+    return out, _all_finite(extremes)
 
 
 def fused_linear_combination(tensors: list[torch.Tensor], coefficients: list[float],
@@ -252,11 +271,8 @@ def fused_linear_combination(tensors: list[torch.Tensor], coefficients: list[flo
     out = torch.empty(first.shape, dtype=torch.float32, device=first.device)
     n = first.numel()
     flat_out, flat = out.view(-1), [t.reshape(-1) for t in tensors]
-    if first.device.type != "cpu":
-        chunk = max(n, 1)
     extremes = []
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
+    for start, stop in _chunks(n, chunk, first.device):
         acc = flat_out[start:stop]
         for i, (t, c) in enumerate(zip(flat, coefficients)):
             piece = t[start:stop]
@@ -265,8 +281,7 @@ def fused_linear_combination(tensors: list[torch.Tensor], coefficients: list[flo
             else:
                 acc.add_(piece, alpha=c)
         extremes.extend(torch.aminmax(acc))
-    finite = not extremes or bool(torch.isfinite(torch.stack(extremes)).all())
-    return out, finite
+    return out, _all_finite(extremes)
 
 
 def _sum_rows_into(rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -298,10 +313,7 @@ def fused_consensus_mix(base: torch.Tensor, deltas: torch.Tensor, weights: list[
     w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device)
     scale = w.reshape(-1, 1) if any(x != 1 for x in weights) else None
     low = float(w.min())                                    # as mergekit's weights: in the deltas' dtype
-    if deltas.device.type != "cpu":
-        chunk = max(n, 1)
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
+    for start, stop in _chunks(n, chunk, deltas.device):
         d, acc = rows[:, start:stop], flat_out[start:stop]
         if scale is not None:
             d.mul_(scale)
@@ -312,12 +324,7 @@ def fused_consensus_mix(base: torch.Tensor, deltas: torch.Tensor, weights: list[
             kept = agreeing.sign_()                              # 1 where kept
             if scale is not None:
                 kept.mul_(scale)                                 # times 1 changes no bit: skipped
-            total = stack_sum(kept)                              # the kept weights, added in model order
-            if low > 0:   # a sum of positive weights is >= the smallest: changes only the zeros, where acc is +-0
-                total.clamp_(min=low)
-            else:
-                total[total == 0] = 1
-            acc.div_(total)
+            acc.div_(one_where_nothing_kept_(stack_sum(kept), low))    # kept weights added in model order
         if lam != 1:
             acc.mul_(lam)
         acc.add_(flat_base[start:stop])

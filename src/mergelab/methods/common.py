@@ -79,9 +79,7 @@ def _mergekit_mix(job: TensorJob, sparsify: Callable[[torch.Tensor, dict, int], 
         divisor = _kept_weights(weights, agreeing.sign_()) if normalize else None   # mask: 1 where kept
     else:
         mixed = K.stack_sum(deltas)
-        divisor = weights.sum()
-        if divisor.abs() < 1e-8:
-            divisor = torch.ones_like(divisor)
+        divisor = mergekit_weight_sum(weights)
     del deltas
     if normalize:
         mixed.div_(divisor)
@@ -92,14 +90,14 @@ def _mergekit_mix(job: TensorJob, sparsify: Callable[[torch.Tensor, dict, int], 
 
 def _kept_weights(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum of the weights of the kept entries (``mask`` 0/1), 1 where nothing is kept (mergekit)."""
-    divisor = torch.tensordot(weights, mask, dims=1)
-    low = float(weights.min()) if weights.numel() else 0.0
-    if low > 0:
-        # a sum of positive weights is >= the smallest one, so this changes only the zeros (nothing
-        # kept); there the mix is +-0, and +-0 / low == +-0 / 1
-        return divisor.clamp_(min=low)
-    divisor[divisor == 0] = 1
-    return divisor
+    return K.one_where_nothing_kept_(torch.tensordot(weights, mask, dims=1),
+                                     float(weights.min()) if weights.numel() else 0.0)
+
+
+def mergekit_weight_sum(weights: torch.Tensor) -> torch.Tensor:
+    """mergekit's divisor of a plain (normalised) sum: the weights' sum, 1 where it is below 1e-8 in size."""
+    divisor = weights.sum()
+    return torch.ones_like(divisor) if divisor.abs() < 1e-8 else divisor
 
 
 def check_inputs_through(job: TensorJob, result: torch.Tensor) -> torch.Tensor:

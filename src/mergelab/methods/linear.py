@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from mergelab._lazy import lazy_module
 from mergelab.errors import MergelabError
-from mergelab.methods.common import check_inputs_through, lambda_param, normalize_param, sum_merge, weight_param
+from mergelab.methods.common import (check_inputs_through, lambda_param, mergekit_weight_sum, normalize_param,
+                                     sum_merge, weight_param)
 from mergelab.methods.registry import Method, Param, TensorJob, register
 
 torch = lazy_module("torch")
@@ -49,14 +50,10 @@ def _task_arithmetic(job: TensorJob) -> torch.Tensor:
             and all(m.dtype == job.base.dtype and m.shape == job.base.shape for m in job.models) \
             and job.base.dtype in (torch.float32, torch.float64):
         w = job.weights()
-        as_inputs = dict(dtype=job.base.dtype, device=job.base.device)
-        weights = torch.tensor(w, **as_inputs) if any(x != 1 for x in w) else None
-        divisor = None
-        if job.params["normalize"]:        # mergekit's divisor: the weights' sum in the inputs' dtype
-            divisor = torch.tensor(w, **as_inputs).sum()
-            if divisor.abs() < 1e-8:
-                divisor = torch.ones_like(divisor)
-        merged, finite = K.fused_task_arithmetic(job.base, job.models, weights, job.params["lambda"], divisor)
+        weights = torch.tensor(w, dtype=job.base.dtype, device=job.base.device)     # as mergekit's: inputs' dtype
+        divisor = mergekit_weight_sum(weights) if job.params["normalize"] else None
+        merged, finite = K.fused_task_arithmetic(job.base, job.models, weights if any(x != 1 for x in w) else None,
+                                                 job.params["lambda"], divisor)
         if not finite and job.check_inputs is not None:
             job.check_inputs()
         return merged
