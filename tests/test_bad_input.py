@@ -435,14 +435,17 @@ def test_disk_full_is_one_line_and_leaves_nothing(world, tmp_path):
 
 SELF_SIGNAL = """
 import os, signal, sys
-import mergelab.engine.streaming as s
+from mergelab.io.writer import ShardedWriter
 from mergelab.cli import main
-real = s.run_merge
+real = ShardedWriter.write
 for sig in ("SIGTERM", "SIGHUP"):
-    def run_merge(*a, **k):
-        os.kill(os.getpid(), getattr(signal, sig))      # a real signal, in the middle of the merge
+    sent = []
+    def write(*a, **k):      # a real signal, in the middle of the merge (torch engine or torch-free lane)
+        if not sent:
+            sent.append(sig)
+            os.kill(os.getpid(), getattr(signal, sig))
         return real(*a, **k)
-    s.run_merge = run_merge
+    ShardedWriter.write = write
     print(main(sys.argv[1:]), flush=True)
 """
 

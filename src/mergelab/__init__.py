@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "merge": "mergelab.engine.streaming",
     "merge_state_dicts": "mergelab.engine.streaming",
-    "MergeSummary": "mergelab.engine.streaming",
+    "MergeSummary": "mergelab.engine.output_folder",
     "load_recipe": "mergelab.engine.recipe",
     "MergelabError": "mergelab.errors",
     "open_checkpoint": "mergelab.io.checkpoint",

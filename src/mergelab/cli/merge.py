@@ -38,30 +38,39 @@ SEMANTICS = {"mergekit": "mergekit 0.1.5 semantics (compat: paper for the papers
 
 
 def _run(args: argparse.Namespace) -> int:
-    import torch
-
-    from mergelab.engine import merge
     args.device = check_device(args.device)
     _tune_for_streaming(args.threads or 2)
-    if args.threads != 1:
-        # the engine parallelises over tensors; one intra-op thread per worker avoids oversubscribing
-        torch.set_num_threads(1)
     from mergelab.engine.multistage import is_multistage
     if is_multistage(args.recipe):
+        _torch_threads(args.threads)
         return _run_stages(args)
+    from mergelab.engine.linear_lane import plan_lane, run_lane
     from mergelab.engine.recipe import load_recipe
     from mergelab.io import claim_output
     recipe = load_recipe(args.recipe, compat=args.compat)
     progress = TqdmProgress(args.quiet)
+    options = {"force": args.force, "threads": args.threads, "shard_size": args.shard_size, "progress": progress}
     try:
         # OUT_DIR checked and locked before any tensor is read: a second run into it fails at once
         with claim_output(args.out_dir, recipe.input_paths(), force=args.force):
-            summary = merge(recipe, args.out_dir, force=args.force, device=args.device,
-                            threads=args.threads, shard_size=args.shard_size, progress=progress)
+            lane = plan_lane(recipe, args.device)     # task arithmetic on numpy: no torch import
+            if lane is not None:
+                summary = run_lane(lane, args.out_dir, **options)
+            else:
+                _torch_threads(args.threads)
+                from mergelab.engine import merge
+                summary = merge(recipe, args.out_dir, device=args.device, **options)
     finally:
         progress.close()
     _print_summary(summary)
     return 0
+
+
+def _torch_threads(threads: int | None) -> None:
+    """The engine parallelises over tensors: one intra-op thread per worker avoids oversubscribing."""
+    if threads != 1:
+        import torch
+        torch.set_num_threads(1)
 
 
 def _run_stages(args: argparse.Namespace) -> int:

@@ -31,10 +31,10 @@ from typing import Any, Mapping
 import yaml
 
 from mergelab.errors import MergelabError
-from mergelab.io import parse_dtype, parse_size
+from mergelab.io.safetensors_format import parse_size, user_dtype_name
 from mergelab.io.chat_template import check_chat_template
 from mergelab.io.reference import _HUB_ID, resolve_reference
-from mergelab.io.vocab import TokenizerSpec, parse_tokenizer_spec
+from mergelab.io.tokenizer_spec import TokenizerSpec, parse_tokenizer_spec
 from mergelab.methods import COMPAT_MODES, get_method
 from mergelab.methods.registry import base_is_input
 from mergelab.methods.lines import LinesConfig, resolve_lines
@@ -238,7 +238,7 @@ def load_recipe(source: str | Path | Mapping[str, Any], *, compat: str | None = 
     if mode not in COMPAT_MODES:
         raise MergelabError(f"{where}: compat must be one of {', '.join(COMPAT_MODES)}, got {mode!r}")
     for key in ("dtype", "out_dtype", "compute_dtype"):
-        parse_dtype(raw.get(key), f"{where}: {key}")
+        user_dtype_name(raw.get(key), f"{where}: {key}")
     if slices is None and method is not None and base_path is not None and validate:
         m = get_method(str(method))
         if base_is_input(m, mode):

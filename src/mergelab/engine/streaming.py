@@ -11,49 +11,23 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
-import yaml
 
 from mergelab import kernels as K
 from mergelab.errors import MergelabError
-from mergelab.io import (Checkpoint, ShardedWriter, atomic_output_dir, copy_model_files, model_folder,
-                         open_checkpoint, parse_dtype, parse_size)
+from mergelab.io import (DTYPE_NAMES, Checkpoint, ShardedWriter, atomic_output_dir, open_checkpoint, parse_dtype,
+                         parse_size)
 from mergelab.methods import Method, TensorJob, get_method, resolve_params
 from mergelab.methods.lines import LinesConfig, layer_scales, multitask_alpha, resolve_lines
+from mergelab.engine.output_folder import MergeSummary, finish_folder, parameter_count
+from mergelab.engine.pool import (BLOCK_ELEMENTS, CUDA_BLOCK_ELEMENTS, Progress, default_threads as _default_threads,
+                                  numel as _numel, row_blocks, run_pool as _run_pool)
 from mergelab.engine.recipe import Recipe, load_recipe
-from mergelab.io.chat_template import resolve_chat_template, write_chat_template
 from mergelab.io.lora import open_model   # PEFT LoRA adapter folders read as base + B @ A
-from mergelab.io.model_card import write_model_card
 from mergelab.io.vocab import align_checkpoints, plan_vocabulary
-
-Progress = Callable[[str, int, int], None]   # (stage, done, total)
-
-
-@dataclass
-class MergeSummary:
-    method: str
-    compat: str
-    tensors: int
-    merged: int
-    copied: int
-    parameters: int
-    seconds: float
-    out_dir: Path | None = None
-    bytes_written: int = 0
-    shards: int = 0
-    stages: dict[str, float] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)     # what the recipe had that this merge ignored, as mergekit
-
-    def as_dict(self) -> dict:
-        d = dict(self.__dict__)
-        d["out_dir"] = str(self.out_dir) if self.out_dir else None
-        return d
-
 
 def _mergeable(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point
@@ -90,33 +64,6 @@ def check_structure(reference: Checkpoint, others: Sequence[Checkpoint], ref_lab
         more = "" if len(problems) < limit else " ..."
         raise MergelabError("inputs do not match: " + "; ".join(problems[:limit]) + more)
     return names
-
-
-# Tensors larger than this many elements are merged in blocks of rows, so that memory depends on
-# neither the tensor's nor the model's size (16 MB per fp32 input block). Smaller tensors are taken
-# whole: their thresholds need no extra streaming passes. On a GPU, blocks are larger (kernel launches
-# and transfers of small blocks would dominate).
-BLOCK_ELEMENTS = 1 << 22
-CUDA_BLOCK_ELEMENTS = 1 << 24
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def row_blocks(shape: Sequence[int], block_elements: int = BLOCK_ELEMENTS) -> list[tuple[int, int]] | None:
-    """Blocks of whole rows (first dimension) of at most ~``block_elements``; None: take it whole.
-
-    Only tensors of 2+ dimensions are split: a row-wise method's "row" is the last dimension, which
-    a split along the first dimension keeps intact.
-    """
-    if len(shape) < 2 or _numel(shape) <= block_elements or shape[0] <= 1:
-        return None
-    per = max(1, block_elements // max(1, _numel(shape[1:])))
-    return [(a, min(a + per, shape[0])) for a in range(0, shape[0], per)]
 
 
 class _Inputs:
@@ -177,40 +124,6 @@ class _Inputs:
             delta = torch.sub(models[i], base)
             out[i] = delta.mul_(weights[i]) if weights is not None and weights[i] != 1.0 else delta
         return out
-
-
-def _run_pool(names: Sequence[str], work: Callable[[str], object], threads: int,
-              on_done: Callable[[str, object], None], stage: str, progress: Progress | None) -> None:
-    """Run ``work`` over names on a thread pool with a bounded number in flight (bounded memory)."""
-    total = len(names)
-    if progress:
-        progress(stage, 0, total)
-    if threads <= 1:
-        for i, name in enumerate(names):
-            on_done(name, work(name))
-            if progress:
-                progress(stage, i + 1, total)
-        return
-    done = 0
-    pending: dict[Future, str] = {}
-    queue = list(names)
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mergelab") as pool:
-        try:
-            while queue or pending:
-                while queue and len(pending) < threads:
-                    name = queue.pop(0)
-                    pending[pool.submit(work, name)] = name
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    name = pending.pop(fut)
-                    on_done(name, fut.result())
-                    done += 1
-                    if progress:
-                        progress(stage, done, total)
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            raise
 
 
 def _largest_first(names: Iterable[str], ckpt: Checkpoint) -> list[str]:
@@ -392,11 +305,6 @@ def _linear_combination(inputs: _Inputs, name: str, rows: tuple[int, int] | None
         for ckpt, label, _ in sources:
             inputs._load(ckpt, name, label, rows, check=True)     # raises, naming the input
     return out
-
-
-def _default_threads() -> int:
-    import os
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 Sink = Callable[[str, torch.Tensor, int], None]   # (name, tensor or block of rows, first row)
@@ -660,30 +568,9 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
                 writer.abort()
                 raise
             writer.close()
-            src_folder = model_folder(recipe.base_model or paths[0])
-            tok_folder = None
-            if vocab is not None and vocab.identity and recipe.tokenizer.source not in ("base", "union"):
-                tok_folder = model_folder(recipe.tokenizer.source)
-            copy_model_files(src_folder, tmp, tok_folder)
-            if vocab is not None and not vocab.identity:
-                vocab.tokenizer.save_pretrained(tmp)
-                _set_config_value(tmp / "config.json", "vocab_size", vocab.size)
-            _set_config_dtype(tmp / "config.json", out_dtype)
-            template = resolve_chat_template(recipe.chat_template,
-                                             [model_folder(p) for p in [recipe.base_model, *paths] if p])
-            if template is not None:
-                write_chat_template(tmp, template)
-            resolved = {**recipe.raw, "compat": recipe.compat,
-                        **({"resolved_parameters": g, "resolved_model_parameters": per} if resolver.static
-                           else {"resolved_parameters": "per tensor (gradients or filters)"})}
-            (tmp / "mergelab_recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-            write_model_card(tmp, method=method.name, base_model=recipe.base_model, models=labels, recipe=resolved)
-        parameters = 0
-        for _, _, shape in layout:
-            n = 1
-            for s in shape:
-                n *= s
-            parameters += n
+            finish_folder(tmp, recipe, method.name, g, per, resolver.static,
+                          None if out_dtype is None else DTYPE_NAMES[out_dtype], vocab)
+        parameters = parameter_count([shape for _, _, shape in layout])
         merged = sum(1 for n in names if _mergeable(reference.dtype(n)))
         return MergeSummary(method=method.name, compat=recipe.compat, tensors=len(names), merged=merged,
                             copied=len(names) - merged, parameters=parameters,
@@ -694,18 +581,6 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
         for c in [base, *models]:
             if c is not None:
                 c.close()
-
-
-def _set_config_value(config_path: Path, key: str, value) -> None:
-    import json
-    if not config_path.exists():
-        return
-    try:
-        config = json.loads(config_path.read_text())
-    except ValueError:
-        return
-    config[key] = value
-    config_path.write_text(json.dumps(config, indent=2))
 
 
 def merge_dtypes(recipe: Recipe, method: Method) -> tuple[torch.dtype | None, torch.dtype | None]:
@@ -735,19 +610,3 @@ def depth_resolver(resolver, names: Sequence[str]) -> Callable[[str], tuple[dict
         i = layer_index(name)
         table[name] = resolver.resolve(name, 0.0 if i is None else depth_t(i, n_layers))
     return table.__getitem__
-
-
-def _set_config_dtype(config_path: Path, dtype: torch.dtype | None) -> None:
-    """Keep config.json's dtype in step with the written weights."""
-    import json
-    if dtype is None or not config_path.exists():
-        return
-    try:
-        config = json.loads(config_path.read_text())
-    except ValueError:
-        return
-    name = str(dtype).replace("torch.", "")
-    for key in ("torch_dtype", "dtype"):
-        if key in config:
-            config[key] = name
-    config_path.write_text(json.dumps(config, indent=2))

@@ -7,11 +7,8 @@ model. ``.bin`` files are read with ``torch.load(weights_only=True)`` only.
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
-import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -19,6 +16,9 @@ from typing import Mapping
 import torch
 
 from mergelab.errors import MergelabError
+from mergelab.io.safetensors_format import (ITEMSIZE, USER_DTYPE_NAMES, HeaderEntry, map_range, parse_header,
+                                            read_header, user_dtype_name, weight_files)
+from mergelab.io.safetensors_format import model_folder  # noqa: F401  (re-exported)
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -31,33 +31,12 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
         SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
-USER_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64,
-}
+USER_DTYPES = {k: SAFETENSORS_DTYPES[v] for k, v in USER_DTYPE_NAMES.items()}
 
 
 def parse_dtype(name: str | None, where: str = "dtype") -> torch.dtype | None:
-    if name is None:
-        return None
-    try:
-        return USER_DTYPES[str(name).lower()]
-    except KeyError:
-        raise MergelabError(f"{where}: unknown dtype {name!r} (use float32, float16 or bfloat16)") from None
-
-
-def parse_size(text: str | int) -> int:
-    """'2GB', '500MB', '5GiB' or a byte count -> bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(text).upper())
-    if not m:
-        raise MergelabError(f"cannot read size {text!r} (e.g. 2GB, 500MB)")
-    unit = m.group(2).rstrip("B")
-    base = 1024 if unit.endswith("I") else 1000
-    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
-    return int(float(m.group(1)) * base ** power)
+    found = user_dtype_name(name, where)
+    return None if found is None else SAFETENSORS_DTYPES[found]
 
 
 # ---------------------------------------------------------------- reading
@@ -68,64 +47,16 @@ class TensorInfo:
     shape: tuple[int, ...]
 
 
-def _no_duplicates(pairs: list) -> dict:
-    d = {}
-    for k, v in pairs:
-        if k in d:
-            raise ValueError(f"key {k!r} appears twice")
-        d[k] = v
-    return d
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def parse_safetensors_header(raw: bytes, data_size: int, where: str
                              ) -> tuple[dict[str, TensorInfo], dict[str, tuple[int, int]]]:
-    """Infos and byte ranges of a safetensors header, checked as strictly as the format says.
+    """Infos and byte ranges of a safetensors header, checked as strictly as the format says
+    (``safetensors_format.parse_header``; a dtype this torch lacks is unknown)."""
+    return _infos(parse_header(raw, data_size, where, SAFETENSORS_DTYPES))
 
-    Types (dtype name, non-negative integer shape, two integer offsets), each range of exactly the
-    tensor's size inside the data, and no two ranges overlapping; anything else is a MergelabError."""
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise MergelabError(f"{where}: corrupt safetensors header ({str(e)[:120]})") from None
-    if not isinstance(header, dict):
-        raise MergelabError(f"{where}: corrupt safetensors header (not a JSON object)")
-    meta = header.pop("__metadata__", None)
-    if meta is not None and (not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values())):
-        raise MergelabError(f"{where}: corrupt safetensors header (__metadata__ must map strings to strings)")
-    infos: dict[str, TensorInfo] = {}
-    offsets: dict[str, tuple[int, int]] = {}
-    for name, entry in header.items():
-        bad = f"{where}: corrupt safetensors header entry for tensor {name!r}"
-        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise MergelabError(f"{bad} (needs exactly dtype, shape, data_offsets)")
-        dtype = SAFETENSORS_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
-        if dtype is None:
-            raise MergelabError(f"{bad} (unknown dtype {entry['dtype']!r})")
-        shape, offs = entry["shape"], entry["data_offsets"]
-        if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
-            raise MergelabError(f"{bad} (shape must be a list of non-negative integers, got {shape!r:.80})")
-        if not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(x) for x in offs):
-            raise MergelabError(f"{bad} (data_offsets must be two integers, got {offs!r:.80})")
-        begin, end = offs
-        numel = 1
-        for s in shape:
-            numel *= s
-        if not 0 <= begin <= end or end > data_size or end - begin != numel * itemsize(dtype):
-            raise MergelabError(f"{where}: tensor {name!r} has offsets outside the file or of the wrong "
-                                "size (truncated or corrupt file)")
-        infos[name] = TensorInfo(dtype, tuple(shape))
-        offsets[name] = (begin, end)
-    last_end, last_name = 0, None
-    for name, (begin, end) in sorted(offsets.items(), key=lambda kv: kv[1]):
-        if begin < last_end:
-            raise MergelabError(f"{where}: tensors {last_name!r} and {name!r} overlap in the file (corrupt header)")
-        if end > begin:
-            last_end, last_name = end, name
-    return infos, offsets
+
+def _infos(entries: Mapping[str, HeaderEntry]) -> tuple[dict[str, TensorInfo], dict[str, tuple[int, int]]]:
+    return ({k: TensorInfo(SAFETENSORS_DTYPES[e.dtype], e.shape) for k, e in entries.items()},
+            {k: (e.begin, e.end) for k, e in entries.items()})
 
 
 def check_finite(tensor: torch.Tensor, where: str, name: str) -> None:
@@ -154,22 +85,8 @@ class SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = path
-        try:
-            size = path.stat().st_size
-            with open(path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise ValueError("file shorter than its 8-byte header length")
-                (n,) = struct.unpack("<Q", head)
-                if n > size - 8 or n > 100_000_000:
-                    raise ValueError(f"header length {n} exceeds the file size {size}")
-                raw = f.read(n)
-        except OSError as e:
-            raise MergelabError(f"{path}: cannot read ({e.strerror})") from None
-        except (ValueError, struct.error) as e:
-            raise MergelabError(f"{path}: corrupt safetensors header ({e})") from None
-        self.data_start = 8 + n
-        self.infos, self.offsets = parse_safetensors_header(raw, size - self.data_start, str(path))
+        self.data_start, entries = read_header(path, SAFETENSORS_DTYPES)
+        self.infos, self.offsets = _infos(entries)
         self._fd: int | None = None
 
     # Map each read copy-on-write instead of copying it with pread: the tensor then reads the page
@@ -194,14 +111,12 @@ class SafetensorsFile:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
         if self.memory_map and end - begin >= self.MAP_MIN_BYTES:
-            start = (self.data_start + begin) // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
             try:      # each live map holds a duplicated descriptor: out of them (EMFILE), read instead
-                mapped = mmap.mmap(self._fd, self.data_start + end - start, access=mmap.ACCESS_COPY, offset=start)
+                mapped, at = map_range(self._fd, self.data_start, begin, end, mmap.ACCESS_COPY)
             except OSError:
                 mapped = None
             if mapped is not None:
-                buf = torch.frombuffer(mapped, dtype=torch.uint8, offset=self.data_start + begin - start,
-                                       count=end - begin)
+                buf = torch.frombuffer(mapped, dtype=torch.uint8, offset=at, count=end - begin)
                 return buf.view(info.dtype).reshape(shape)
         buf = torch.empty(end - begin, dtype=torch.uint8)
         view = memoryview(buf.numpy())
@@ -220,7 +135,7 @@ class SafetensorsFile:
 
 
 def itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return ITEMSIZE[DTYPE_NAMES[dtype]]
 
 
 class PickleFile:
@@ -327,41 +242,6 @@ def from_state_dict(state_dict: Mapping[str, torch.Tensor], label: str = "state 
     return Checkpoint(None, {label: dict(state_dict)}, {k: label for k in state_dict})
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    """The weight files of a Hugging Face folder: index first, then single files."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = folder / index_name
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
-            except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
-                raise MergelabError(f"{index}: not a valid shard index (needs a 'weight_map' object)") from None
-            except OSError as e:
-                raise MergelabError(f"{index}: cannot read ({e.strerror})") from None
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise MergelabError(f"{index}: 'weight_map' must be a non-empty object of tensor name -> shard file")
-            for tensor, shard in weight_map.items():
-                if not isinstance(shard, str):
-                    raise MergelabError(f"{index}: weight_map[{tensor!r}] must be a shard file name, got {shard!r:.60}")
-                if (not shard or shard in (".", "..") or "/" in shard or "\\" in shard or "\x00" in shard
-                        or Path(shard).name != shard):
-                    raise MergelabError(f"{index}: weight_map[{tensor!r}] = {shard!r}: a shard must be a plain file "
-                                        "name inside the model folder")
-            names = sorted(set(weight_map.values()))
-            missing = [n for n in names if not (folder / n).is_file()]
-            if missing:
-                raise MergelabError(f"{index}: shard {missing[0]} listed in the index is missing")
-            return [folder / n for n in names]
-    for name in ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors"):
-        if (folder / name).exists():
-            return [folder / name]
-    found = sorted(folder.glob("*.safetensors"))
-    if found:
-        return found
-    raise MergelabError(f"{folder}: no model weights found (expected model.safetensors, sharded *.safetensors "
-                        "with model.safetensors.index.json, or pytorch_model.bin)")
-
-
 def open_checkpoint(source: str | Path | Mapping[str, torch.Tensor] | Checkpoint) -> Checkpoint:
     """Open a HF model folder, a single .safetensors/.bin file, or wrap an in-memory state dict."""
     if isinstance(source, Checkpoint):
@@ -371,7 +251,7 @@ def open_checkpoint(source: str | Path | Mapping[str, torch.Tensor] | Checkpoint
     path = Path(source).expanduser()
     if not path.exists():
         raise MergelabError(f"{path}: no such file or folder")
-    files = _weight_files(path) if path.is_dir() else [path]
+    files = weight_files(path) if path.is_dir() else [path]
     opened: dict[str, object] = {}
     where: dict[str, str] = {}
     for f in files:
@@ -393,12 +273,6 @@ def load_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
     """Read a whole checkpoint into memory (copies); for small models."""
     with open_checkpoint(source) as ckpt:
         return ckpt.state_dict()
-
-
-def model_folder(source: str | Path) -> Path | None:
-    """The folder holding config/tokenizer files of a model path, if any."""
-    path = Path(source).expanduser()
-    return path if path.is_dir() else None
 
 
 # ---------------------------------------------------------------- writing

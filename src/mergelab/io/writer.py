@@ -20,9 +20,21 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
-import torch
 
-from mergelab.io.checkpoint import DTYPE_NAMES, itemsize
+from mergelab._lazy import lazy_module
+from mergelab.io.safetensors_format import ITEMSIZE
+
+torch = lazy_module("torch")
+
+
+def dtype_name(dtype) -> str:
+    """The safetensors name of a layout's dtype: a name ("F32") as it is, a torch dtype looked up."""
+    if isinstance(dtype, str):
+        if dtype not in ITEMSIZE:
+            raise ValueError(f"unknown safetensors dtype {dtype!r}")
+        return dtype
+    from mergelab.io.checkpoint import DTYPE_NAMES
+    return DTYPE_NAMES[dtype]
 
 
 @dataclass
@@ -30,7 +42,7 @@ class _Slot:
     shard: int
     offset: int          # absolute offset in the shard file
     nbytes: int
-    dtype: torch.dtype
+    dtype: object        # as the layout gave it: a torch dtype or a safetensors name
     shape: tuple[int, ...]
 
 
@@ -140,20 +152,22 @@ class _ShardFile:
 class ShardedWriter:
     """Writes safetensors shards whose layout is planned before any tensor is merged.
 
-    ``write(name, tensor)`` may be called from several threads in any order. With ``background`` (the
+    ``write(name, tensor)`` may be called from several threads in any order; ``tensor`` is a torch tensor
+    of the planned dtype or a numpy array holding the planned dtype's bytes (a layout of names and numpy
+    arrays needs no torch). With ``background`` (the
     default) a single writer thread does the file I/O while the callers go on merging; a bounded queue
     keeps memory bounded (``queue`` pieces at most). ``direct`` writes with ``O_DIRECT`` where the
     filesystem supports it (see ``_ShardFile``).
     """
 
-    def __init__(self, folder: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    def __init__(self, folder: Path, layout: list[tuple[str, object, tuple[int, ...]]],
                  max_shard_bytes: int = 2 * 1000**3, metadata: dict[str, str] | None = None,
                  background: bool = True, direct: bool = True, queue_size: int = 4):
         self.folder = Path(folder)
-        shards: list[list[tuple[str, torch.dtype, tuple[int, ...], int]]] = [[]]
+        shards: list[list[tuple[str, object, tuple[int, ...], int]]] = [[]]
         used = 0
         for name, dtype, shape in layout:
-            nbytes = itemsize(dtype)
+            nbytes = ITEMSIZE[dtype_name(dtype)]
             for s in shape:
                 nbytes *= s
             if shards[-1] and used + nbytes > max_shard_bytes:
@@ -174,7 +188,7 @@ class ShardedWriter:
                 header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
                 pos = 0
                 for name, dtype, shape, nbytes in entries:
-                    header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
+                    header[name] = {"dtype": dtype_name(dtype), "shape": list(shape),
                                     "data_offsets": [pos, pos + nbytes]}
                     pos += nbytes
                 raw = json.dumps(header, separators=(",", ":")).encode()
@@ -200,15 +214,22 @@ class ShardedWriter:
             self._thread = threading.Thread(target=self._drain, name="mergelab-writer", daemon=True)
             self._thread.start()
 
-    def write(self, name: str, tensor: torch.Tensor, row: int = 0) -> None:
+    def write(self, name: str, tensor, row: int = 0) -> None:
         """Write a tensor, or a block of its rows starting at ``row`` (blocks may come in any order)."""
         slot = self.slots[name]
         whole = row == 0 and tuple(tensor.shape) == slot.shape
-        if tensor.dtype != slot.dtype or (not whole and tuple(tensor.shape[1:]) != slot.shape[1:]):
+        if isinstance(tensor, np.ndarray):
+            same = tensor.itemsize == ITEMSIZE[dtype_name(slot.dtype)]
+        else:
+            same = tensor.dtype == slot.dtype
+        if not same or (not whole and tuple(tensor.shape[1:]) != slot.shape[1:]):
             raise RuntimeError(f"{name}: planned {slot.dtype}{list(slot.shape)}, got {tensor.dtype}{list(tensor.shape)}")
         if self._error is not None:
             raise self._error
-        tensor = tensor.detach().to("cpu").contiguous()
+        if isinstance(tensor, np.ndarray):
+            tensor = np.ascontiguousarray(tensor)
+        else:
+            tensor = tensor.detach().to("cpu").contiguous()
         if self._queue is None:
             self._write(name, slot, tensor, row, whole)
             return
@@ -226,8 +247,9 @@ class ShardedWriter:
             self._staging = mmap.mmap(-1, _ShardFile.STAGING)      # anonymous maps are page-aligned
         return self._staging
 
-    def _write(self, name: str, slot: _Slot, tensor: torch.Tensor, row: int, whole: bool) -> None:
-        data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    def _write(self, name: str, slot: _Slot, tensor, row: int, whole: bool) -> None:
+        flat = tensor.reshape(-1)
+        data = memoryview(flat.view(np.uint8) if isinstance(flat, np.ndarray) else flat.view(torch.uint8).numpy())
         offset = slot.offset + (row * (slot.nbytes // slot.shape[0]) if row else 0)
         file = self._files[slot.shard]
         with self._lock:

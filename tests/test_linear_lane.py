@@ -1,0 +1,226 @@
+"""The torch-free task-arithmetic lane: the same folder as the torch engine, byte for byte, without torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from mergelab.engine import load_recipe, merge
+from mergelab.engine.linear_lane import (MAX_MODELS, CHUNK, _from_float32, plan_lane, run_lane,
+                                         task_arithmetic_block)
+from tests.helpers import make_model_folders, write_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file's bytes; the ownership marker's without the pid of the process that wrote it."""
+    import json
+    from mergelab.io import MARKER
+    out = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+    marker = json.loads(out.pop(MARKER))
+    assert marker.pop("pid") > 0
+    out[MARKER] = json.dumps(marker).encode()
+    return out
+
+
+def _with_int_buffer(folders: list[Path]) -> None:
+    """An integer tensor in every input (copied from the base, never merged)."""
+    for i, f in enumerate(folders):
+        sd = load_file(f / "model.safetensors")
+        sd["embeddings.position_ids"] = torch.arange(32, dtype=torch.int64).reshape(1, 32) + i
+        save_file(sd, f / "model.safetensors", metadata={"format": "pt"})
+
+
+def _both(tmp_path: Path, recipe: Path, **kw) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    rec = load_recipe(recipe)
+    plan = plan_lane(rec)
+    assert plan is not None, "the recipe should run in the lane"
+    run_lane(plan, tmp_path / "lane", **kw)
+    merge(load_recipe(recipe), tmp_path / "torch", **kw)
+    return _files(tmp_path / "lane"), _files(tmp_path / "torch")
+
+
+@pytest.mark.parametrize("n, weights, lam, normalize, dtype, recipe_dtype, out_dtype", [
+    (3, [1.0, 1.0, 1.0], 0.5, False, torch.float32, "float32", None),
+    (1, [0.7], 1.0, False, torch.float32, None, None),
+    (2, [0.3, -0.45], 1.3, True, torch.float32, "float32", "bfloat16"),
+    (4, [0.25, 0.5, 0.125, 1.5], 0.8, True, torch.bfloat16, "float32", "bfloat16"),
+    (3, [1.0, 0.0, 2.0], 0.3, False, torch.float16, "float32", "float16"),
+    (2, [0.6, 0.4], 1.0, True, torch.float32, "float32", "float16"),
+], ids=["ta-3", "one-model", "negative-normalized-bf16-out", "four-bf16-in", "fp16-zero-weight", "fp16-out"])
+def test_lane_writes_the_engines_folder_byte_for_byte(tmp_path, n, weights, lam, normalize, dtype, recipe_dtype,
+                                                      out_dtype):
+    base, models = make_model_folders(tmp_path / "m", n=n, dtype=dtype)
+    _with_int_buffer([base, *models])
+    extra = {"compat": "mergekit", **({"dtype": recipe_dtype} if recipe_dtype else {}),
+             **({"out_dtype": out_dtype} if out_dtype else {})}
+    recipe = write_recipe(tmp_path / "r.yaml", base, models, "task_arithmetic",
+                          {"lambda": lam, "normalize": normalize}, [{"weight": w} for w in weights], **extra)
+    # small shards and blocks: several output files, tensors merged in row blocks and chunks
+    lane, engine = _both(tmp_path, recipe, shard_size=40_000, block_elements=1_000)
+    assert len([k for k in lane if k.endswith(".safetensors")]) > 1
+    assert lane.keys() == engine.keys()
+    for name in lane:
+        assert lane[name] == engine[name], name
+
+
+def test_lane_sharded_inputs_and_the_copied_integer_tensor(tmp_path):
+    base, models = make_model_folders(tmp_path / "m", n=2, shard="20KB")
+    assert (base / "model.safetensors.index.json").exists()
+    recipe = write_recipe(tmp_path / "r.yaml", base, models, "task_arithmetic", {"lambda": 0.7}, compat="mergekit",
+                          dtype="float32")
+    lane, engine = _both(tmp_path, recipe)
+    assert lane == engine
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, MAX_MODELS), size=st.integers(0, 3 * 4099),
+       weights=st.lists(st.sampled_from([1.0, 0.5, -0.3, 0.0, 2.75, 1e-9, 0.1]), min_size=MAX_MODELS,
+                        max_size=MAX_MODELS),
+       lam=st.sampled_from([1.0, 0.3, -1.25, 0.0, 7.0]), normalize=st.booleans(), seed=st.integers(0, 2**16))
+def test_block_matches_the_torch_kernel_bit_for_bit(n, size, weights, lam, normalize, seed):
+    """numpy's float32 arithmetic in the lane's order against ``kernels.fused_task_arithmetic`` with the
+    divisor of ``common.mergekit_weight_sum`` (chunks of 4099 here: several, with a partial last one)."""
+    from mergelab import kernels as K
+    from mergelab.methods.common import mergekit_weight_sum
+    g = np.random.default_rng(seed)
+    base = g.standard_normal(size).astype(np.float32)
+    models = [base + g.standard_normal(size).astype(np.float32) * np.float32(10.0 ** g.integers(-4, 2))
+              for _ in range(n)]
+    w = weights[:n]
+    w32 = np.array(w, dtype=np.float32)
+    tw = torch.tensor(w, dtype=torch.float32)
+    divisor = mergekit_weight_sum(tw) if normalize else None
+    total = np.float32(0)
+    for x in w32:
+        total = np.float32(total + x)
+    ours_div = (np.float32(1) if abs(total) < 1e-8 else total) if normalize else None
+    assert divisor is None or np.float32(divisor.item()) == ours_div
+    expected, ok = K.fused_task_arithmetic(torch.from_numpy(base), [torch.from_numpy(m) for m in models],
+                                           tw if any(x != 1 for x in w) else None, lam, divisor, chunk=4099)
+    got, finite = task_arithmetic_block(base, "F32", models, w32 if any(x != 1 for x in w) else None, lam, ours_div,
+                                        chunk=4099)
+    assert np.array_equal(got.view(np.uint32), expected.numpy().view(np.uint32))
+    assert finite == ok
+
+
+def test_bfloat16_and_float16_rounding_is_torchs():
+    g = np.random.default_rng(0)
+    bits = np.concatenate([g.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32),
+                           np.array([0x7F800000, 0xFF800000, 0x7FC00000, 0x00000001, 0x80000000, 0x3F808000,
+                                     0x3F818000, 0x7F7FFFFF, 0x477FF000], dtype=np.uint32)])
+    x = bits.view(np.float32)
+    numbers = x[~np.isnan(x)]      # NaN: torch's vector and scalar paths differ in the payload; the lane writes 0x7FC0
+    t = torch.from_numpy(numbers.copy())
+    assert np.array_equal(_from_float32(numbers, "BF16"),
+                          t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
+    assert (_from_float32(x, "BF16")[np.isnan(x)] == 0x7FC0).all()
+    finite = x[np.isfinite(x)]
+    tf = torch.from_numpy(finite.copy())
+    assert np.array_equal(_from_float32(finite, "F16").view(np.uint16),
+                          tf.to(torch.float16).view(torch.int16).numpy().view(np.uint16))
+
+
+def test_what_the_lane_leaves_to_the_torch_engine(tmp_path):
+    base, models = make_model_folders(tmp_path / "m", n=MAX_MODELS + 1)
+
+    def plan(method="task_arithmetic", ms=models[:2], params=None, model_params=None, **extra):
+        extra.setdefault("compat", "mergekit")
+        r = write_recipe(tmp_path / "r.yaml", base, ms, method, params, model_params, **extra)
+        return plan_lane(load_recipe(r))
+
+    assert plan() is not None and plan(dtype="float32", out_dtype="bfloat16") is not None
+    assert plan(compat="paper") is None                                    # the papers' fused sum
+    assert plan(method="ties", params={"density": 0.5}) is None
+    assert plan(ms=models) is None                                         # more than 4: torch's reduction
+    assert plan(dtype="bfloat16") is None                                  # bfloat16 arithmetic
+    assert plan(model_params=[{"weight": [0.1, 0.9]}, {"weight": 1.0}]) is None    # a gradient
+    assert plan(lines={"beta": 0.5}) is None
+    assert plan_lane(load_recipe(write_recipe(tmp_path / "r.yaml", base, models[:2], "task_arithmetic",
+                                              compat="mergekit")), device="cuda") is None
+    # inputs: a .bin model, tensors that differ
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    torch.save(load_file(models[0] / "model.safetensors"), binary / "pytorch_model.bin")
+    assert plan(ms=[binary, models[1]]) is None
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    sd = load_file(models[0] / "model.safetensors")
+    sd.pop(sorted(sd)[0])
+    save_file(sd, odd / "model.safetensors")
+    assert plan(ms=[odd, models[1]]) is None
+
+
+_PROBE = """
+import sys
+from mergelab.cli import main
+rc = main(sys.argv[1:])
+print("TORCH:" + str("torch" in sys.modules))
+sys.exit(rc)
+"""
+
+
+def test_cli_task_arithmetic_runs_without_torch(tmp_path):
+    base, models = make_model_folders(tmp_path / "m", n=3)
+    recipe = write_recipe(tmp_path / "r.yaml", base, models, "task_arithmetic", {"lambda": 0.5}, compat="mergekit",
+                          dtype="float32")
+    out = subprocess.run([sys.executable, "-c", _PROBE, "merge", str(recipe), str(tmp_path / "out"), "--quiet"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "TORCH:False"
+    assert "merged" in out.stdout and "task_arithmetic" in out.stdout
+    merge(load_recipe(recipe), tmp_path / "engine")
+    assert _files(tmp_path / "out") == _files(tmp_path / "engine")
+    # and the output is a model transformers loads
+    from transformers import BertModel
+    BertModel.from_pretrained(tmp_path / "out")
+    # a recipe the lane does not take still merges (through torch)
+    ties = write_recipe(tmp_path / "t.yaml", base, models, "ties", {"density": 0.5}, compat="mergekit")
+    out = subprocess.run([sys.executable, "-c", _PROBE, "merge", str(ties), str(tmp_path / "out-ties"), "--quiet"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "TORCH:True"
+
+
+def test_cli_lane_names_a_nan_input_and_leaves_nothing(tmp_path):
+    base, models = make_model_folders(tmp_path / "m", n=2)
+    sd = load_file(models[1] / "model.safetensors")
+    name = sorted(k for k in sd if sd[k].is_floating_point())[3]
+    sd[name].view(-1)[5] = float("nan")
+    save_file(sd, models[1] / "model.safetensors", metadata={"format": "pt"})
+    recipe = write_recipe(tmp_path / "r.yaml", base, models, "task_arithmetic", compat="mergekit")
+    assert plan_lane(load_recipe(recipe)) is not None
+    out = subprocess.run([sys.executable, "-m", "mergelab", "merge", str(recipe), str(tmp_path / "out"), "--quiet"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert lines == [f"mergelab: error: {models[1]}: tensor {name!r} contains NaN or Inf"], out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "r.yaml"]
+    # the torch engine says the same
+    with pytest.raises(Exception, match=f"{models[1]}: tensor '{name}' contains NaN or Inf"):
+        merge(load_recipe(recipe), tmp_path / "engine")
+
+
+def test_lane_constants_follow_the_kernels():
+    from mergelab.engine.linear_lane import ADAPTER_CONFIG
+    from mergelab.io.lora import CONFIG
+    from mergelab.kernels.merge import FUSED_CHUNK, SEQUENTIAL_ROWS
+    assert MAX_MODELS == SEQUENTIAL_ROWS and CHUNK == FUSED_CHUNK and ADAPTER_CONFIG == CONFIG
+
+
+def test_recipe_written_for_the_lane_is_recorded(tmp_path):
+    base, models = make_model_folders(tmp_path / "m", n=2)
+    recipe = write_recipe(tmp_path / "r.yaml", base, models, "task_arithmetic", {"lambda": 0.4}, compat="mergekit")
+    run_lane(plan_lane(load_recipe(recipe)), tmp_path / "out")
+    saved = yaml.safe_load((tmp_path / "out" / "mergelab_recipe.yaml").read_text())
+    assert saved["resolved_parameters"]["lambda"] == 0.4 and saved["compat"] == "mergekit"
