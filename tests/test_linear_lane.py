@@ -57,7 +57,14 @@ def _both(tmp_path: Path, recipe: Path, **kw) -> tuple[dict[str, bytes], dict[st
     (4, [0.25, 0.5, 0.125, 1.5], 0.8, True, torch.bfloat16, "float32", "bfloat16"),
     (3, [1.0, 0.0, 2.0], 0.3, False, torch.float16, "float32", "float16"),
     (2, [0.6, 0.4], 1.0, True, torch.float32, "float32", "float16"),
-], ids=["ta-3", "one-model", "negative-normalized-bf16-out", "four-bf16-in", "fp16-zero-weight", "fp16-out"])
+    # bfloat16 / float16 arithmetic (each operation rounded, as torch's kernels of these dtypes)
+    (3, [1.0, 1.0, 1.0], 0.5, False, torch.bfloat16, None, None),
+    (4, [0.3, 0.7, -0.2, 1.1], 0.85, True, torch.bfloat16, "bfloat16", None),
+    (2, [0.35, 0.65], 1.0, True, torch.float32, "bfloat16", "float32"),
+    (1, [0.9], 1.7, False, torch.float16, None, "bfloat16"),
+    (3, [0.2, 0.5, 0.3], 0.6, True, torch.float16, "float16", "float16"),
+], ids=["ta-3", "one-model", "negative-normalized-bf16-out", "four-bf16-in", "fp16-zero-weight", "fp16-out",
+        "bf16-arith", "bf16-arith-normalized", "f32-in-bf16-arith", "fp16-arith-one", "fp16-arith-normalized"])
 def test_lane_writes_the_engines_folder_byte_for_byte(tmp_path, n, weights, lam, normalize, dtype, recipe_dtype,
                                                       out_dtype):
     base, models = make_model_folders(tmp_path / "m", n=n, dtype=dtype)
@@ -114,6 +121,42 @@ def test_block_matches_the_torch_kernel_bit_for_bit(n, size, weights, lam, norma
     assert finite == ok
 
 
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, MAX_MODELS), size=st.integers(1, 2 * 4099), compute=st.sampled_from(["BF16", "F16"]),
+       stored=st.sampled_from(["same", "F32"]),
+       weights=st.lists(st.sampled_from([1.0, 0.5, -0.3, 0.0, 2.75, 0.1, 1 / 3]), min_size=MAX_MODELS,
+                        max_size=MAX_MODELS),
+       lam=st.sampled_from([1.0, 0.3, -1.25, 7.0]), normalize=st.booleans(), seed=st.integers(0, 2**16))
+def test_reduced_block_matches_the_engines_kernel(n, size, compute, stored, weights, lam, normalize, seed):
+    """bfloat16 / float16 arithmetic against the method's own per-tensor function on tensors of that dtype
+    (values over many binades, so that sums round), inputs stored in that dtype or in float32."""
+    from mergelab.engine.linear_lane import ROUNDERS, _coefficients, reduced_task_arithmetic_block
+    from mergelab.methods import TensorJob, get_method
+    tdtype = {"BF16": torch.bfloat16, "F16": torch.float16}[compute]
+    g = np.random.default_rng(seed)
+    top = 4 if compute == "F16" else 30
+    base32 = (g.standard_normal(size) * 2.0 ** g.integers(-12, top, size)).astype(np.float32)
+    models32 = [base32 + (g.standard_normal(size) * 2.0 ** g.integers(-14, top - 2, size)).astype(np.float32)
+                for _ in range(n)]
+    w = weights[:n]
+    job = TensorJob("t", torch.from_numpy(base32).to(tdtype), [torch.from_numpy(m).to(tdtype) for m in models32],
+                    {"lambda": lam, "normalize": normalize}, [{"weight": x} for x in w], compat="mergekit")
+    expected = get_method("task_arithmetic").merge_tensor(job)
+    assert expected.dtype == tdtype
+    if stored == "F32":          # float32 inputs cast to the arithmetic dtype first (mergekit's ``dtype``)
+        raws, kind = [base32, *models32], "F32"
+    else:
+        raws = [ROUNDERS[compute](x.copy()) for x in [base32, *models32]]
+        raws = [r.astype(np.float16) if compute == "F16" else (r.view(np.uint32) >> 16).astype(np.uint16)
+                for r in raws]
+        kind = compute
+    wts, div = _coefficients(w, normalize, compute)
+    got, _ = reduced_task_arithmetic_block(raws[0], kind, raws[1:], compute, wts, lam, div, chunk=4099)
+    want = expected.float().numpy()
+    same = (got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))
+    assert same.all(), (np.nonzero(~same)[0][:5], got[~same][:5], want[~same][:5])
+
+
 def test_bfloat16_and_float16_rounding_is_torchs():
     g = np.random.default_rng(0)
     bits = np.concatenate([g.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32),
@@ -143,7 +186,8 @@ def test_what_the_lane_leaves_to_the_torch_engine(tmp_path):
     assert plan(compat="paper") is None                                    # the papers' fused sum
     assert plan(method="ties", params={"density": 0.5}) is None
     assert plan(ms=models) is None                                         # more than 4: torch's reduction
-    assert plan(dtype="bfloat16") is None                                  # bfloat16 arithmetic
+    assert plan(dtype="bfloat16") is not None                              # rounded as torch rounds
+    assert plan(dtype="float64") is None                                   # float64 arithmetic
     assert plan(model_params=[{"weight": [0.1, 0.9]}, {"weight": 1.0}]) is None    # a gradient
     assert plan(lines={"beta": 0.5}) is None
     assert plan_lane(load_recipe(write_recipe(tmp_path / "r.yaml", base, models[:2], "task_arithmetic",

@@ -106,9 +106,9 @@ class LanePlan:
     base: _Inputs
     models: list[_Inputs]
     names: list[str]                 # the base's tensors, in its order
-    weights: np.ndarray | None       # float32, one per model; None: all 1 (no multiplication)
-    divisor: np.float32 | None       # mergekit's normalisation (sum of weights, 1 below 1e-8)
+    coefficients: dict[str, tuple]   # arithmetic dtype -> (weights or None, divisor or None), see _coefficients
     lam: float
+    compute: dict[str, str]          # float tensor -> its arithmetic dtype (F32, BF16, F16)
     out_dtypes: dict[str, str]       # tensor -> safetensors dtype written
     out_dtype_name: str | None       # for config.json
     params: dict
@@ -149,7 +149,7 @@ def plan_lane(recipe, device: str | None = None) -> LanePlan | None:
         for m in recipe.models:
             opened.append(_Inputs(m.path, m.label))
         models = opened[1:]
-        out_dtypes = {}
+        out_dtypes, compute = {}, {}
         for name, (_, e) in base.entries.items():
             for other in models:
                 o = other.entries.get(name)
@@ -157,8 +157,9 @@ def plan_lane(recipe, device: str | None = None) -> LanePlan | None:
                     raise _NotEligible("the inputs' tensors differ")
             if e.dtype in FLOAT_NAMES:
                 # the arithmetic dtype: mergekit's ``dtype`` (inputs cast to it), else the inputs' own
-                if (round_name or e.dtype) != "F32" or e.dtype not in INPUT_DTYPES:
-                    raise _NotEligible("not float32 arithmetic")
+                compute[name] = round_name or e.dtype
+                if compute[name] not in ROUNDERS or e.dtype not in INPUT_DTYPES:
+                    raise _NotEligible("float64 or float8 arithmetic")
                 out_dtypes[name] = out_name or e.dtype
             else:
                 out_dtypes[name] = e.dtype
@@ -173,15 +174,25 @@ def plan_lane(recipe, device: str | None = None) -> LanePlan | None:
             inputs.close()
         raise
     w = [float(p.get("weight", 1.0)) for p in model_params]
-    weights = np.array(w, dtype=np.float32) if any(x != 1 for x in w) else None
+    coefficients = {c: _coefficients(w, bool(params["normalize"]), c) for c in set(compute.values())}
+    return LanePlan(recipe, base, models, list(base.entries), coefficients, float(params["lambda"]), compute,
+                    out_dtypes, out_name, params, model_params, list(resolver.ignored))
+
+
+def _coefficients(w: list[float], normalize: bool, dtype: str) -> tuple[np.ndarray | None, np.float32 | None]:
+    """The weights (None when all are 1: nothing is multiplied) and mergekit's divisor (their sum, 1 below
+    1e-8 in size; None without ``normalize``), as the engine makes them: a tensor of the arithmetic dtype
+    (values here in float32, rounded to it), summed in float32 in model order and rounded."""
+    values = np.array(w, dtype=np.float32)
+    ROUNDERS[dtype](values)
     divisor = None
-    if params["normalize"]:
-        total = np.float32(0)
-        for x in np.array(w, dtype=np.float32):       # float32, in model order, as torch sums <= 4 values
-            total = np.float32(total + x)
-        divisor = np.float32(1) if abs(total) < 1e-8 else total
-    return LanePlan(recipe, base, models, list(base.entries), weights, divisor, float(params["lambda"]), out_dtypes,
-                    out_name, params, model_params, list(resolver.ignored))
+    if normalize:
+        total = np.zeros(1, dtype=np.float32)
+        for x in values:
+            total += x
+        ROUNDERS[dtype](total)
+        divisor = np.float32(1) if abs(total[0]) < 1e-8 else total[0]
+    return (values if any(x != 1 for x in w) else None), divisor
 
 
 def _as_float32(raw: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
@@ -209,6 +220,31 @@ def _from_float32(x: np.ndarray, dtype: str) -> np.ndarray:
         return out
     with np.errstate(over="ignore"):                  # to +-inf, as torch (which does not warn)
         return x.astype({"F16": np.float16, "F64": np.float64}[dtype])
+
+
+def _keep(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def _round_bfloat16_(x: np.ndarray) -> np.ndarray:
+    """In place: float32 values rounded to the nearest bfloat16 (ties to even), as torch rounds each
+    bfloat16 operation's float result."""
+    bits = x.view(np.uint32)
+    lsb = bits >> np.uint32(16)
+    lsb &= np.uint32(1)
+    lsb += np.uint32(0x7FFF)
+    bits += lsb
+    bits &= np.uint32(0xFFFF0000)
+    return x
+
+
+def _round_float16_(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        np.copyto(x, x.astype(np.float16))
+    return x
+
+
+ROUNDERS = {"F32": _keep, "BF16": _round_bfloat16_, "F16": _round_float16_}
 
 
 def task_arithmetic_block(base: np.ndarray, base_dtype: str, models: Sequence[np.ndarray], weights: np.ndarray | None,
@@ -245,6 +281,57 @@ def task_arithmetic_block(base: np.ndarray, base_dtype: str, models: Sequence[np
     return out, finite
 
 
+def reduced_task_arithmetic_block(base: np.ndarray, base_dtype: str, models: Sequence[np.ndarray], compute: str,
+                                  weights: np.ndarray | None, lam: float, divisor: np.float32 | None,
+                                  chunk: int = CHUNK) -> tuple[np.ndarray, bool]:
+    """The engine's mergekit task arithmetic in bfloat16 / float16 arithmetic (``methods.common._mergekit_mix``
+    without consensus): every operation computed in float32 and rounded to ``compute``, as torch's CPU kernels
+    of these dtypes do, the task vectors' sum accumulated in float32 (torch's ``sum``) and rounded once.
+    Returns float32 values (each exactly a ``compute`` value) and whether all are finite."""
+    rnd = ROUNDERS[compute]
+    n = base.size
+    out = np.empty(n, dtype=np.float32)
+    size = min(chunk, n)
+    b_buf, m_buf, tmp_buf = (np.empty(size, dtype=np.float32) for _ in range(3))
+    lam32 = np.float32(lam)
+    finite = True
+    with np.errstate(all="ignore"):
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            k = stop - start
+            acc, tmp = out[start:stop], tmp_buf[:k]
+            b = rnd(_copy_float32(base[start:stop], base_dtype, b_buf[:k]))       # inputs cast to ``compute``
+            for i, m in enumerate(models):
+                step = acc if i == 0 else tmp
+                np.subtract(rnd(_copy_float32(m[start:stop], base_dtype, m_buf[:k])), b, out=step)
+                rnd(step)
+                if weights is not None:
+                    np.multiply(step, weights[i], out=step)
+                    rnd(step)
+                if i:
+                    np.add(acc, tmp, out=acc)
+            rnd(acc)
+            if divisor is not None:
+                np.divide(acc, divisor, out=acc)
+                rnd(acc)
+            if lam != 1:
+                np.multiply(acc, lam32, out=acc)
+                rnd(acc)
+            np.add(acc, b, out=acc)
+            rnd(acc)
+            if finite and not np.isfinite(np.add.reduce(acc)):
+                finite = bool(np.isfinite(acc).all())
+    return out, finite
+
+
+def _copy_float32(raw: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
+    """A chunk of an input in float32, in ``out`` (writable, unlike the mapped input)."""
+    if dtype == "F32":
+        np.copyto(out, raw)
+        return out
+    return _as_float32(raw, dtype, out)
+
+
 def run_lane(plan: LanePlan, out_dir: str | Path, *, force: bool = False, threads: int | None = None,
              progress: Progress | None = None, shard_size: str | int | None = None,
              block_elements: int = BLOCK_ELEMENTS) -> MergeSummary:
@@ -257,11 +344,11 @@ def run_lane(plan: LanePlan, out_dir: str | Path, *, force: bool = False, thread
     layout = [(n, plan.out_dtypes[n], shapes[n]) for n in plan.names]
 
     def check_inputs(name: str, rows: tuple[int, int] | None) -> None:
-        """The torch engine's NaN/Inf check of every input, naming the first bad one."""
+        """The torch engine's NaN/Inf check of every input cast to the arithmetic dtype, naming the first bad one."""
         for inputs in [plan.base, *plan.models]:
             e = inputs.entries[name][1]
             raw = inputs.raw(name, rows)
-            values = _as_float32(raw, e.dtype, np.empty(raw.size, dtype=np.float32))
+            values = ROUNDERS[plan.compute[name]](_copy_float32(raw, e.dtype, np.empty(raw.size, dtype=np.float32)))
             if values.size and not np.isfinite(values).all():
                 raise MergelabError(f"{inputs.label}: tensor {name!r} contains NaN or Inf")
 
@@ -277,9 +364,15 @@ def run_lane(plan: LanePlan, out_dir: str | Path, *, force: bool = False, thread
                 shape = shapes[name]
                 for rows in row_blocks(shape, block_elements) or [None]:
                     block_shape = shape if rows is None else (rows[1] - rows[0], *shape[1:])
-                    merged, finite = task_arithmetic_block(plan.base.raw(name, rows), e.dtype,
-                                                           [m.raw(name, rows) for m in plan.models],
-                                                           plan.weights, plan.lam, plan.divisor)
+                    compute = plan.compute[name]
+                    weights, divisor = plan.coefficients[compute]
+                    base, models = plan.base.raw(name, rows), [m.raw(name, rows) for m in plan.models]
+                    if compute == "F32":
+                        merged, finite = task_arithmetic_block(base, e.dtype, models, weights, plan.lam, divisor)
+                    else:
+                        merged, finite = reduced_task_arithmetic_block(base, e.dtype, models, compute, weights,
+                                                                       plan.lam, divisor)
+                    base = models = None
                     if not finite:
                         check_inputs(name, rows)
                     writer.write(name, _from_float32(merged, plan.out_dtypes[name]).reshape(block_shape),
