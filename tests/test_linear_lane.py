@@ -268,3 +268,31 @@ def test_recipe_written_for_the_lane_is_recorded(tmp_path):
     run_lane(plan_lane(load_recipe(recipe)), tmp_path / "out")
     saved = yaml.safe_load((tmp_path / "out" / "mergelab_recipe.yaml").read_text())
     assert saved["resolved_parameters"]["lambda"] == 0.4 and saved["compat"] == "mergekit"
+
+
+@pytest.mark.parametrize("dtype, recipe_dtype", [(torch.bfloat16, "bfloat16"), (torch.bfloat16, None),
+                                                 (torch.float16, "float16")])
+def test_lane_equals_mergekit(tmp_path, dtype, recipe_dtype):
+    """mergekit 0.1.5 itself (skips without its virtualenv): the lane's weights equal its output, bit for bit."""
+    from tests.recipe_helpers import make_llama, mergekit_exe, run_mergekit
+    mergekit_exe()
+    base = make_llama(tmp_path / "base", 0, dtype=dtype)
+    a = make_llama(tmp_path / "a", 1, dtype=dtype, base=base)
+    b = make_llama(tmp_path / "b", 2, dtype=dtype, base=base)
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(base),
+              "models": [{"model": str(a), "parameters": {"weight": 0.6}},
+                         {"model": str(b), "parameters": {"weight": 0.45}}],
+              "parameters": {"lambda": 0.7, "normalize": True}, **({"dtype": recipe_dtype} if recipe_dtype else {})}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    plan = plan_lane(load_recipe(path))
+    assert plan is not None
+    run_lane(plan, tmp_path / "lane")
+    run_mergekit(path, tmp_path / "mk")
+    ours = load_file(tmp_path / "lane" / "model.safetensors")
+    theirs = {}
+    for f in sorted((tmp_path / "mk").glob("*.safetensors")):
+        theirs.update(load_file(f))
+    assert ours.keys() == theirs.keys()
+    bad = [k for k in ours if ours[k].dtype != theirs[k].dtype or not torch.equal(ours[k], theirs[k])]
+    assert not bad, bad[:3]
