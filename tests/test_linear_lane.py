@@ -296,3 +296,25 @@ def test_lane_equals_mergekit(tmp_path, dtype, recipe_dtype):
     assert ours.keys() == theirs.keys()
     bad = [k for k in ours if ours[k].dtype != theirs[k].dtype or not torch.equal(ours[k], theirs[k])]
     assert not bad, bad[:3]
+
+
+def test_multistage_task_arithmetic_runs_without_torch(tmp_path):
+    """Every stage the lane takes runs in it: a file of task-arithmetic stages never imports torch."""
+    base, models = make_model_folders(tmp_path / "m", n=3)
+    docs = [{"name": "mid", "merge_method": "task_arithmetic", "base_model": str(base),
+             "models": [{"model": str(models[0])}, {"model": str(models[1])}], "parameters": {"lambda": 0.5}},
+            {"merge_method": "task_arithmetic", "base_model": str(base),
+             "models": [{"model": "mid"}, {"model": str(models[2])}], "parameters": {"lambda": 0.8}}]
+    path = tmp_path / "stages.yaml"
+    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    out = subprocess.run([sys.executable, "-c", _PROBE, "merge", str(path), str(tmp_path / "out"), "--quiet"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "TORCH:False"
+    mid = merge(load_recipe(docs[0]), tmp_path / "mid-engine")
+    final = dict(docs[1], models=[{"model": str(mid.out_dir)}, {"model": str(models[2])}])
+    merge(load_recipe(final), tmp_path / "engine")
+    assert load_file(tmp_path / "out" / "model.safetensors").keys() == \
+        load_file(tmp_path / "engine" / "model.safetensors").keys()
+    a, b = load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "engine" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -42,9 +42,8 @@ def _run(args: argparse.Namespace) -> int:
     _tune_for_streaming(args.threads or 2)
     from mergelab.engine.multistage import is_multistage
     if is_multistage(args.recipe):
-        _torch_threads(args.threads)
         return _run_stages(args)
-    from mergelab.engine.linear_lane import plan_lane, run_lane
+    from mergelab.engine.linear_lane import merge_recipe
     from mergelab.engine.recipe import load_recipe
     from mergelab.io import claim_output
     recipe = load_recipe(args.recipe, compat=args.compat)
@@ -53,13 +52,9 @@ def _run(args: argparse.Namespace) -> int:
     try:
         # OUT_DIR checked and locked before any tensor is read: a second run into it fails at once
         with claim_output(args.out_dir, recipe.input_paths(), force=args.force):
-            lane = plan_lane(recipe, args.device)     # task arithmetic on numpy: no torch import
-            if lane is not None:
-                summary = run_lane(lane, args.out_dir, **options)
-            else:
-                _torch_threads(args.threads)
-                from mergelab.engine import merge
-                summary = merge(recipe, args.out_dir, device=args.device, **options)
+            # task arithmetic on numpy where the lane takes it (no torch import), else the torch engine
+            summary = merge_recipe(recipe, args.out_dir, device=args.device,
+                                   before_engine=lambda: _torch_threads(args.threads), **options)
     finally:
         progress.close()
     _print_summary(summary)
@@ -88,7 +83,7 @@ def _run_stages(args: argparse.Namespace) -> int:
         results = merge_stages(args.recipe, args.out_dir, intermediate_dir=args.intermediate_dir, force=args.force,
                                merge_kwargs={"compat": args.compat, "device": args.device, "threads": args.threads,
                                              "shard_size": args.shard_size, "progress": progress},
-                               on_stage=announce)
+                               on_stage=announce, before_engine=lambda: _torch_threads(args.threads))
     finally:
         progress.close()
     for r in results:

@@ -396,3 +396,22 @@ def run_lane(plan: LanePlan, out_dir: str | Path, *, force: bool = False, thread
                         seconds=time.perf_counter() - started, out_dir=Path(out_dir).expanduser().resolve(),
                         bytes_written=writer.total_bytes, shards=len(writer.filenames), stages=stages,
                         notes=plan.notes)
+
+
+def merge_recipe(recipe, out_dir: str | Path, *, compat: str | None = None, device: str | None = None,
+                 before_engine=None, **options) -> MergeSummary:
+    """A recipe (path, mapping or ``Recipe``) merged by this lane when it takes it, else by the torch engine
+    (``streaming.merge``; ``before_engine()`` runs first, e.g. the CLI's torch thread settings).
+    ``options``: ``force``, ``threads``, ``progress``, ``shard_size``."""
+    from mergelab.engine.recipe import Recipe, load_recipe
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, compat=compat)
+    elif compat is not None and compat != recipe.compat:
+        recipe.compat = compat
+    plan = plan_lane(recipe, device)
+    if plan is not None:
+        return run_lane(plan, out_dir, **options)
+    if before_engine is not None:
+        before_engine()
+    from mergelab.engine.streaming import merge
+    return merge(recipe, out_dir, device=device, **options)

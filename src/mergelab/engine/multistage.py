@@ -150,9 +150,11 @@ class StageResult:
 
 def merge_stages(path: str | Path, out_dir: str | Path, *, intermediate_dir: str | Path | None = None,
                  force: bool = False, merge_kwargs: dict | None = None,
-                 on_stage: Callable[[int, int, Stage], None] | None = None) -> list[StageResult]:
-    """Run every stage of a multi-document recipe; returns one result per stage, in the order run."""
-    from mergelab.engine.streaming import merge
+                 on_stage: Callable[[int, int, Stage], None] | None = None,
+                 before_engine: Callable[[], None] | None = None) -> list[StageResult]:
+    """Run every stage of a multi-document recipe; returns one result per stage, in the order run (each by
+    the torch-free lane where it takes the stage, else by the torch engine after ``before_engine()``)."""
+    from mergelab.engine.linear_lane import merge_recipe
 
     path = Path(path).expanduser()
     stages = plan_stages(path)
@@ -179,7 +181,8 @@ def merge_stages(path: str | Path, out_dir: str | Path, *, intermediate_dir: str
                 inter.mkdir(parents=True, exist_ok=True)
             # a stale output of an earlier run of this file (it holds our stage record) is replaced
             ours = (target / STAGE_FILE).is_file()
-            summary = merge(raw, target, force=force or ours, **(merge_kwargs or {}))
+            summary = merge_recipe(raw, target, force=force or ours, before_engine=before_engine,
+                                   **(merge_kwargs or {}))
             (target / STAGE_FILE).write_text(json.dumps({"name": stage.name, "digest": digest}, indent=2))
             seconds = summary.seconds
         if stage.name is not None:
