@@ -6,34 +6,17 @@ import torch.
 
 from __future__ import annotations
 
-import importlib
+from mergelab._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it
-_EXPORTS = {
-    "merge": "mergelab.engine.streaming",
-    "merge_state_dicts": "mergelab.engine.streaming",
-    "MergeSummary": "mergelab.engine.output_folder",
-    "load_recipe": "mergelab.engine.recipe",
-    "MergelabError": "mergelab.errors",
-    "open_checkpoint": "mergelab.io.checkpoint",
-    "load_state_dict": "mergelab.io.checkpoint",
-    "list_methods": "mergelab.methods",
-    "get_method": "mergelab.methods",
+# module -> the public names it defines
+_WHERE = {
+    "mergelab.engine.streaming": ("merge", "merge_state_dicts"),
+    "mergelab.engine.output_folder": ("MergeSummary",),
+    "mergelab.engine.recipe": ("load_recipe",),
+    "mergelab.errors": ("MergelabError",),
+    "mergelab.io.checkpoint": ("open_checkpoint", "load_state_dict"),
+    "mergelab.methods": ("list_methods", "get_method"),
 }
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mergelab' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__all__, __getattr__, __dir__ = lazy_exports("mergelab", globals(), _WHERE)

@@ -2,13 +2,14 @@
 
 ``torch = lazy_module("torch")`` at the top of a module reads like an import; the module is imported
 the first time one of its attributes is used. The layering test (tests/test_layout.py) reads these
-calls as imports.
+calls as imports. ``lazy_exports`` does the same for a package's names (PEP 562).
 """
 
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Callable, Mapping, Sequence
 
 
 class LazyModule:
@@ -31,3 +32,25 @@ class LazyModule:
 
 def lazy_module(name: str) -> LazyModule:
     return LazyModule(name)
+
+
+def lazy_exports(package: str, namespace: dict, where: Mapping[str, Sequence[str]]
+                 ) -> tuple[list[str], Callable[[str], object], Callable[[], list[str]]]:
+    """``__all__``, ``__getattr__`` and ``__dir__`` of a package whose public names live in modules
+    (``where``: module -> names), each imported the first time one of its names is used and then kept in
+    the package's ``namespace`` (its ``globals()``)."""
+    module_of = {name: module for module, names in where.items() for name in names}
+    names = sorted(module_of)
+
+    def __getattr__(name: str):
+        module = module_of.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        namespace[name] = value
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(namespace) | set(names))
+
+    return names, __getattr__, __dir__

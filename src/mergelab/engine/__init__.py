@@ -12,25 +12,11 @@ without torch.
 
 from __future__ import annotations
 
-import importlib
+from mergelab._lazy import lazy_exports
 
 _WHERE = {
     "mergelab.engine.recipe": ("Recipe", "load_recipe"),
     "mergelab.engine.streaming": ("check_structure", "merge", "merge_state_dicts", "run_merge"),
     "mergelab.engine.output_folder": ("MergeSummary",),
 }
-_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mergelab.engine' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__all__, __getattr__, __dir__ = lazy_exports("mergelab.engine", globals(), _WHERE)

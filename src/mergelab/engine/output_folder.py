@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import yaml
 
@@ -72,15 +72,20 @@ def finish_folder(tmp: Path, recipe, method_name: str, params: dict, model_param
                      recipe=resolved)
 
 
-def set_config_value(config_path: Path, key: str, value) -> None:
+def edit_config(config_path: Path, change: Callable[[dict], None]) -> None:
+    """Apply ``change`` to config.json, if there is one that parses (others are copied as they are)."""
     if not config_path.exists():
         return
     try:
         config = json.loads(config_path.read_text())
     except ValueError:
         return
-    config[key] = value
+    change(config)
     config_path.write_text(json.dumps(config, indent=2))
+
+
+def set_config_value(config_path: Path, key: str, value) -> None:
+    edit_config(config_path, lambda config: config.__setitem__(key, value))
 
 
 # safetensors dtype name -> the name config.json uses
@@ -89,13 +94,11 @@ CONFIG_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F
 
 def set_config_dtype(config_path: Path, dtype_name: str | None) -> None:
     """Keep config.json's dtype in step with the written weights (``dtype_name``: "F32", "BF16", ...)."""
-    if dtype_name is None or not config_path.exists():
+    if dtype_name is None:
         return
-    try:
-        config = json.loads(config_path.read_text())
-    except ValueError:
-        return
-    for key in ("torch_dtype", "dtype"):
-        if key in config:
-            config[key] = CONFIG_DTYPE_NAMES[dtype_name]
-    config_path.write_text(json.dumps(config, indent=2))
+
+    def change(config: dict) -> None:
+        for key in ("torch_dtype", "dtype"):
+            if key in config:
+                config[key] = CONFIG_DTYPE_NAMES[dtype_name]
+    edit_config(config_path, change)

@@ -21,7 +21,6 @@ of the inputs (``RenamedCheckpoint``), so memory stays bounded as for ``models:`
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import dataclass
@@ -33,7 +32,8 @@ import yaml
 
 from mergelab.engine.recipe import Recipe, SliceSpec, _same_path
 from mergelab.errors import MergelabError
-from mergelab.io import (ShardedWriter, atomic_output_dir, copy_model_files, model_folder, open_checkpoint, parse_dtype,
+from mergelab.engine.output_folder import edit_config, set_config_dtype
+from mergelab.io import (DTYPE_NAMES, ShardedWriter, atomic_output_dir, copy_model_files, model_folder, open_checkpoint, parse_dtype,
                          parse_size)
 from mergelab.methods import get_method
 from mergelab.methods.registry import base_is_input
@@ -278,12 +278,6 @@ def _prod(shape) -> int:
 
 def _fix_config(path: Path, dtype, source_layers: list[int], n_source: int) -> None:
     """``num_hidden_layers`` = the output's layers; lists with one entry per source layer re-indexed."""
-    if not path.exists():
-        return
-    try:
-        cfg = json.loads(path.read_text())
-    except ValueError:
-        return
 
     def fix(d: dict) -> None:
         for key, value in list(d.items()):
@@ -294,10 +288,5 @@ def _fix_config(path: Path, dtype, source_layers: list[int], n_source: int) -> N
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
             if key in d and isinstance(d[key], int) and d[key] == n_source:
                 d[key] = len(source_layers)
-    fix(cfg)
-    if dtype is not None:
-        name = str(dtype).replace("torch.", "")
-        for key in ("torch_dtype", "dtype"):
-            if key in cfg:
-                cfg[key] = name
-    path.write_text(json.dumps(cfg, indent=2))
+    edit_config(path, fix)
+    set_config_dtype(path, None if dtype is None else DTYPE_NAMES[dtype])

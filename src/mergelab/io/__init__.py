@@ -12,7 +12,7 @@ merge that runs no torch kernel (``engine.linear_lane``) starts without it.
 
 from __future__ import annotations
 
-import importlib
+from mergelab._lazy import lazy_exports
 
 _WHERE = {
     "mergelab.io.checkpoint": ("DTYPE_NAMES", "SAFETENSORS_DTYPES", "USER_DTYPES", "Checkpoint", "PickleFile",
@@ -23,18 +23,4 @@ _WHERE = {
                            "claim_output", "copy_model_files", "finish_output", "fix_modes", "replace_dir"),
     "mergelab.io.writer": ("ShardedWriter", "save_state_dict"),
 }
-_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mergelab.io' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__all__, __getattr__, __dir__ = lazy_exports("mergelab.io", globals(), _WHERE)
