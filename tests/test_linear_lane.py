@@ -63,8 +63,10 @@ def _both(tmp_path: Path, recipe: Path, **kw) -> tuple[dict[str, bytes], dict[st
     (2, [0.35, 0.65], 1.0, True, torch.float32, "bfloat16", "float32"),
     (1, [0.9], 1.7, False, torch.float16, None, "bfloat16"),
     (3, [0.2, 0.5, 0.3], 0.6, True, torch.float16, "float16", "float16"),
+    (2, [0.7, 0.3], 0.9, False, torch.float64, "float32", None),          # float64 inputs rounded to float32
 ], ids=["ta-3", "one-model", "negative-normalized-bf16-out", "four-bf16-in", "fp16-zero-weight", "fp16-out",
-        "bf16-arith", "bf16-arith-normalized", "f32-in-bf16-arith", "fp16-arith-one", "fp16-arith-normalized"])
+        "bf16-arith", "bf16-arith-normalized", "f32-in-bf16-arith", "fp16-arith-one", "fp16-arith-normalized",
+        "f64-in-f32-arith"])
 def test_lane_writes_the_engines_folder_byte_for_byte(tmp_path, n, weights, lam, normalize, dtype, recipe_dtype,
                                                       out_dtype):
     base, models = make_model_folders(tmp_path / "m", n=n, dtype=dtype)
@@ -188,6 +190,10 @@ def test_what_the_lane_leaves_to_the_torch_engine(tmp_path):
     assert plan(ms=models) is None                                         # more than 4: torch's reduction
     assert plan(dtype="bfloat16") is not None                              # rounded as torch rounds
     assert plan(dtype="float64") is None                                   # float64 arithmetic
+    base64, models64 = make_model_folders(tmp_path / "m64", n=2, dtype=torch.float64)
+    r64 = write_recipe(tmp_path / "r64.yaml", base64, models64, "task_arithmetic", compat="mergekit",
+                       dtype="bfloat16")
+    assert plan_lane(load_recipe(r64)) is None                             # float64 -> bfloat16 in one rounding
     assert plan(model_params=[{"weight": [0.1, 0.9]}, {"weight": 1.0}]) is None    # a gradient
     assert plan(lines={"beta": 0.5}) is None
     assert plan_lane(load_recipe(write_recipe(tmp_path / "r.yaml", base, models[:2], "task_arithmetic",

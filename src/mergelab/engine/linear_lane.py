@@ -3,14 +3,17 @@
 A 1 GB task-arithmetic merge reads 4 GB and writes 1 GB: about 1.6 s here, the time of a plain copy.
 Importing torch takes 2-3 s more on the benchmark machine, longer than the merge itself, so the CLI
 runs the recipes that need no torch kernel here: mergekit semantics, ``task_arithmetic`` of 1-4
-models on a base, float32 arithmetic, safetensors inputs with one tensor layout, one set of
-parameters. ``plan_lane`` says whether a recipe qualifies (else the torch engine runs it, with its
-own checks and errors).
+models on a base, float32 / bfloat16 / float16 arithmetic, safetensors inputs with one tensor layout,
+one set of parameters. ``plan_lane`` says whether a recipe qualifies (else the torch engine runs it,
+with its own checks and errors).
 
-The result is the torch engine's bit for bit (``kernels.fused_task_arithmetic``: each model's
-difference, times its weight, added in model order, divided, scaled, plus the base; one IEEE float32
-operation per element, which numpy and torch round alike), and so is the folder around it
-(``output_folder``; the tests compare every byte of the two).
+The result is the torch engine's bit for bit, and so is the folder around it (``output_folder``; the
+tests compare every byte of the two, and the weights with mergekit's): float32 arithmetic in the order
+of ``kernels.fused_task_arithmetic`` (each model's difference, times its weight, added in model order,
+divided, scaled, plus the base; one IEEE operation per element, which numpy and torch round alike);
+bfloat16 / float16 arithmetic as ``methods.common._mergekit_mix`` (each operation computed in float32
+and rounded, the sum of the task vectors accumulated in float32 and rounded once, as torch's CPU
+kernels of those dtypes).
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ CHUNK = 1 << 17           # kernels.FUSED_CHUNK: one chunk of every input stays 
 INPUT_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16}
 RAW_BY_ITEMSIZE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 # Rows of at most this many entries per step: every result is elementwise, so any split gives the same
-# bits. A quarter of the engine's blocks (``pool.BLOCK_ELEMENTS``) keeps what is in flight (threads x mapped inputs, the writer's
-# queue) small whatever the tensors' sizes: peak RSS of the 1 GB / 4 GB task arithmetic 124-132 / 129-131 MB
-# against 262-297 / 348-407 MB with 4 M entries, in the same time (256 K entries: slower).
+# bits. A quarter of the engine's blocks (``pool.BLOCK_ELEMENTS``) keeps what is in flight (threads x
+# mapped inputs, the writer's queue) small whatever the tensors' sizes: peak RSS of the 1 GB / 4 GB task
+# arithmetic 124-132 / 129-131 MB against 262-297 / 348-407 MB with 4 M entries, in the same time
+# (256 K entries: slower).
 LANE_BLOCK_ELEMENTS = 1 << 20
 ADAPTER_CONFIG = "adapter_config.json"      # io.lora.CONFIG: a PEFT adapter folder, read by the torch engine
 
@@ -129,8 +133,9 @@ def plan_lane(recipe, device: str | None = None) -> LanePlan | None:
     """A plan when the recipe is task arithmetic this lane computes exactly as the torch engine; else None.
 
     Reads the recipe and the inputs' headers only. Anything it does not handle (another method or
-    semantics, LoRA, slices, a tokenizer section, per-layer parameters, LiNeS, non-float32 arithmetic,
-    ``.bin`` files, tensors that differ between the inputs, ...) returns None."""
+    semantics, LoRA, slices, a tokenizer section, per-layer parameters, LiNeS, float64 arithmetic, an
+    explicit ``compute_dtype``, ``.bin`` files, tensors that differ between the inputs, another device, more
+    than 4 models) returns None."""
     from mergelab.methods import get_method
     if device not in (None, "cpu") or recipe.compat != "mergekit" or recipe.slices is not None:
         return None
@@ -165,6 +170,8 @@ def plan_lane(recipe, device: str | None = None) -> LanePlan | None:
                 compute[name] = round_name or e.dtype
                 if compute[name] not in ROUNDERS or e.dtype not in INPUT_DTYPES:
                     raise _NotEligible("float64 or float8 arithmetic")
+                if e.dtype == "F64" and compute[name] != "F32":
+                    raise _NotEligible("float64 rounded to half precision at once (not through float32)")
                 out_dtypes[name] = out_name or e.dtype
             else:
                 out_dtypes[name] = e.dtype
