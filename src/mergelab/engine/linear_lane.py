@@ -187,6 +187,11 @@ def plan_lane(recipe, device: str | None = None) -> LanePlan | None:
         raise
     w = [float(p.get("weight", 1.0)) for p in model_params]
     coefficients = {c: _coefficients(w, bool(params["normalize"]), c) for c in set(compute.values())}
+    if any(divisor == 0 for _, divisor in coefficients.values()):
+        # float16 weights summing to 0 under normalize: the engine divides by 0 and writes its NaN / Inf bits
+        for inputs in opened:
+            inputs.close()
+        return None
     return LanePlan(recipe, base, models, list(base.entries), coefficients, float(params["lambda"]), compute,
                     out_dtypes, out_name, params, model_params, list(resolver.ignored))
 
@@ -194,7 +199,8 @@ def plan_lane(recipe, device: str | None = None) -> LanePlan | None:
 def _coefficients(w: list[float], normalize: bool, dtype: str) -> tuple[np.ndarray | None, np.float32 | None]:
     """The weights (None when all are 1: nothing is multiplied) and mergekit's divisor (their sum, 1 below
     1e-8 in size; None without ``normalize``), as the engine makes them: a tensor of the arithmetic dtype
-    (values here in float32, rounded to it), summed in float32 in model order and rounded."""
+    (values here in float32, rounded to it), summed in float32 in model order and rounded, compared with
+    1e-8 in that dtype (torch casts the scalar: in float16 it is 0, so a zero sum stays 0)."""
     values = np.array(w, dtype=np.float32)
     ROUNDERS[dtype](values)
     divisor = None
@@ -203,7 +209,8 @@ def _coefficients(w: list[float], normalize: bool, dtype: str) -> tuple[np.ndarr
         for x in values:
             total += x
         ROUNDERS[dtype](total)
-        divisor = np.float32(1) if abs(total[0]) < 1e-8 else total[0]
+        tiny = ROUNDERS[dtype](np.array([1e-8], dtype=np.float32))[0]
+        divisor = np.float32(1) if abs(total[0]) < tiny else total[0]
     return (values if any(x != 1 for x in w) else None), divisor
 
 
