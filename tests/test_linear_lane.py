@@ -234,7 +234,7 @@ def test_cli_task_arithmetic_runs_without_torch(tmp_path):
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "TORCH:False"
-    assert "merged" in out.stdout and "task_arithmetic" in out.stdout
+    assert "merged" in out.stdout and "task_arithmetic" in out.stdout and "(numpy, without torch)" in out.stdout
     merge(load_recipe(recipe), tmp_path / "engine")
     assert _files(tmp_path / "out") == _files(tmp_path / "engine")
     # and the output is a model transformers loads
@@ -245,7 +245,7 @@ def test_cli_task_arithmetic_runs_without_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", _PROBE, "merge", str(ties), str(tmp_path / "out-ties"), "--quiet"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "TORCH:True"
+    assert out.stdout.strip().splitlines()[-1] == "TORCH:True" and "without torch" not in out.stdout
 
 
 def test_cli_lane_names_a_nan_input_and_leaves_nothing(tmp_path):

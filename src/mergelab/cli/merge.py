@@ -97,7 +97,8 @@ def _print_summary(summary) -> None:
     semantics = SEMANTICS[summary.compat]
     print(f"merged {summary.merged} tensors ({summary.parameters / 1e6:.1f} M parameters, "
           f"{summary.copied} copied from the base) with {summary.method}, {semantics}, "
-          f"in {summary.seconds:.1f} s -> {summary.out_dir} ({summary.shards} shard(s), {gb:.2f} GB)")
+          f"in {summary.seconds:.1f} s{' (numpy, without torch)' if summary.engine == 'numpy' else ''} "
+          f"-> {summary.out_dir} ({summary.shards} shard(s), {gb:.2f} GB)")
     for note in summary.notes:
         print(f"note: ignored, as mergekit does: {note}")
 

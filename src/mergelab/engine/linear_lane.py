@@ -415,7 +415,7 @@ def run_lane(plan: LanePlan, out_dir: str | Path, *, force: bool = False, thread
                         copied=len(plan.names) - merged, parameters=parameter_count(list(shapes.values())),
                         seconds=time.perf_counter() - started, out_dir=Path(out_dir).expanduser().resolve(),
                         bytes_written=writer.total_bytes, shards=len(writer.filenames), stages=stages,
-                        notes=plan.notes)
+                        notes=plan.notes, engine="numpy")
 
 
 def merge_recipe(recipe, out_dir: str | Path, *, compat: str | None = None, device: str | None = None,

@@ -30,6 +30,7 @@ class MergeSummary:
     shards: int = 0
     stages: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)     # what the recipe had that this merge ignored, as mergekit
+    engine: str = "torch"        # "numpy": the torch-free lane (``linear_lane``) computed it
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
