@@ -177,21 +177,17 @@ def plan_lane(recipe, device: str | None = None) -> LanePlan | None:
                 out_dtypes[name] = e.dtype
         if any(set(m.entries) != set(base.entries) for m in models):
             raise _NotEligible("the inputs' tensors differ")
-    except _NotEligible:
+        w = [float(p.get("weight", 1.0)) for p in model_params]
+        coefficients = {c: _coefficients(w, bool(params["normalize"]), c) for c in set(compute.values())}
+        if any(divisor == 0 for _, divisor in coefficients.values()):
+            # float16 weights summing to 0 under normalize: the engine divides by 0 and writes its NaN / Inf bits
+            raise _NotEligible("a division by zero")
+    except BaseException as e:
         for inputs in opened:
             inputs.close()
-        return None
-    except BaseException:
-        for inputs in opened:
-            inputs.close()
+        if isinstance(e, _NotEligible):
+            return None
         raise
-    w = [float(p.get("weight", 1.0)) for p in model_params]
-    coefficients = {c: _coefficients(w, bool(params["normalize"]), c) for c in set(compute.values())}
-    if any(divisor == 0 for _, divisor in coefficients.values()):
-        # float16 weights summing to 0 under normalize: the engine divides by 0 and writes its NaN / Inf bits
-        for inputs in opened:
-            inputs.close()
-        return None
     return LanePlan(recipe, base, models, list(base.entries), coefficients, float(params["lambda"]), compute,
                     out_dtypes, out_name, params, model_params, list(resolver.ignored))
 
@@ -230,9 +226,7 @@ def _from_float32(x: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "F32":
         return x
     if dtype == "BF16":
-        bits = x.view(np.uint32)
-        rounded = ((bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16))
-        out = rounded.astype(np.uint16)
+        out = (_round_bfloat16_(x.copy()).view(np.uint32) >> np.uint32(16)).astype(np.uint16)
         nan = np.isnan(x)
         if nan.any():
             out[nan] = 0x7FC0
