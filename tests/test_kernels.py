@@ -261,9 +261,9 @@ def test_disjoint_merge_zero_majority_follows_ties_code():
 
 def test_kth_smallest_counted_when_the_sampled_band_misses(monkeypatch):
     """The counts come from a full pass when the sample's bracket misses the rank (a forced miss)."""
-    from mergelab.kernels import select
+    from mergelab.kernels import band_select
     x = torch.randint(0, 7, (300_000,), generator=torch.Generator().manual_seed(4)).float()
-    monkeypatch.setattr(select, "sample_bracket", lambda sample, k, n, slack=4.0: (100.0, 101.0))   # holds nothing
+    monkeypatch.setattr(band_select, "sample_bracket", lambda sample, k, n, slack=4.0: (100.0, 101.0))   # holds nothing
     for k in (1, 1000, 150_000, 300_000):
         value, below, at_most = K.kth_smallest_counted(x, k)
         assert value == torch.kthvalue(x, k).values.item()
@@ -346,7 +346,7 @@ def test_kth_smallest_magnitude_counted_is_that_of_the_magnitudes(monkeypatch, d
     """Magnitudes formed chunk by chunk give the value and counts of ``kth_smallest_counted(|scale * x|)``:
     tied float deltas and continuous ones, ranks at both ends, sizes under and over a chunk and under the
     sampled path's threshold, and a sampled bracket that misses (the full fallback)."""
-    from mergelab.kernels import select
+    from mergelab.kernels import band_select
     g = torch.Generator().manual_seed(11)
     cases = [torch.randn(300_001, generator=g) * 0.002,
              torch.randint(-20, 21, (200_000,), generator=g).float() / 64,       # ties everywhere
@@ -359,5 +359,5 @@ def test_kth_smallest_magnitude_counted_is_that_of_the_magnitudes(monkeypatch, d
             assert K.kth_smallest_magnitude_counted(x, k, scale) == K.kth_smallest_counted(mag, k), (n, k)
     x = cases[0].to(dtype)
     mag = (x * scale).abs_() if scale != 1.0 else x.abs()
-    monkeypatch.setattr(select, "sample_bracket", lambda sample, k, n, slack=4.0: (5.0, 6.0))    # holds nothing
+    monkeypatch.setattr(band_select, "sample_bracket", lambda sample, k, n, slack=4.0: (5.0, 6.0))    # holds nothing
     assert K.kth_smallest_magnitude_counted(x, 1234, scale) == K.kth_smallest_counted(mag, 1234)

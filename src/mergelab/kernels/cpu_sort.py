@@ -12,12 +12,18 @@ from the right while the two have not crossed, and the cut is where the left sca
 
 ``torch_sort_matches`` checks the replay against torch on tied data once per process; callers fall
 back to the full sort where it does not match (a future torch or C++ library), where a replayed path
-would reach the heapsort depth, and for NaN.
+would reach the heapsort depth, and for NaN. The verdict is kept in the user's cache, keyed by torch's
+version and CPU library, so that ``replay_trusted`` answers in a process that has not imported torch (the
+torch-free lane) without importing it.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
+import platform
+from pathlib import Path
 
 import numpy as np
 
@@ -67,11 +73,13 @@ def _partition(keys: np.ndarray, order: np.ndarray) -> tuple[int, np.ndarray, np
     return cut, left[:swaps], right[:swaps]
 
 
-def sort_slice_mask(keys: np.ndarray, lo: int, hi: int, depth: int | None = None) -> np.ndarray | None:
+def sort_slice_mask(keys: np.ndarray, lo: int, hi: int, depth: int | None = None,
+                    overwrite: bool = False) -> np.ndarray | None:
     """The entries that torch.sort(keys) (CPU, ascending, not stable) places at positions [lo, hi).
 
-    ``keys`` is a 1-D float array without NaN (not modified); None where the replay would need the
-    heapsort fallback, past ``depth`` partitions (libstdc++'s 2 floor(log2 n) by default)."""
+    ``keys`` is a 1-D float array without NaN, not modified unless ``overwrite`` (a caller's own temporary:
+    no copy); None where the replay would need the heapsort fallback, past ``depth`` partitions
+    (libstdc++'s 2 floor(log2 n) by default)."""
     n = len(keys)
     mask = np.zeros(n, dtype=bool)
     lo, hi = max(0, lo), min(n, hi)
@@ -80,7 +88,7 @@ def sort_slice_mask(keys: np.ndarray, lo: int, hi: int, depth: int | None = None
     index = np.int32 if n < 2 ** 31 else np.int64
     if depth is None:
         depth = 2 * (n.bit_length() - 1) if n > 1 else 0
-    stack = [(0, np.array(keys, copy=True), np.arange(n, dtype=index), depth)]
+    stack = [(0, keys if overwrite else np.array(keys, copy=True), np.arange(n, dtype=index), depth)]
     while stack:
         first, k, o, depth = stack.pop()
         last = first + len(k)
@@ -101,15 +109,89 @@ def sort_slice_mask(keys: np.ndarray, lo: int, hi: int, depth: int | None = None
                 continue                        # outside the slice: members need not be known
             # the left part's stops receive the right stops' entries, and the other way round
             into, source = (left, right) if start == first else (right - cut, left)
-            part_keys, part_order = k[start - first:stop - first].copy(), o[start - first:stop - first].copy()
-            part_keys[into], part_order[into] = k[source], o[source]
+            part_order = o[start - first:stop - first].copy()
+            part_order[into] = o[source]
+            if lo <= start and stop <= hi:      # inside the slice: its members are all it needs
+                mask[part_order] = True
+                continue
+            part_keys = k[start - first:stop - first].copy()
+            part_keys[into] = k[source]
             stack.append((start, part_keys, part_order, depth - 1))
     return mask
 
 
 @functools.lru_cache(maxsize=1)
 def torch_sort_matches() -> bool:
-    """Does the replay give torch's own choice here? Checked on tied data, small and past torch's grain."""
+    """Does the replay give torch's own choice here? Checked on tied data, small and past torch's grain;
+    the verdict is stored for ``replay_trusted``."""
+    verdict = _check_against_torch()
+    _store_verdict(verdict)
+    return verdict
+
+
+@functools.lru_cache(maxsize=1)
+def replay_trusted() -> bool:
+    """``torch_sort_matches()``, from the stored verdict for the installed torch when there is one (no
+    torch import), else checked now (importing torch once)."""
+    key = _torch_build_key()
+    if key is not None:
+        try:
+            stored = json.loads(_verdict_file().read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            stored = None
+        if isinstance(stored, bool):
+            return stored
+    return torch_sort_matches()
+
+
+def _verdict_file() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "mergelab" / "torch-sort-replay.json"
+
+
+def _torch_build_key() -> str | None:
+    """torch's version and its CPU library's name, size and time, read without importing torch: the sort
+    is compiled into that library, so a verdict holds while it is the same file."""
+    import importlib.metadata
+    import importlib.util
+    try:
+        version = importlib.metadata.version("torch")
+        spec = importlib.util.find_spec("torch")
+    except (importlib.metadata.PackageNotFoundError, ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    libs = sorted((Path(list(spec.submodule_search_locations)[0]) / "lib").glob("libtorch_cpu.*"))
+    if not libs:
+        return None
+    st = libs[0].stat()
+    return f"{version}|{platform.machine()}|{libs[0].name}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def _store_verdict(verdict: bool) -> None:
+    """Add the verdict to the cache file (best effort: an unwritable cache only costs the check again)."""
+    key = _torch_build_key()
+    if key is None:
+        return
+    path = _verdict_file()
+    try:
+        try:
+            known = json.loads(path.read_text())
+            known = known if isinstance(known, dict) else {}
+        except (OSError, ValueError):
+            known = {}
+        if known.get(key) is verdict:
+            return
+        known[key] = verdict
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _check_against_torch() -> bool:
     import torch
     rng = np.random.default_rng(20261201)
     for n, levels in ((997, 7), (40_000, 50), (100_003, 1000)):

@@ -48,7 +48,7 @@ def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
     w = delta.abs().reshape(-1)
     if w.device.type == "cpu":
         w = w.float()
-        kept = _replayed(torch.neg(w), 0, k)      # descending order = ascending order of -w
+        kept = _replayed(torch.neg(w), 0, k, overwrite=True)      # descending order = ascending order of -w
         if kept is not None:
             return delta * kept.to(delta.dtype).reshape_as(delta)
     mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
@@ -73,11 +73,12 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float) -> tor
     return delta * mask.reshape_as(delta)
 
 
-def _replayed(keys: torch.Tensor, lo: int, hi: int) -> torch.Tensor | None:
-    """The entries torch.sort(keys) puts at [lo, hi), replayed (CPU float32 keys); None: sort instead.
+def _replayed(keys: torch.Tensor, lo: int, hi: int, overwrite: bool = False) -> torch.Tensor | None:
+    """The entries torch.sort(keys) puts at [lo, hi), replayed (CPU float32 keys; ``overwrite``: a temporary
+    the caller does not sort afterwards, used in place); None: sort instead.
 
     The keys share one sign (magnitudes or their negatives), so their sum is NaN only when one is."""
     if not CS.torch_sort_matches() or math.isnan(float(keys.sum())):
         return None
-    mask = CS.sort_slice_mask(keys.numpy(), lo, hi)
+    mask = CS.sort_slice_mask(keys.numpy(), lo, hi, overwrite=overwrite)
     return None if mask is None else torch.from_numpy(mask)
