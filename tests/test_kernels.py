@@ -1,7 +1,10 @@
 """Kernels against the hand-computed examples of ALGORITHMS.md section 12 and edge cases."""
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mergelab import kernels as K
 
@@ -361,3 +364,28 @@ def test_kth_smallest_magnitude_counted_is_that_of_the_magnitudes(monkeypatch, d
     mag = (x * scale).abs_() if scale != 1.0 else x.abs()
     monkeypatch.setattr(band_select, "sample_bracket", lambda sample, k, n, slack=4.0: (5.0, 6.0))    # holds nothing
     assert K.kth_smallest_magnitude_counted(x, 1234, scale) == K.kth_smallest_counted(mag, 1234)
+
+
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(1, 200_000), spread=st.integers(-3, 3), rounded=st.booleans(), special=st.booleans(),
+       picks=st.tuples(st.integers(0, 5), st.integers(0, 5)), seed=st.integers(0, 2**16))
+def test_band_of_float32_magnitudes_on_bit_patterns(n, spread, rounded, special, picks, seed):
+    """The bracket tested on ``|a|``'s bit patterns (``band_select``) counts and keeps what the float compares
+    keep: NaN, Inf, -0, ties and brackets that are open, empty or at the extremes."""
+    from mergelab.kernels import band_select
+    g = np.random.default_rng(seed)
+    a = (g.standard_normal(n) * 10.0 ** spread).astype(np.float32)
+    if rounded:
+        a = np.round(a * 4) / np.float32(4)
+    if special:
+        a[g.integers(0, n, 3)] = np.nan
+        a[g.integers(0, n, 2)] = -np.inf
+        a[g.random(n) < 0.2] = -0.0
+    finite = np.sort(np.abs(a[np.isfinite(a)])) if np.isfinite(a).any() else np.zeros(1, np.float32)
+    limits = [-np.inf, 0.0, float(finite[len(finite) // 3]), float(finite[-1]), np.inf, -1.0]
+    lo, hi = sorted((limits[picks[0]], limits[picks[1]]))
+    band = band_select.BandSelect(1, lo, hi)
+    below, inside = band.part_of_magnitudes(a)
+    m = np.abs(a)
+    assert below == int(np.count_nonzero(m < lo))
+    assert np.array_equal(inside.view(np.uint32), m[(m >= lo) & (m <= hi)].view(np.uint32))
