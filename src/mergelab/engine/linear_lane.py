@@ -1,11 +1,11 @@
-"""mergekit's task arithmetic on numpy, in a process that never imports torch.
+"""mergekit's task arithmetic and TIES on numpy, in a process that never imports torch.
 
 A 1 GB task-arithmetic merge reads 4 GB and writes 1 GB: about 1.6 s here, the time of a plain copy.
-Importing torch takes 2-3 s more on the benchmark machine, longer than the merge itself, so the CLI
-runs the recipes that need no torch kernel here: mergekit semantics, ``task_arithmetic`` of 1-4
-models on a base, float32 / bfloat16 / float16 arithmetic, safetensors inputs with one tensor layout,
-one set of parameters. ``plan_lane`` says whether a recipe qualifies (else the torch engine runs it,
-with its own checks and errors).
+Importing torch takes 1-3 s more on the benchmark machine, longer than the merge itself, so the CLI
+runs the recipes that need no torch kernel here: mergekit semantics, ``task_arithmetic`` (float32 /
+bfloat16 / float16 arithmetic) or ``ties`` (float32 arithmetic, per-tensor trim) of 1-4 models on a
+base, safetensors inputs with one tensor layout, one set of parameters. ``plan_lane`` says whether a
+recipe qualifies (else the torch engine runs it, with its own checks and errors).
 
 The result is the torch engine's bit for bit, and so is the folder around it (``output_folder``; the
 tests compare every byte of the two, and the weights with mergekit's): float32 arithmetic in the order
@@ -13,7 +13,10 @@ of ``kernels.fused_task_arithmetic`` (each model's difference, times its weight,
 divided, scaled, plus the base; one IEEE operation per element, which numpy and torch round alike);
 bfloat16 / float16 arithmetic as ``methods.common._mergekit_mix`` (each operation computed in float32
 and rounded, the sum of the task vectors accumulated in float32 and rounded once, as torch's CPU
-kernels of those dtypes).
+kernels of these dtypes). TIES: the engine's exact thresholds (``kernels.band_select``), mergekit's
+choice among magnitudes tied at a cut in the tensors the engine merges whole (``kernels.cpu_sort``, whose
+check against torch's sort is read from the user's cache when it was stored there, so that torch stays
+unimported), and ``kernels.numpy_consensus`` for the trim and the mix.
 """
 
 from __future__ import annotations
@@ -29,8 +32,11 @@ from typing import Sequence
 import numpy as np
 
 from mergelab.engine.output_folder import MergeSummary, finish_folder, parameter_count
-from mergelab.engine.pool import Progress, default_threads, numel, row_blocks, run_pool
+from mergelab.engine.pool import BLOCK_ELEMENTS, Progress, default_threads, numel, row_blocks, run_pool
 from mergelab.errors import MergelabError
+from mergelab.kernels import band_select as BS
+from mergelab.kernels import cpu_sort as CS
+from mergelab.kernels.numpy_consensus import consensus_mix
 from mergelab.io.output import atomic_output_dir
 from mergelab.io.safetensors_format import (FLOAT_NAMES, ITEMSIZE, HeaderEntry, map_range, parse_size, read_header,
                                             user_dtype_name, weight_files)
@@ -123,24 +129,35 @@ class LanePlan:
     params: dict
     model_params: list[dict]
     notes: list[str]
+    method: str = "task_arithmetic"  # or "ties"
+    densities: list[float] | None = None     # ties: per model
+    exact_ties: bool = True
 
     def close(self) -> None:
         for inputs in [self.base, *self.models]:
             inputs.close()
 
 
+LANE_METHODS = ("task_arithmetic", "ties")
+# the parameters each method may carry here (shared, per model); anything else goes to the torch engine
+_LANE_PARAMS = {"task_arithmetic": ({"weight", "lambda", "normalize"}, {"weight"}),
+                "ties": ({"weight", "density", "lambda", "normalize", "trim_scope", "exact_ties"}, {"weight", "density"})}
+
+
 def plan_lane(recipe, device: str | None = None) -> LanePlan | None:
-    """A plan when the recipe is task arithmetic this lane computes exactly as the torch engine; else None.
+    """A plan when the recipe is task arithmetic or TIES this lane computes exactly as the torch engine;
+    else None.
 
     Reads the recipe and the inputs' headers only. Anything it does not handle (another method or
     semantics, LoRA, slices, a tokenizer section, per-layer parameters, LiNeS, float64 arithmetic, an
     explicit ``compute_dtype``, ``.bin`` files, tensors that differ between the inputs, another device, more
-    than 4 models) returns None."""
+    than 4 models; for TIES also arithmetic other than float32, a trim other than mergekit's per tensor, a
+    density of 0) returns None."""
     from mergelab.methods import get_method
     if device not in (None, "cpu") or recipe.compat != "mergekit" or recipe.slices is not None:
         return None
     method = get_method(recipe.method)
-    if (method.name != "task_arithmetic" or method.float32_result or not recipe.base_model
+    if (method.name not in LANE_METHODS or method.float32_result or not recipe.base_model
             or recipe.tokenizer is not None or recipe.lines is not None or "compute_dtype" in recipe.raw
             or not 1 <= len(recipe.models) <= MAX_MODELS or any(m.lora is not None for m in recipe.models)):
         return None
@@ -148,8 +165,14 @@ def plan_lane(recipe, device: str | None = None) -> LanePlan | None:
     if not resolver.static:
         return None
     params, model_params = resolver.resolve("", 0.0)
-    if set(params) - {"weight", "lambda", "normalize"} or any(set(p) - {"weight"} for p in model_params):
+    shared, per_model = _LANE_PARAMS[method.name]
+    if set(params) - shared or any(set(p) - per_model for p in model_params):
         return None
+    densities = None
+    if method.name == "ties":
+        densities = [float(p.get("density", params["density"])) for p in model_params]
+        if params.get("trim_scope") != "per_tensor" or not all(d > 0 for d in densities):
+            return None      # the paper's whole-model trim; a density of 0 (the engine checks inputs first)
     round_name = user_dtype_name(recipe.dtype)
     out_name = user_dtype_name(recipe.out_dtype or recipe.dtype)
     opened: list[_Inputs] = []
@@ -172,6 +195,8 @@ def plan_lane(recipe, device: str | None = None) -> LanePlan | None:
                     raise _NotEligible("float64 or float8 arithmetic")
                 if e.dtype == "F64" and compute[name] != "F32":
                     raise _NotEligible("float64 rounded to half precision at once (not through float32)")
+                if method.name == "ties" and compute[name] != "F32":
+                    raise _NotEligible("TIES in half-precision arithmetic")
                 out_dtypes[name] = out_name or e.dtype
             else:
                 out_dtypes[name] = e.dtype
@@ -179,7 +204,7 @@ def plan_lane(recipe, device: str | None = None) -> LanePlan | None:
             raise _NotEligible("the inputs' tensors differ")
         w = [float(p.get("weight", 1.0)) for p in model_params]
         coefficients = {c: _coefficients(w, bool(params["normalize"]), c) for c in set(compute.values())}
-        if any(divisor == 0 for _, divisor in coefficients.values()):
+        if method.name == "task_arithmetic" and any(divisor == 0 for _, divisor in coefficients.values()):
             # float16 weights summing to 0 under normalize: the engine divides by 0 and writes its NaN / Inf bits
             raise _NotEligible("a division by zero")
     except BaseException as e:
@@ -189,7 +214,8 @@ def plan_lane(recipe, device: str | None = None) -> LanePlan | None:
             return None
         raise
     return LanePlan(recipe, base, models, list(base.entries), coefficients, float(params["lambda"]), compute,
-                    out_dtypes, out_name, params, model_params, list(resolver.ignored))
+                    out_dtypes, out_name, params, model_params, list(resolver.ignored), method.name, densities,
+                    bool(params.get("exact_ties", True)))
 
 
 def _coefficients(w: list[float], normalize: bool, dtype: str) -> tuple[np.ndarray | None, np.float32 | None]:
@@ -345,11 +371,138 @@ def _copy_float32(raw: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
     return _as_float32(raw, dtype, out)
 
 
+
+# ---------------------------------------------------------------------------------------------- TIES
+# mergekit's TIES (``methods.ties`` under mergekit semantics, per-tensor trim) as the torch engine computes
+# it: a tensor the engine merges whole (at most ``pool.BLOCK_ELEMENTS`` entries, or one row) keeps exactly
+# mergekit's top ``max(1, int(d n))`` magnitudes of each task vector, ties at the cut chosen as its sort
+# chooses them (``kernels.cpu_sort``); a larger tensor, merged in blocks, keeps every magnitude at least its
+# exact threshold; then the consensus mix (``kernels.numpy_consensus``).
+TIES_SAMPLE = 1 << 16        # streaming.TENSOR_SAMPLE: entries sampled to bracket a blocked tensor's threshold
+BAND_CAP = 1 << 22           # streaming.BAND_CAP: most values a bracket may hold
+# entries per step of the lane's TIES passes (any split gives the same bits): 64 K beat 128 K by 15 % in the
+# mix here (32 K-64 K fastest: the chunk's rows and buffers stay in L2)
+TIES_CHUNK = 1 << 16
+
+
+def _kept_counts(densities: Sequence[float], n: int) -> list[int | None]:
+    """mergekit's kept entries per model (``max(1, int(d n))``), None where nothing is trimmed."""
+    return [None if d >= 1 or n == 0 else max(1, int(d * n)) for d in densities]
+
+
+def _kth_magnitude_counted(delta: np.ndarray, rank: int) -> tuple[float, int]:
+    """(rank-th smallest ``|delta|``, how many are below it), exactly (``band_select``). Computing the
+    magnitudes while the task vector is formed, chunk by chunk, was no faster (the tensors fit in cache)."""
+    if delta.size > BS.SAMPLE * 8:
+        return BS.kth_sampled(delta, rank, counted=True, magnitudes_of=1.0)[:2]
+    mag = np.abs(delta)
+    value = np.partition(mag, rank - 1)[rank - 1]
+    return float(value), int(np.count_nonzero(mag < value))
+
+
+def _mergekit_top(delta: np.ndarray, kept: int, check) -> np.ndarray:
+    """mergekit's mask of the ``kept`` largest magnitudes (``argsort(descending)[:kept]`` of float32 ``|delta|``,
+    ties as that sort leaves them): replayed (``cpu_sort``), or torch's own sort where the replay does not
+    apply. NaN (only from a NaN or Inf input) calls ``check``, which names the input."""
+    keys = np.negative(np.abs(delta))
+    if np.isnan(keys.sum()):
+        check()
+    if CS.replay_trusted():
+        mask = CS.sort_slice_mask(keys, 0, kept, overwrite=True)
+        if mask is not None:
+            return mask
+    import torch         # a replay past the heapsort depth, or a torch whose sort it does not match
+    mask = np.zeros(delta.size, dtype=bool)
+    mask[torch.argsort(torch.from_numpy(np.abs(delta)), descending=True)[:kept].numpy()] = True   # keys moved
+    return mask
+
+
+def _ties_whole(plan: LanePlan, name: str, dtype: str, check) -> tuple[np.ndarray, bool]:
+    """A tensor the engine merges whole: its task vectors, mergekit's exact trim, the consensus mix."""
+    n = numel(plan.base.entries[name][1].shape)
+    conv = None if dtype == "F32" else np.empty(n, dtype=np.float32)
+    b = _as_float32(plan.base.raw(name, None), dtype, None if dtype == "F32" else np.empty(n, dtype=np.float32))
+    deltas = np.empty((len(plan.models), n), dtype=np.float32)
+    with np.errstate(all="ignore"):
+        for i, m in enumerate(plan.models):
+            np.subtract(_as_float32(m.raw(name, None), dtype, conv), b, out=deltas[i])
+    trims: list[float | np.ndarray | None] = []
+    for i, kept in enumerate(_kept_counts(plan.densities, n)):
+        if kept is None:
+            trims.append(None)
+            continue
+        value, less = _kth_magnitude_counted(deltas[i], n - kept + 1)
+        if plan.exact_ties and value and n - less != kept:       # magnitudes tied across the cut
+            trims.append(_mergekit_top(deltas[i], kept, check))
+        else:
+            trims.append(value)
+    return consensus_mix(b, deltas, _weights(plan), bool(plan.params["normalize"]), plan.lam, trims=trims,
+                         chunk=TIES_CHUNK)
+
+
+def _weights(plan: LanePlan) -> list[float]:
+    return [float(p.get("weight", 1.0)) for p in plan.model_params]
+
+
+def _block_deltas(plan: LanePlan, name: str, dtype: str, rows: tuple[int, int] | None, which: Sequence[int],
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(the base's block in float32, ``[len(which), block]`` task vectors of those models)."""
+    raw = plan.base.raw(name, rows)
+    b = _as_float32(raw, dtype, None if dtype == "F32" else np.empty(raw.size, dtype=np.float32))   # read only
+    deltas = np.empty((len(which), raw.size), dtype=np.float32)
+    conv = None if dtype == "F32" else np.empty(raw.size, dtype=np.float32)
+    with np.errstate(all="ignore"):
+        for j, i in enumerate(which):
+            np.subtract(_as_float32(plan.models[i].raw(name, rows), dtype, conv), b, out=deltas[j])
+    return b, deltas
+
+
+def _streamed_thresholds(plan: LanePlan, name: str, dtype: str, shape: tuple, blocks: list[tuple[int, int]],
+                         ) -> list[float | None]:
+    """Each model's exact trim threshold over a tensor merged in blocks (``streaming._block_selections``):
+    whole sampled rows bracket it, one pass over the blocks counts and keeps the bracket, two histogram
+    passes find the ones a bracket missed."""
+    n = numel(shape)
+    ranks = {i: n - k + 1 for i, k in enumerate(_kept_counts(plan.densities, n)) if k is not None}
+    found: dict[int, float | None] = {}
+    if not ranks:
+        return [None] * len(plan.models)
+    which = sorted(ranks)
+    per_row = numel(shape[1:])
+    rng = np.random.default_rng(n * 1_000_003 + len(shape))
+    rows = np.sort(rng.choice(shape[0], min(shape[0], -(-TIES_SAMPLE // per_row)), replace=False))
+    parts: dict[int, list[np.ndarray]] = {i: [] for i in which}
+    for r in rows:
+        _, deltas = _block_deltas(plan, name, dtype, (int(r), int(r) + 1), which)
+        for j, i in enumerate(which):
+            parts[i].append(np.abs(deltas[j]))
+    bands = {i: BS.BandSelect(ranks[i], *BS.sample_bracket(np.sort(np.concatenate(parts[i])), ranks[i], n),
+                              max_kept=BAND_CAP) for i in which}
+    for rows_ in blocks:
+        _, deltas = _block_deltas(plan, name, dtype, rows_, which)
+        for j, i in enumerate(which):
+            bands[i].add(part=bands[i].part_of_magnitudes(deltas[j]))
+    found = {i: bands[i].finish() for i in which}
+    missed = {i: BS.RadixSelect32(ranks[i]) for i in which if found[i] is None}
+    for stage in ("high", "low") if missed else ():
+        for rows_ in blocks:
+            _, deltas = _block_deltas(plan, name, dtype, rows_, sorted(missed))
+            for j, i in enumerate(sorted(missed)):
+                getattr(missed[i], f"add_{stage}")(np.abs(deltas[j]))
+        for sel in missed.values():
+            if stage == "high":
+                sel.finish_high()
+    found.update({i: sel.finish_low() for i, sel in missed.items()})
+    return [found.get(i) for i in range(len(plan.models))]
+
+
 def run_lane(plan: LanePlan, out_dir: str | Path, *, force: bool = False, threads: int | None = None,
              progress: Progress | None = None, shard_size: str | int | None = None,
              block_elements: int | None = None) -> MergeSummary:
     """Merge as planned into ``out_dir`` (written beside it and renamed when complete), as ``merge`` does."""
     started = time.perf_counter()
+    # TIES: which tensors the engine merges whole (exact ties) is decided by its block size
+    whole_limit = block_elements or BLOCK_ELEMENTS
     block_elements = block_elements or LANE_BLOCK_ELEMENTS
     recipe = plan.recipe
     threads = threads or default_threads()
@@ -368,7 +521,7 @@ def run_lane(plan: LanePlan, out_dir: str | Path, *, force: bool = False, thread
 
     try:
         with atomic_output_dir(out_dir, force=force, inputs=recipe.input_paths(), command="merge") as tmp:
-            writer = ShardedWriter(tmp, layout, max_shard, metadata={"mergelab_method": "task_arithmetic"})
+            writer = ShardedWriter(tmp, layout, max_shard, metadata={"mergelab_method": plan.method})
 
             def work(name: str) -> None:
                 e = plan.base.entries[name][1]
@@ -376,21 +529,36 @@ def run_lane(plan: LanePlan, out_dir: str | Path, *, force: bool = False, thread
                     writer.write(name, np.array(plan.base.raw(name, None)).reshape(e.shape))
                     return
                 shape = shapes[name]
+                out = plan.out_dtypes[name]
+                if plan.method == "ties":
+                    blocks = row_blocks(shape, whole_limit)
+                    if blocks is None:        # merged whole by the engine: mergekit's exact trim
+                        merged, finite = _ties_whole(plan, name, e.dtype, lambda: check_inputs(name, None))
+                        if not finite:
+                            check_inputs(name, None)
+                        writer.write(name, _from_float32(merged, out).reshape(shape))
+                        return
+                    thresholds = _streamed_thresholds(plan, name, e.dtype, shape, row_blocks(shape, block_elements))
                 for rows in row_blocks(shape, block_elements) or [None]:
                     block_shape = shape if rows is None else (rows[1] - rows[0], *shape[1:])
                     compute = plan.compute[name]
-                    weights, divisor = plan.coefficients[compute]
-                    base, models = plan.base.raw(name, rows), [m.raw(name, rows) for m in plan.models]
-                    if compute == "F32":
-                        merged, finite = task_arithmetic_block(base, e.dtype, models, weights, plan.lam, divisor)
+                    if plan.method == "ties":
+                        base, deltas = _block_deltas(plan, name, e.dtype, rows, range(len(plan.models)))
+                        merged, finite = consensus_mix(base, deltas, _weights(plan), bool(plan.params["normalize"]),
+                                                       plan.lam, trims=thresholds, chunk=TIES_CHUNK)
+                        base = deltas = None
                     else:
-                        merged, finite = reduced_task_arithmetic_block(base, e.dtype, models, compute, weights,
-                                                                       plan.lam, divisor)
-                    base = models = None
+                        weights, divisor = plan.coefficients[compute]
+                        base, models = plan.base.raw(name, rows), [m.raw(name, rows) for m in plan.models]
+                        if compute == "F32":
+                            merged, finite = task_arithmetic_block(base, e.dtype, models, weights, plan.lam, divisor)
+                        else:
+                            merged, finite = reduced_task_arithmetic_block(base, e.dtype, models, compute, weights,
+                                                                           plan.lam, divisor)
+                        base = models = None
                     if not finite:
                         check_inputs(name, rows)
-                    writer.write(name, _from_float32(merged, plan.out_dtypes[name]).reshape(block_shape),
-                                 rows[0] if rows else 0)
+                    writer.write(name, _from_float32(merged, out).reshape(block_shape), rows[0] if rows else 0)
 
             t0 = time.perf_counter()
             order = sorted(plan.names, key=lambda n: numel(shapes[n]), reverse=True)
@@ -401,11 +569,11 @@ def run_lane(plan: LanePlan, out_dir: str | Path, *, force: bool = False, thread
                 raise
             writer.close()
             stages = {"merge": time.perf_counter() - t0}
-            finish_folder(tmp, recipe, "task_arithmetic", plan.params, plan.model_params, True, plan.out_dtype_name)
+            finish_folder(tmp, recipe, plan.method, plan.params, plan.model_params, True, plan.out_dtype_name)
     finally:
         plan.close()
     merged = sum(1 for n in plan.names if plan.base.entries[n][1].dtype in FLOAT_NAMES)
-    return MergeSummary(method="task_arithmetic", compat=recipe.compat, tensors=len(plan.names), merged=merged,
+    return MergeSummary(method=plan.method, compat=recipe.compat, tensors=len(plan.names), merged=merged,
                         copied=len(plan.names) - merged, parameters=parameter_count(list(shapes.values())),
                         seconds=time.perf_counter() - started, out_dir=Path(out_dir).expanduser().resolve(),
                         bytes_written=writer.total_bytes, shards=len(writer.filenames), stages=stages,
