@@ -464,7 +464,6 @@ def _streamed_thresholds(plan: LanePlan, name: str, dtype: str, shape: tuple, bl
     passes find the ones a bracket missed."""
     n = numel(shape)
     ranks = {i: n - k + 1 for i, k in enumerate(_kept_counts(plan.densities, n)) if k is not None}
-    found: dict[int, float | None] = {}
     if not ranks:
         return [None] * len(plan.models)
     which = sorted(ranks)
@@ -482,7 +481,7 @@ def _streamed_thresholds(plan: LanePlan, name: str, dtype: str, shape: tuple, bl
         _, deltas = _block_deltas(plan, name, dtype, rows_, which)
         for j, i in enumerate(which):
             bands[i].add(part=bands[i].part_of_magnitudes(deltas[j]))
-    found = {i: bands[i].finish() for i in which}
+    found: dict[int, float | None] = {i: bands[i].finish() for i in which}
     missed = {i: BS.RadixSelect32(ranks[i]) for i in which if found[i] is None}
     for stage in ("high", "low") if missed else ():
         for rows_ in blocks:
