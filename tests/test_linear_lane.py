@@ -286,7 +286,7 @@ def test_recipe_written_for_the_lane_is_recorded(tmp_path):
                                                  (torch.float16, "float16")])
 def test_lane_equals_mergekit(tmp_path, dtype, recipe_dtype):
     """mergekit 0.1.5 itself (skips without its virtualenv): the lane's weights equal its output, bit for bit."""
-    from tests.recipe_helpers import make_llama, mergekit_exe, run_mergekit
+    from tests.recipe_helpers import make_llama, mergekit_exe
     mergekit_exe()
     base = make_llama(tmp_path / "base", 0, dtype=dtype)
     a = make_llama(tmp_path / "a", 1, dtype=dtype, base=base)
@@ -295,6 +295,12 @@ def test_lane_equals_mergekit(tmp_path, dtype, recipe_dtype):
               "models": [{"model": str(a), "parameters": {"weight": 0.6}},
                          {"model": str(b), "parameters": {"weight": 0.45}}],
               "parameters": {"lambda": 0.7, "normalize": True}, **({"dtype": recipe_dtype} if recipe_dtype else {})}
+    assert_lane_equals_mergekit(tmp_path, recipe)
+
+
+def assert_lane_equals_mergekit(tmp_path: Path, recipe: dict) -> None:
+    """The lane's weights for ``recipe`` equal mergekit 0.1.5's, tensor for tensor (``torch.equal``)."""
+    from tests.recipe_helpers import run_mergekit
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     plan = plan_lane(load_recipe(path))

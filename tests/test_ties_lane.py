@@ -22,7 +22,7 @@ from mergelab.kernels import band_select as BS
 from mergelab.kernels import cpu_sort as CS
 from mergelab.kernels.numpy_consensus import consensus_mix, zero_below_
 from tests.helpers import make_model_folders, write_recipe
-from tests.test_linear_lane import _PROBE, _files, _with_int_buffer
+from tests.test_linear_lane import _PROBE, _files, _with_int_buffer, assert_lane_equals_mergekit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -265,7 +265,7 @@ def test_what_the_ties_lane_leaves_to_the_torch_engine(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ties_lane_equals_mergekit(tmp_path, dtype):
     """mergekit 0.1.5 itself (skips without its virtualenv): bit for bit, tied magnitudes included."""
-    from tests.recipe_helpers import make_llama, mergekit_exe, run_mergekit
+    from tests.recipe_helpers import make_llama, mergekit_exe
     mergekit_exe()
     base = make_llama(tmp_path / "base", 0, dtype=dtype)
     a = make_llama(tmp_path / "a", 1, dtype=dtype, base=base)
@@ -274,19 +274,7 @@ def test_ties_lane_equals_mergekit(tmp_path, dtype):
               "models": [{"model": str(a), "parameters": {"weight": 0.6, "density": 0.3}},
                          {"model": str(b), "parameters": {"weight": 0.45, "density": 0.5}}],
               "parameters": {"normalize": True}}
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    plan = plan_lane(load_recipe(path))
-    assert plan is not None
-    run_lane(plan, tmp_path / "lane")
-    run_mergekit(path, tmp_path / "mk")
-    ours = load_file(tmp_path / "lane" / "model.safetensors")
-    theirs = {}
-    for f in sorted((tmp_path / "mk").glob("*.safetensors")):
-        theirs.update(load_file(f))
-    assert ours.keys() == theirs.keys()
-    bad = [k for k in ours if ours[k].dtype != theirs[k].dtype or not torch.equal(ours[k], theirs[k])]
-    assert not bad, bad[:3]
+    assert_lane_equals_mergekit(tmp_path, recipe)
 
 
 def test_lane_falls_back_to_torchs_sort_where_the_replay_does_not_apply(tmp_path, monkeypatch):
