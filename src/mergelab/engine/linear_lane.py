@@ -419,13 +419,8 @@ def _mergekit_top(delta: np.ndarray, kept: int, check) -> np.ndarray:
 
 def _ties_whole(plan: LanePlan, name: str, dtype: str, check) -> tuple[np.ndarray, bool]:
     """A tensor the engine merges whole: its task vectors, mergekit's exact trim, the consensus mix."""
-    n = numel(plan.base.entries[name][1].shape)
-    conv = None if dtype == "F32" else np.empty(n, dtype=np.float32)
-    b = _as_float32(plan.base.raw(name, None), dtype, None if dtype == "F32" else np.empty(n, dtype=np.float32))
-    deltas = np.empty((len(plan.models), n), dtype=np.float32)
-    with np.errstate(all="ignore"):
-        for i, m in enumerate(plan.models):
-            np.subtract(_as_float32(m.raw(name, None), dtype, conv), b, out=deltas[i])
+    b, deltas = _block_deltas(plan, name, dtype, None, range(len(plan.models)))
+    n = b.size
     trims: list[float | np.ndarray | None] = []
     for i, kept in enumerate(_kept_counts(plan.densities, n)):
         if kept is None:
@@ -529,16 +524,16 @@ def run_lane(plan: LanePlan, out_dir: str | Path, *, force: bool = False, thread
                     return
                 shape = shapes[name]
                 out = plan.out_dtypes[name]
+                blocks = row_blocks(shape, block_elements)
                 if plan.method == "ties":
-                    blocks = row_blocks(shape, whole_limit)
-                    if blocks is None:        # merged whole by the engine: mergekit's exact trim
+                    if row_blocks(shape, whole_limit) is None:        # merged whole by the engine: exact trim
                         merged, finite = _ties_whole(plan, name, e.dtype, lambda: check_inputs(name, None))
                         if not finite:
                             check_inputs(name, None)
                         writer.write(name, _from_float32(merged, out).reshape(shape))
                         return
-                    thresholds = _streamed_thresholds(plan, name, e.dtype, shape, row_blocks(shape, block_elements))
-                for rows in row_blocks(shape, block_elements) or [None]:
+                    thresholds = _streamed_thresholds(plan, name, e.dtype, shape, blocks)
+                for rows in blocks or [None]:
                     block_shape = shape if rows is None else (rows[1] - rows[0], *shape[1:])
                     compute = plan.compute[name]
                     if plan.method == "ties":
