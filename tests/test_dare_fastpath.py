@@ -21,6 +21,17 @@ def test_stack_sum_is_bit_identical_to_sum_dim0(rows):
     assert torch.equal(K.stack_sum(stacked[:, :, ::2]), stacked[:, :, ::2].sum(dim=0))
 
 
+def _l1(t: torch.Tensor) -> torch.Tensor:
+    """The L1 norm in the documented order, written plainly: lane i mod 65536 takes entry i, then all
+    65536 lanes are folded in halves."""
+    lanes = torch.zeros(1 << 16)
+    for chunk in t.abs().reshape(-1).split(1 << 16):
+        lanes[:len(chunk)] += chunk
+    while len(lanes) > 1:
+        lanes = lanes[:len(lanes) // 2] + lanes[len(lanes) // 2:]
+    return lanes[0]
+
+
 def _reference_dare_ties(base, models, name, model_params, params, blocks):
     """mergekit dare_ties as it was written before the fast path: whole-tensor L1 norms, masks per block,
     sign of the weighted sum (0 -> +), kept-weight divisor with the amax fix, base + lambda * mix."""
@@ -34,9 +45,9 @@ def _reference_dare_ties(base, models, name, model_params, params, blocks):
     for r in spans:
         for i, (m, p) in enumerate(zip(models, model_params)):
             d = m[sl(r)] - base[sl(r)]
-            norms[2 * i] += d.abs().sum().double()
+            norms[2 * i] += _l1(d).double()
             kept = K.dare(d.clone(), 1 - p["density"], job(r).generator(i), rescale="none")
-            norms[2 * i + 1] += kept.abs().sum().double()
+            norms[2 * i + 1] += _l1(kept).double()
     out = []
     w = torch.tensor([p["weight"] for p in model_params])
     for r in spans:
@@ -44,7 +55,7 @@ def _reference_dare_ties(base, models, name, model_params, params, blocks):
         for i, (m, p) in enumerate(zip(models, model_params)):
             d = K.dare(m[sl(r)] - base[sl(r)], 1 - p["density"], job(r).generator(i), rescale="none")
             before, after = (float(norms[2 * i]), float(norms[2 * i + 1])) if blocks else \
-                (float((m - base).abs().sum()), float(d.abs().sum()))
+                (float(_l1(m - base)), float(_l1(d)))
             if 0 < p["density"] < 1 and before >= 1e-7 and after >= 1e-7:
                 d = d * (before / after)
             ds.append(d)

@@ -5,7 +5,7 @@ No I/O, no printing: each function takes and returns tensors, so each step of a 
 alone and composed differently by the paper and mergekit semantics.
 
 The torch kernels (``merge``, ``select``) are imported on first use of one of their names, so that the
-numpy modules (``band_select``, ``cpu_sort``, ``numpy_consensus``) load without torch.
+numpy modules (``band_select``, ``cpu_sort``, ``numpy_consensus``, ``numpy_dare``) load without torch.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import importlib
 
 _TORCH_PARTS = ("mergelab.kernels.merge", "mergelab.kernels.select")
 # ``from mergelab.kernels import cpu_sort`` asks this package for the name before importing the submodule
-_SUBMODULES = frozenset({"band_select", "cpu_sort", "numpy_consensus", "merge", "select", "svd"})
+_SUBMODULES = frozenset({"band_select", "cpu_sort", "numpy_consensus", "numpy_dare", "merge", "select", "svd"})
 
 
 def _load() -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from mergelab.kernels.numpy_dare import DARE_BITS, L1_LANES
 from mergelab.kernels.select import kth_smallest
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "stack_sum",
     "SEQUENTIAL_ROWS",
     "l1_norm",
+    "ordered_sum_",
     "elect_sign",
     "disjoint_merge",
     "breadcrumbs_rows",
@@ -332,9 +334,32 @@ def fused_consensus_mix(base: torch.Tensor, deltas: torch.Tensor, weights: list[
 
 
 def l1_norm(x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """``x.abs().sum()`` (the same value), with ``|x|`` written into ``scratch`` (a tensor like ``x``) when
-    given: ``abs(x, out=)`` into reused memory costs a fraction of ``x.abs()``'s fresh tensor on CPU."""
-    return torch.abs(x, out=scratch if scratch is not None else torch.empty_like(x)).sum()
+    """``sum |x|`` in float32 (a 0-dim tensor) in the fixed order of ``numpy_dare.ordered_l1``: entry i added
+    to lane i mod 65536 in index order, the lanes folded in halves. The same bits from numpy, on every
+    device and with any number of threads (torch's ``sum`` depends on both), as accurate as ``sum``.
+    ``|x|`` is written into ``scratch`` (a tensor like ``x``) when given, and overwritten by the sum."""
+    mag = torch.abs(x, out=scratch if scratch is not None else torch.empty_like(x)).reshape(-1)
+    return ordered_sum_(mag)
+
+
+def ordered_sum_(values: torch.Tensor) -> torch.Tensor:
+    """The sum of a 1-D tensor of magnitudes (no -0) in ``l1_norm``'s order, computed in its own memory."""
+    n = values.numel()
+    if n == 0:
+        return values.new_zeros(())
+    width = min(n, L1_LANES)
+    lanes = values[:width]                  # +0 plus the first row: the first row itself
+    rows = n // L1_LANES
+    for r in range(1, rows):
+        lanes.add_(values[r * L1_LANES:(r + 1) * L1_LANES])
+    tail = n - rows * L1_LANES
+    if rows and tail:
+        lanes[:tail].add_(values[rows * L1_LANES:])
+    while width > 1:
+        half = 1 << ((width - 1).bit_length() - 1)      # the largest power of two below width
+        lanes[:width - half].add_(lanes[half:width])
+        width = half
+    return lanes[0].clone()
 
 
 def elect_sign(stacked: torch.Tensor, zero: str = "majority") -> torch.Tensor:
@@ -377,8 +402,8 @@ def disjoint_merge(stacked: torch.Tensor, sign: torch.Tensor, mode: str = "mean"
 # word; ~4x cheaper than torch.rand's floats on CPU) seeded from the torch generator, and the mask is
 # applied to float32 deltas with integer ops only: (T - 1 - r) >> 31 is all ones where r >= T, else 0,
 # and AND-ing it with the float's bits keeps it or writes +0.0. Three in-place passes over one int32
-# buffer, no float mask, no boolean tensor; results are bit-identical on every device.
-DARE_BITS = 31
+# buffer, no float mask, no boolean tensor; results are bit-identical on every device (and in numpy:
+# ``numpy_dare``).
 
 
 def dare_keep_bits(n: int, generator: torch.Generator | None = None) -> torch.Tensor:

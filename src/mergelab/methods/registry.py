@@ -8,7 +8,6 @@ code does) and ``mergekit`` (what mergekit 0.1.5 does, for users switching from 
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -95,10 +94,9 @@ class TensorJob:
 
     def generator(self, index: int) -> torch.Generator:
         """Per (seed, tensor, model) generator: DARE masks do not depend on thread order."""
-        seed = int(self.params.get("seed", 0))
-        block = self.rows[0] if self.rows else 0
-        mixed = (seed * 1_000_003 + zlib.crc32(self.name.encode()) * 31 + index + block * 7919) % (2**63)
-        return torch.Generator().manual_seed(mixed)
+        from mergelab.kernels.numpy_dare import mask_seed
+        seed = mask_seed(int(self.params.get("seed", 0)), self.name, index, self.rows[0] if self.rows else 0)
+        return torch.Generator().manual_seed(seed)
 
 
 @dataclass(frozen=True)

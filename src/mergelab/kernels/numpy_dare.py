@@ -1,0 +1,112 @@
+"""DARE's random drop and mergekit's L1 rescale on numpy, bit for bit as the torch kernels compute them.
+
+The torch-free lane (``engine.linear_lane``) runs DARE-TIES with these. Three pieces make that possible:
+
+- **The mask seed.** Each (seed, tensor, model, block) has its torch generator (``TensorJob.generator``,
+  seeded by ``mask_seed``), and the mask's bits come from numpy's PCG64 seeded by one draw of it,
+  ``torch.randint(0, 2**62, ())``. That draw is MT19937 seeded with the seed's low 32 bits (the reference
+  generator's ``init_genrand``), two 32-bit outputs, the first the high half, modulo 2^62:
+  ``torch_seed_draw`` computes it without torch (the tests compare it with torch on thousands of seeds).
+- **The mask.** An entry is kept when its 31-bit draw r >= round(p 2^31) (``merge.dare_mask_``), applied to
+  the float's bits with integer operations (a dropped entry becomes +0). PCG64 can skip ahead, so a block
+  of a tensor gets its bits without drawing the ones before it.
+- **The L1 norms** of mergekit's rescale are float32 sums in one fixed order (``ordered_l1``), which numpy
+  and torch compute alike, on every device and any number of threads: entry i is added to lane
+  i mod 65536, lanes in index order starting from +0, then the lanes are folded in halves (lane j += lane
+  j + h) down to one. Each step is one IEEE addition per element. (torch's own ``sum`` is a cascade whose
+  order depends on the CPU's vector width and on the number of threads; this one does not, and is as
+  accurate: at most n / 65536 + 16 additions lie on any path.)
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+__all__ = ["L1_LANES", "DARE_BITS", "mask_seed", "torch_seed_draw", "keep_bits", "dare_mask_", "OrderedL1",
+           "ordered_l1"]
+
+L1_LANES = 1 << 16
+DARE_BITS = 31
+_LOW31 = np.int32(0x7FFFFFFF)
+
+
+def mask_seed(seed: int, name: str, index: int, block_row: int) -> int:
+    """The seed of the torch generator of model ``index``'s mask in a tensor (in the block starting at
+    ``block_row``): masks depend on neither thread order nor the blocks' merge order."""
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode()) * 31 + index + block_row * 7919) % (2**63)
+
+
+def torch_seed_draw(generator_seed: int) -> int:
+    """``int(torch.randint(0, 2**62, (), generator=torch.Generator().manual_seed(generator_seed)))``."""
+    bits = np.random.MT19937(0)
+    bits._legacy_seeding(int(generator_seed) & 0xFFFFFFFF)      # init_genrand, as torch's mt19937
+    high, low = (int(v) for v in bits.random_raw(2))
+    return ((high << 32) | low) % (2**62)
+
+
+def keep_bits(n: int, draw: int, offset: int = 0) -> np.ndarray:
+    """The 31-bit draws of entries [offset, offset + n) of a mask seeded by ``draw`` (``merge.dare_keep_bits``
+    gives entries [0, n)): int32, each in [0, 2^31). ``offset`` is even (two draws per 64-bit output)."""
+    if offset % 2:
+        raise ValueError("keep_bits: the offset must be even")
+    generator = np.random.PCG64(draw)
+    if offset:
+        generator.advance(offset // 2)
+    raw = generator.random_raw((n + 1) // 2).view(np.int32)[:n]
+    np.bitwise_and(raw, _LOW31, out=raw)
+    return raw
+
+
+def dare_mask_(x: np.ndarray, drop_rate: float, draw: int, offset: int = 0) -> np.ndarray:
+    """In place on float32 ``x`` (1-D): the entries whose draw is below round(p 2^31) become +0, the others keep
+    their bits (``merge.dare_mask_`` for 0 < p < 1)."""
+    threshold = int(round(drop_rate * 2**DARE_BITS))
+    keep = keep_bits(x.size, draw, offset)
+    np.subtract(np.int32(threshold - 1), keep, out=keep)      # < 0 exactly where the draw is >= threshold
+    np.right_shift(keep, 31, out=keep)                         # -1 keep, 0 drop
+    np.bitwise_and(x.view(np.int32), keep, out=x.view(np.int32))
+    return x
+
+
+class OrderedL1:
+    """The sum of ``|x|`` over consecutive pieces of one array, in ``ordered_l1``'s order (lane i mod 65536
+    takes entry i): pieces may split the array anywhere."""
+
+    def __init__(self, scratch: np.ndarray | None = None):
+        self.lanes = np.zeros(L1_LANES, dtype=np.float32)
+        self.count = 0
+        self._scratch = scratch
+
+    def add(self, x: np.ndarray) -> None:
+        x = x.reshape(-1)
+        n = x.size
+        if self._scratch is None or self._scratch.size < n:
+            self._scratch = np.empty(n, dtype=np.float32)
+        mag = np.abs(x, out=self._scratch[:n])
+        lane = self.count % L1_LANES
+        done = 0
+        while done < n:
+            take = min(L1_LANES - lane, n - done)
+            np.add(self.lanes[lane:lane + take], mag[done:done + take], out=self.lanes[lane:lane + take])
+            done += take
+            lane = 0
+        self.count += n
+
+    def result(self) -> np.float32:
+        """The folded lanes (the lanes are consumed)."""
+        acc = self.lanes
+        width = min(self.count, L1_LANES)
+        while width > 1:
+            half = 1 << ((width - 1).bit_length() - 1)     # the largest power of two below width
+            np.add(acc[:width - half], acc[half:width], out=acc[:width - half])
+            width = half
+        return acc[0] if self.count else np.float32(0)
+
+
+def ordered_l1(x: np.ndarray, scratch: np.ndarray | None = None) -> np.float32:
+    """``sum |x|`` in float32 in the fixed order of this module's docstring (``merge.l1_norm``)."""
+    total = OrderedL1(scratch)
+    total.add(x)
+    return total.result()
