@@ -241,7 +241,7 @@ def test_cli_task_arithmetic_runs_without_torch(tmp_path):
     from transformers import BertModel
     BertModel.from_pretrained(tmp_path / "out")
     # a recipe the lane does not take still merges (through torch)
-    ties = write_recipe(tmp_path / "t.yaml", base, models, "dare_ties", {"density": 0.5}, compat="mergekit")
+    ties = write_recipe(tmp_path / "t.yaml", base, models, "breadcrumbs", {"density": 0.5}, compat="mergekit")
     out = subprocess.run([sys.executable, "-c", _PROBE, "merge", str(ties), str(tmp_path / "out-ties"), "--quiet"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr

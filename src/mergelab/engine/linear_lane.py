@@ -36,6 +36,7 @@ from mergelab.engine.pool import BLOCK_ELEMENTS, Progress, default_threads, nume
 from mergelab.errors import MergelabError
 from mergelab.kernels import band_select as BS
 from mergelab.kernels import cpu_sort as CS
+from mergelab.kernels import numpy_dare as ND
 from mergelab.kernels.numpy_consensus import consensus_mix
 from mergelab.io.output import atomic_output_dir
 from mergelab.io.safetensors_format import (FLOAT_NAMES, ITEMSIZE, HeaderEntry, map_range, parse_size, read_header,
@@ -129,30 +130,36 @@ class LanePlan:
     params: dict
     model_params: list[dict]
     notes: list[str]
-    method: str = "task_arithmetic"  # or "ties"
-    densities: list[float] | None = None     # ties: per model
+    method: str = "task_arithmetic"  # or "ties", "dare_ties", "dare_linear"
+    densities: list[float] | None = None     # ties, DARE: per model
     exact_ties: bool = True
+    seed: int = 0                    # DARE: the masks' seed
 
     def close(self) -> None:
         for inputs in [self.base, *self.models]:
             inputs.close()
 
 
-LANE_METHODS = ("task_arithmetic", "ties")
+LANE_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear")
+DARE_METHODS = ("dare_ties", "dare_linear")
 # the parameters each method may carry here (shared, per model); anything else goes to the torch engine
 _LANE_PARAMS = {"task_arithmetic": ({"weight", "lambda", "normalize"}, {"weight"}),
-                "ties": ({"weight", "density", "lambda", "normalize", "trim_scope", "exact_ties"}, {"weight", "density"})}
+                "ties": ({"weight", "density", "lambda", "normalize", "trim_scope", "exact_ties"}, {"weight", "density"}),
+                **{m: ({"weight", "density", "lambda", "normalize", "seed", "rescale"}, {"weight", "density"})
+                   for m in DARE_METHODS}}
+# methods whose arithmetic here is float32 only
+_FLOAT32_ONLY = ("ties", *DARE_METHODS)
 
 
 def plan_lane(recipe, device: str | None = None) -> LanePlan | None:
-    """A plan when the recipe is task arithmetic or TIES this lane computes exactly as the torch engine;
-    else None.
+    """A plan when the recipe is task arithmetic, TIES or DARE (TIES or linear) this lane computes exactly as
+    the torch engine; else None.
 
     Reads the recipe and the inputs' headers only. Anything it does not handle (another method or
     semantics, LoRA, slices, a tokenizer section, per-layer parameters, LiNeS, float64 arithmetic, an
     explicit ``compute_dtype``, ``.bin`` files, tensors that differ between the inputs, another device, more
-    than 4 models; for TIES also arithmetic other than float32, a trim other than mergekit's per tensor, a
-    density of 0) returns None."""
+    than 4 models; for TIES and DARE also arithmetic other than float32; for TIES a trim other than
+    mergekit's per tensor, a density of 0; for DARE ``rescale: false``) returns None."""
     from mergelab.methods import get_method
     if device not in (None, "cpu") or recipe.compat != "mergekit" or recipe.slices is not None:
         return None
@@ -173,6 +180,10 @@ def plan_lane(recipe, device: str | None = None) -> LanePlan | None:
         densities = [float(p.get("density", params["density"])) for p in model_params]
         if params.get("trim_scope") != "per_tensor" or not all(d > 0 for d in densities):
             return None      # the paper's whole-model trim; a density of 0 (the engine checks inputs first)
+    if method.name in DARE_METHODS:
+        densities = [float(p.get("density", params["density"])) for p in model_params]
+        if not params.get("rescale"):
+            return None      # without mergekit's L1 rescale the engine checks every input first
     round_name = user_dtype_name(recipe.dtype)
     out_name = user_dtype_name(recipe.out_dtype or recipe.dtype)
     opened: list[_Inputs] = []
@@ -195,8 +206,8 @@ def plan_lane(recipe, device: str | None = None) -> LanePlan | None:
                     raise _NotEligible("float64 or float8 arithmetic")
                 if e.dtype == "F64" and compute[name] != "F32":
                     raise _NotEligible("float64 rounded to half precision at once (not through float32)")
-                if method.name == "ties" and compute[name] != "F32":
-                    raise _NotEligible("TIES in half-precision arithmetic")
+                if method.name in _FLOAT32_ONLY and compute[name] != "F32":
+                    raise _NotEligible("TIES or DARE in half-precision arithmetic")
                 out_dtypes[name] = out_name or e.dtype
             else:
                 out_dtypes[name] = e.dtype
@@ -215,7 +226,7 @@ def plan_lane(recipe, device: str | None = None) -> LanePlan | None:
         raise
     return LanePlan(recipe, base, models, list(base.entries), coefficients, float(params["lambda"]), compute,
                     out_dtypes, out_name, params, model_params, list(resolver.ignored), method.name, densities,
-                    bool(params.get("exact_ties", True)))
+                    bool(params.get("exact_ties", True)), int(params.get("seed", 0)))
 
 
 def _coefficients(w: list[float], normalize: bool, dtype: str) -> tuple[np.ndarray | None, np.float32 | None]:
@@ -490,6 +501,79 @@ def _streamed_thresholds(plan: LanePlan, name: str, dtype: str, shape: tuple, bl
     return [found.get(i) for i in range(len(plan.models))]
 
 
+# ---------------------------------------------------------------------------------------------- DARE
+# mergekit's DARE-TIES and DARE linear (``methods.dare`` under mergekit semantics, L1 rescale) as the torch
+# engine computes them: per tensor (or per engine block of a larger one: the masks are seeded per block)
+# each model's task vector dropped at random (``numpy_dare``) and rescaled to its L1 norm before the drop
+# (norms in float32 in the engine's fixed order, a blocked tensor's added over its blocks in float64 first),
+# then the consensus mix (TIES) or the weighted sum (linear). A task vector's norm that is not finite sends
+# the engine, and this lane, to the inputs' NaN / Inf check.
+
+
+def _dare_drop_(plan: LanePlan, name: str, index: int, block_row: int, delta: np.ndarray) -> None:
+    """In place: ``kernels.dare(delta, 1 - density, job.generator(index), rescale="none")``."""
+    drop = 1.0 - plan.densities[index]
+    if drop >= 1:
+        delta.fill(0)
+    elif drop > 0:
+        ND.dare_mask_(delta, drop, ND.torch_seed_draw(ND.mask_seed(plan.seed, name, index, block_row)))
+
+
+def _dare_rescale_(delta: np.ndarray, density: float, before: float, after: float) -> None:
+    """mergekit's L1 rescale of a dropped task vector, as ``methods.dare``: times float32(before / after)."""
+    if 0 < density < 1 and before >= 1e-7 and after >= 1e-7:
+        np.multiply(delta, np.float32(before / after), out=delta)
+
+
+def _dare_norms(plan: LanePlan, name: str, dtype: str, rows: tuple[int, int], scratch: np.ndarray) -> list[float]:
+    """``dare._dare_stats`` of one block: each model's L1 norm before and after its drop, one model at a time."""
+    sums: list[float] = []
+    for i in range(len(plan.models)):
+        _, deltas = _block_deltas(plan, name, dtype, rows, [i])
+        sums.append(float(ND.ordered_l1(deltas[0], scratch)))
+        _dare_drop_(plan, name, i, rows[0], deltas[0])
+        sums.append(float(ND.ordered_l1(deltas[0], scratch)))
+    return sums
+
+
+def _linear_mix(base: np.ndarray, deltas: np.ndarray, weights: np.ndarray | None, divisor: np.float32 | None,
+                lam: float) -> tuple[np.ndarray, bool]:
+    """``methods.common._mergekit_mix`` without consensus, on float32 ``deltas`` (overwritten): times the weights,
+    added in model order, divided by the weights' sum (``normalize``), times ``lam``, plus the base."""
+    with np.errstate(all="ignore"):
+        if weights is not None:
+            np.multiply(deltas, weights.reshape(-1, 1), out=deltas)
+        out = deltas[0] if len(deltas) == 1 else np.add(deltas[0], deltas[1])
+        for row in deltas[2:]:
+            np.add(out, row, out=out)
+        if divisor is not None:
+            np.divide(out, divisor, out=out)
+        if lam != 1:
+            np.multiply(out, np.float32(lam), out=out)
+        np.add(out, base, out=out)
+        finite = bool(np.isfinite(np.add.reduce(out))) or bool(np.isfinite(out).all())
+    return out, finite
+
+
+def _dare_block(plan: LanePlan, name: str, dtype: str, rows: tuple[int, int] | None,
+                totals: list[float] | None, check) -> tuple[np.ndarray, bool]:
+    """A whole tensor (``totals`` None: its own norms) or one engine block of a larger one (``totals``: the
+    tensor's norms from ``_dare_norms``): drops, rescales, the consensus mix or the weighted sum."""
+    b, deltas = _block_deltas(plan, name, dtype, rows, range(len(plan.models)))
+    scratch = np.empty(b.size, dtype=np.float32)
+    for i, density in enumerate(plan.densities):
+        before = totals[2 * i] if totals is not None else float(ND.ordered_l1(deltas[i], scratch))
+        if not np.isfinite(before):
+            check()
+        _dare_drop_(plan, name, i, rows[0] if rows else 0, deltas[i])
+        after = totals[2 * i + 1] if totals is not None else float(ND.ordered_l1(deltas[i], scratch))
+        _dare_rescale_(deltas[i], density, before, after)
+    scratch = None
+    if plan.method == "dare_linear":
+        return _linear_mix(b, deltas, *plan.coefficients["F32"], plan.lam)
+    return consensus_mix(b, deltas, _weights(plan), bool(plan.params["normalize"]), plan.lam, chunk=TIES_CHUNK)
+
+
 def run_lane(plan: LanePlan, out_dir: str | Path, *, force: bool = False, threads: int | None = None,
              progress: Progress | None = None, shard_size: str | int | None = None,
              block_elements: int | None = None) -> MergeSummary:
@@ -524,6 +608,24 @@ def run_lane(plan: LanePlan, out_dir: str | Path, *, force: bool = False, thread
                     return
                 shape = shapes[name]
                 out = plan.out_dtypes[name]
+                if plan.method in DARE_METHODS:     # in the engine's blocks, which seed the masks
+                    blocks = row_blocks(shape, whole_limit)
+                    totals = None
+                    if blocks is not None:
+                        scratch = np.empty(numel((blocks[0][1] - blocks[0][0], *shape[1:])), dtype=np.float32)
+                        for rows in blocks:
+                            part = _dare_norms(plan, name, e.dtype, rows, scratch)
+                            totals = part if totals is None else [a + b for a, b in zip(totals, part)]
+                        scratch = None
+                    for rows in blocks or [None]:
+                        merged, finite = _dare_block(plan, name, e.dtype, rows, totals,
+                                                     lambda rows=rows: check_inputs(name, rows))
+                        if not finite:
+                            check_inputs(name, rows)
+                        block_shape = shape if rows is None else (rows[1] - rows[0], *shape[1:])
+                        writer.write(name, _from_float32(merged, out).reshape(block_shape), rows[0] if rows else 0)
+                        merged = None
+                    return
                 blocks = row_blocks(shape, block_elements)
                 if plan.method == "ties":
                     if row_blocks(shape, whole_limit) is None:        # merged whole by the engine: exact trim

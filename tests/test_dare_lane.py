@@ -1,0 +1,186 @@
+"""DARE-TIES and DARE linear in the torch-free lane: the torch engine's folder byte for byte, mergekit's
+statistics, inputs checked through the norms, without torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from mergelab.engine import load_recipe, merge
+from mergelab.engine.linear_lane import plan_lane, run_lane
+from tests.helpers import make_model_folders, write_recipe
+from tests.test_linear_lane import _PROBE, _files, _with_int_buffer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _both(tmp_path: Path, recipe: Path, method: str, **kw) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    plan = plan_lane(load_recipe(recipe))
+    assert plan is not None and plan.method == method, "the recipe should run in the lane"
+    run_lane(plan, tmp_path / "lane", **kw)
+    merge(load_recipe(recipe), tmp_path / "torch", **kw)
+    return _files(tmp_path / "lane"), _files(tmp_path / "torch")
+
+
+CASES = [
+    # n, (weight, density) per model, lambda, normalize, seed, input dtype, recipe dtype, out dtype
+    (3, [(1.0, 0.5), (1.0, 0.5), (1.0, 0.5)], 1.0, False, 42, torch.float32, "float32", None),
+    (3, [(1.0, 0.3), (0.5, 0.1), (-0.4, 0.9)], 0.8, True, 7, torch.float32, None, None),
+    (2, [(0.7, 0.001), (0.3, 0.999)], 1.3, False, 0, torch.float32, None, "bfloat16"),
+    (4, [(0.25, 0.4), (0.0, 0.3), (1.5, 1.0), (1.0, 0.0)], 0.5, True, 2**40 + 3, torch.float32, "float32", None),
+    (1, [(0.9, 0.3)], 1.0, True, 5, torch.float32, "float32", "float16"),
+    (2, [(0.6, 0.4), (-0.6, 0.4)], 1.0, True, 11, torch.float32, "float32", None),     # weights sum to 0
+    (3, [(1.0, 0.3), (1.0, 0.6), (1.0, 0.2)], 1.0, True, 3, torch.bfloat16, "float32", "bfloat16"),
+    (2, [(1.0, 0.25), (0.5, 0.5)], 0.7, False, 9, torch.float16, "float32", "float16"),
+    (2, [(1.0, 0.25), (0.5, 0.5)], 1.0, True, 13, torch.float64, "float32", None),
+]
+IDS = ["three-equal", "mixed", "extreme-densities-bf16-out", "four-models-0-and-1", "one-model-fp16-out",
+       "weights-cancel", "bf16-in", "fp16-in", "f64-in"]
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("blocks", [None, 1_000], ids=["whole", "blocked"])
+def test_dare_lane_writes_the_engines_folder_byte_for_byte(tmp_path, method, case, blocks):
+    n, wd, lam, normalize, seed, dtype, recipe_dtype, out_dtype = case
+    base, models = make_model_folders(tmp_path / "m", n=n, dtype=dtype)
+    _with_int_buffer([base, *models])
+    extra = {"compat": "mergekit", **({"dtype": recipe_dtype} if recipe_dtype else {}),
+             **({"out_dtype": out_dtype} if out_dtype else {})}
+    recipe = write_recipe(tmp_path / "r.yaml", base, models, method,
+                          {"lambda": lam, "normalize": normalize, "seed": seed},
+                          [{"weight": w, "density": d} for w, d in wd], **extra)
+    kw = {"shard_size": 40_000, **({"block_elements": blocks} if blocks else {})}
+    lane, engine = _both(tmp_path, recipe, method, **kw)
+    assert lane.keys() == engine.keys()
+    for name in lane:
+        assert lane[name] == engine[name], name
+
+
+def _raw_folders(tmp_path: Path, shapes: dict[str, tuple], n: int) -> tuple[Path, list[Path]]:
+    g = torch.Generator().manual_seed(5)
+    base = {k: torch.randn(s, generator=g) * 0.05 for k, s in shapes.items()}
+    folders = []
+    for i in range(n + 1):
+        sd = base if i == 0 else {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        f = tmp_path / f"w{i}"
+        f.mkdir()
+        save_file({k: v.contiguous() for k, v in sd.items()}, f / "model.safetensors")
+        folders.append(f)
+    return folders[0], folders[1:]
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+def test_dare_lane_large_tensors_whole_and_in_blocks(tmp_path, method):
+    """Tensors of several of the norms' 65,536 lanes, merged whole and in the engine's blocks (norms added over
+    blocks, masks seeded per block), against the engine; the seed changes the result."""
+    base, models = _raw_folders(tmp_path, {"big": (640, 512), "wide": (3, 70_000), "vec": (150_001,)}, 3)
+    outs = {}
+    for seed in (1, 2):
+        recipe = write_recipe(tmp_path / "r.yaml", base, models, method, {"seed": seed, "normalize": True},
+                              [{"weight": 1.0, "density": 0.2}, {"weight": 0.6, "density": 0.35},
+                               {"weight": 0.3, "density": 0.7}], compat="mergekit")
+        for blocks in (None, 200_000):
+            kw = {"block_elements": blocks} if blocks else {}
+            lane, engine = _both(tmp_path / f"{seed}-{blocks}", recipe, method, **kw)
+            assert lane == engine
+            outs[seed, blocks] = lane["model.safetensors"]
+    assert outs[1, None] != outs[2, None] and outs[1, None] != outs[1, 200_000]
+
+
+def test_cli_dare_ties_runs_without_torch_and_checks_inputs_through_the_norms(tmp_path):
+    """A CLI DARE-TIES merge never imports torch; a NaN input, even where every mask drops it, gets the
+    engine's one line, exit 2, nothing written."""
+    base, models = make_model_folders(tmp_path / "m", n=3)
+    recipe = write_recipe(tmp_path / "r.yaml", base, models, "dare_ties", {"seed": 17},
+                          [{"density": 0.5}, {"density": 0.3}, {"weight": 0.5, "density": 0.0}], compat="mergekit")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", _PROBE, "merge", str(recipe), str(tmp_path / "out"), "--quiet"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "TORCH:False"
+    assert "dare_ties" in out.stdout and "(numpy, without torch)" in out.stdout
+    merge(load_recipe(recipe), tmp_path / "engine")
+    assert _files(tmp_path / "out") == _files(tmp_path / "engine")
+    from transformers import BertModel
+    BertModel.from_pretrained(tmp_path / "out")
+    # a NaN in the model of density 0: its mask drops everything, the norm still sees it
+    sd = load_file(models[2] / "model.safetensors")
+    name = sorted(k for k in sd if sd[k].is_floating_point())[4]
+    sd[name].view(-1)[3] = float("nan")
+    save_file(sd, models[2] / "model.safetensors", metadata={"format": "pt"})
+    out = subprocess.run([sys.executable, "-m", "mergelab", "merge", str(recipe), str(tmp_path / "bad"), "--quiet"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [f"mergelab: error: {models[2]}: tensor {name!r} contains NaN or Inf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine", "m", "out", "r.yaml"]
+    with pytest.raises(Exception, match=f"{models[2]}: tensor '{name}' contains NaN or Inf"):
+        merge(load_recipe(recipe), tmp_path / "engine-bad")
+
+
+@pytest.mark.parametrize("blocks", [None, 1_000])
+def test_dare_lane_names_the_first_bad_input_as_the_engine(tmp_path, blocks):
+    """NaN in two inputs of one tensor (one in an early block, one late): the lane names the engine's."""
+    base, models = make_model_folders(tmp_path / "m", n=2)
+    name = None
+    for folder, at in ((base, -1), (models[1], 0)):
+        sd = load_file(folder / "model.safetensors")
+        name = name or max((k for k in sd if sd[k].is_floating_point()), key=lambda k: sd[k].numel())
+        sd[name].view(-1)[at] = float("inf")
+        save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    recipe = write_recipe(tmp_path / "r.yaml", base, models, "dare_ties", None,
+                          [{"density": 0.5}, {"density": 0.5}], compat="mergekit")
+    kw = {"block_elements": blocks} if blocks else {}
+    with pytest.raises(Exception) as engine:
+        merge(load_recipe(recipe), tmp_path / "engine", **kw)
+    with pytest.raises(Exception) as lane:
+        run_lane(plan_lane(load_recipe(recipe)), tmp_path / "lane", **kw)
+    assert str(lane.value) == str(engine.value) and "contains NaN or Inf" in str(lane.value)
+    assert not (tmp_path / "lane").exists()
+
+
+def test_what_the_dare_lane_leaves_to_the_torch_engine(tmp_path):
+    base, models = make_model_folders(tmp_path / "m", n=5)
+
+    def plan(method="dare_ties", ms=models[:2], params=None, model_params=None, **extra):
+        extra.setdefault("compat", "mergekit")
+        r = write_recipe(tmp_path / "r.yaml", base, ms, method, params, model_params, **extra)
+        return plan_lane(load_recipe(r))
+
+    dens = [{"density": 0.3}, {"density": 0.5}]
+    assert plan(model_params=dens) is not None and plan("dare_linear", model_params=dens) is not None
+    assert plan(model_params=dens, compat="paper") is None               # the paper's 1 / (1 - p) rescale
+    assert plan(params={"rescale": False}, model_params=dens) is None
+    assert plan(model_params=dens, dtype="bfloat16") is None              # half-precision arithmetic
+    assert plan(ms=models) is None                                        # more than 4 models
+    assert plan(model_params=[{"density": [0.2, 0.8]}, {"density": 0.5}]) is None     # a gradient
+    assert plan("della", model_params=dens) is None
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+def test_dare_lane_keeps_mergekits_statistics(tmp_path, method):
+    """mergekit 0.1.5 itself (skips without its virtualenv): its masks are torch.bernoulli's, so per large
+    tensor the changed fraction and the norm of the change are compared (``tests/test_recipes_mergekit.py``)."""
+    from tests.recipe_helpers import make_llama, mergekit_exe, run_mergekit
+    from tests.test_recipes_mergekit import _random_stats_agree
+    mergekit_exe()
+    base = make_llama(tmp_path / "base", 0)
+    a = make_llama(tmp_path / "a", 1, base=base)
+    b = make_llama(tmp_path / "b", 2, base=base)
+    recipe = {"merge_method": method, "base_model": str(base), "dtype": "float32",
+              "models": [{"model": str(a), "parameters": {"weight": 0.6, "density": 0.3}},
+                         {"model": str(b), "parameters": {"weight": 0.45, "density": 0.6}}],
+              "parameters": {"normalize": True}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    plan = plan_lane(load_recipe(path))
+    assert plan is not None and plan.method == method
+    run_lane(plan, tmp_path / "lane")
+    run_mergekit(path, tmp_path / "mk")
+    assert _random_stats_agree(tmp_path / "mk", tmp_path / "lane", base) == ""
