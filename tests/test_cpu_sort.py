@@ -33,6 +33,23 @@ def test_slice_members_are_torch_sorts(n, levels, seed, lo_frac, hi_frac):
     assert np.array_equal(keys, before)                 # the input is left alone
 
 
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(1, 3000), levels=st.integers(1, 40), seed=st.integers(0, 2 ** 32 - 1),
+       lo_frac=st.floats(0, 1), hi_frac=st.floats(0, 1), scan=st.sampled_from([1, 2, 3, 7, 64, 1000]))
+def test_scans_in_small_chunks_give_torch_sorts(n, levels, seed, lo_frac, hi_frac, scan):
+    """The partition's two scans meet chunk by chunk: chunks of any size (one entry too) give the same swaps."""
+    rng = np.random.default_rng(seed)
+    keys = rng.integers(-levels, levels + 1, n).astype(np.float32) / np.float32(4)
+    lo, hi = sorted((int(lo_frac * n), int(hi_frac * n)))
+    before = cpu_sort._SCAN
+    cpu_sort._SCAN = scan
+    try:
+        got = cpu_sort.sort_slice_mask(keys, lo, hi)
+    finally:
+        cpu_sort._SCAN = before
+    assert np.array_equal(got, _torch_slice(keys, lo, hi))
+
+
 @pytest.mark.parametrize("n,levels", [(300_001, 9), (1_000_000, 5000), (1_000_000, None)])
 def test_large_tied_arrays_and_float32_deltas(n, levels):
     rng = np.random.default_rng(n)

@@ -94,6 +94,26 @@ def test_dare_lane_large_tensors_whole_and_in_blocks(tmp_path, method):
     assert outs[1, None] != outs[2, None] and outs[1, None] != outs[1, 200_000]
 
 
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+def test_dare_lane_two_passes_in_pieces_give_the_same_bytes(tmp_path, method, monkeypatch):
+    """Past the memory it holds, the lane takes norms then the merge over pieces (odd offsets into a mask
+    included: pieces of 7,777 rows of a vector), for whole and blocked tensors alike."""
+    import mergelab.engine.linear_lane as lane_module
+    base, models = _raw_folders(tmp_path, {"big": (640, 512), "odd": (301, 7), "vec": (150_001,)}, 2)
+    recipe = write_recipe(tmp_path / "r.yaml", base, models, method, {"seed": 3, "normalize": True},
+                          [{"weight": 1.0, "density": 0.3}, {"weight": -0.6, "density": 0.8}], compat="mergekit")
+    for blocks in (None, 100_000):
+        kw = {"block_elements": blocks} if blocks else {}
+        merge(load_recipe(recipe), tmp_path / f"torch{blocks}", **kw)
+        monkeypatch.setattr(lane_module, "HOLD_BYTES", 0)
+        monkeypatch.setattr(lane_module, "LANE_BLOCK_ELEMENTS", 7_777)         # pieces inside the engine's blocks
+        if blocks:
+            monkeypatch.setattr(lane_module, "BLOCK_ELEMENTS", blocks)
+        run_lane(plan_lane(load_recipe(recipe)), tmp_path / f"lane{blocks}")
+        monkeypatch.undo()
+        assert _files(tmp_path / f"lane{blocks}") == _files(tmp_path / f"torch{blocks}")
+
+
 def test_cli_dare_ties_runs_without_torch_and_checks_inputs_through_the_norms(tmp_path):
     """A CLI DARE-TIES merge never imports torch; a NaN input, even where every mask drops it, gets the
     engine's one line, exit 2, nothing written."""

@@ -36,15 +36,22 @@ def test_mask_seed_is_the_jobs_generator():
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 4096, 100_001])
-def test_keep_bits_are_the_torch_kernels_from_any_even_offset(n):
+def test_keep_bits_are_the_torch_kernels_from_any_offset_in_any_pieces(n):
     seed = 987654321 + n
     expected = K.dare_keep_bits(n, torch.Generator().manual_seed(seed)).numpy()
     draw = ND.torch_seed_draw(seed)
     assert np.array_equal(ND.keep_bits(n, draw), expected)
-    for offset in {0, 2, n // 2 * 2 - 2 if n > 3 else 0}:
+    for offset in sorted({0, 1, 2, 3, n // 2, n - 1} & set(range(n + 1))):
         assert np.array_equal(ND.keep_bits(n - offset, draw, offset), expected[offset:])
-    with pytest.raises(ValueError):
-        ND.keep_bits(1, draw, 1)
+    rng = np.random.default_rng(n)
+    for offset in (0, 1, n // 3):
+        bits = ND.KeepBits(draw, offset)
+        pieces, left = [], n - offset
+        while left > 0:
+            take = int(min(left, rng.integers(0, 7) if rng.random() < 0.5 else rng.integers(1, 5000)))
+            pieces.append(bits.take(take))
+            left -= take
+        assert np.array_equal(np.concatenate(pieces) if pieces else expected[:0], expected[offset:])
 
 
 @settings(max_examples=60, deadline=None)
@@ -56,10 +63,11 @@ def test_mask_bits_equal_the_torch_kernel(n, drop, seed, data):
     expected = K.dare_mask_(torch.from_numpy(x.copy()), drop, torch.Generator().manual_seed(seed)).numpy()
     got = ND.dare_mask_(x.copy(), drop, ND.torch_seed_draw(seed))
     assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
-    cut = data.draw(st.integers(0, n // 2)) * 2
+    cut = data.draw(st.integers(0, n))
     pieces = x.copy()
-    ND.dare_mask_(pieces[:cut], drop, ND.torch_seed_draw(seed))
-    ND.dare_mask_(pieces[cut:], drop, ND.torch_seed_draw(seed), offset=cut)
+    chunk = data.draw(st.sampled_from([ND.CHUNK, 2, 3, 1000]))
+    ND.dare_mask_(pieces[:cut], drop, ND.torch_seed_draw(seed), chunk=chunk)
+    ND.dare_mask_(pieces[cut:], drop, ND.torch_seed_draw(seed), offset=cut, chunk=chunk)
     assert np.array_equal(pieces.view(np.uint32), expected.view(np.uint32))
 
 

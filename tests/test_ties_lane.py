@@ -112,6 +112,26 @@ def test_ties_lane_large_tensors_whole_and_in_blocks(tmp_path, levels):
         assert lane == engine
 
 
+@pytest.mark.parametrize("levels", [3, 4000], ids=["tied", "spread"])
+def test_ties_lane_in_pieces_past_the_memory_it_holds(tmp_path, levels, monkeypatch):
+    """A tensor merged whole but larger than the task vectors the lane holds: trims one task vector at a time
+    (the sort's tie choice included), then the mix in pieces of 7,777 entries: the engine's bytes."""
+    import mergelab.engine.linear_lane as lane_module
+    base, models = _raw_folders(tmp_path, {"big": (640, 512), "vec": (150_001,), "small": (30, 7)}, 3, levels)
+    recipe = write_recipe(tmp_path / "r.yaml", base, models, "ties", {"normalize": True},
+                          [{"weight": 1.0, "density": 0.2}, {"weight": 0.6, "density": 0.35},
+                           {"weight": 0.3, "density": 1.0}], compat="mergekit")
+    merge(load_recipe(recipe), tmp_path / "torch")
+    monkeypatch.setattr(lane_module, "HOLD_BYTES", 0)
+    monkeypatch.setattr(lane_module, "LANE_BLOCK_ELEMENTS", 7_777)
+    replays = []
+    top = lane_module._mergekit_top
+    monkeypatch.setattr(lane_module, "_mergekit_top", lambda *a: replays.append(1) or top(*a))
+    run_lane(plan_lane(load_recipe(recipe)), tmp_path / "lane")
+    assert _files(tmp_path / "lane") == _files(tmp_path / "torch")
+    assert replays or levels != 3, "the tied fixture should need the sort's tie choice"
+
+
 def test_streamed_threshold_when_the_bracket_misses(tmp_path, monkeypatch):
     """A bracket that holds nothing: the two histogram passes give the same thresholds (same bytes)."""
     base, models = _raw_folders(tmp_path, {"big": (640, 512)}, 2, 5)

@@ -396,6 +396,18 @@ BAND_CAP = 1 << 22           # streaming.BAND_CAP: most values a bracket may hol
 TIES_CHUNK = 1 << 16
 
 
+# Task vectors of a tensor held in memory at most (per worker). A larger tensor takes two passes, the second over
+# pieces of ``LANE_BLOCK_ELEMENTS`` entries: TIES finds each trim with one task vector at a time, DARE its norms,
+# so that the peak does not follow the tensors' sizes (for one more read of their inputs from the page cache).
+HOLD_BYTES = 40 << 20
+
+
+def _pieces(span: tuple[int, int], shape: tuple, elements: int) -> list[tuple[int, int]]:
+    """Row blocks of at most ``elements`` entries inside the rows ``span``."""
+    inner = row_blocks((span[1] - span[0], *shape[1:]), elements)
+    return [span] if inner is None else [(span[0] + a, span[0] + b) for a, b in inner]
+
+
 def _kept_counts(densities: Sequence[float], n: int) -> list[int | None]:
     """mergekit's kept entries per model (``max(1, int(d n))``), None where nothing is trimmed."""
     return [None if d >= 1 or n == 0 else max(1, int(d * n)) for d in densities]
@@ -428,22 +440,48 @@ def _mergekit_top(delta: np.ndarray, kept: int, check) -> np.ndarray:
     return mask
 
 
+def _trim_of(plan: LanePlan, delta: np.ndarray, kept: int, check) -> float | np.ndarray:
+    """mergekit's trim of one task vector of a tensor merged whole: its exact threshold, or the mask of its
+    ``kept`` largest magnitudes where magnitudes tie across the cut (and ``exact_ties``)."""
+    n = delta.size
+    value, less = _kth_magnitude_counted(delta, n - kept + 1)
+    if plan.exact_ties and value and n - less != kept:       # magnitudes tied across the cut
+        return _mergekit_top(delta, kept, check)
+    return value
+
+
 def _ties_whole(plan: LanePlan, name: str, dtype: str, check) -> tuple[np.ndarray, bool]:
     """A tensor the engine merges whole: its task vectors, mergekit's exact trim, the consensus mix."""
     b, deltas = _block_deltas(plan, name, dtype, None, range(len(plan.models)))
-    n = b.size
-    trims: list[float | np.ndarray | None] = []
+    trims = [None if kept is None else _trim_of(plan, deltas[i], kept, check)
+             for i, kept in enumerate(_kept_counts(plan.densities, b.size))]
+    return consensus_mix(b, deltas, _weights(plan), bool(plan.params["normalize"]), plan.lam, trims=trims,
+                         chunk=TIES_CHUNK)
+
+
+def _ties_whole_in_pieces(plan: LanePlan, name: str, dtype: str, shape: tuple, elements: int, check, write) -> None:
+    """A tensor the engine merges whole but too large to hold every task vector (``HOLD_BYTES``): the trims one
+    task vector at a time, then the mix piece by piece (the same bits: every step after the trim is
+    elementwise). ``write(merged, rows)``."""
+    n = numel(shape)
+    trims = []
     for i, kept in enumerate(_kept_counts(plan.densities, n)):
         if kept is None:
             trims.append(None)
             continue
-        value, less = _kth_magnitude_counted(deltas[i], n - kept + 1)
-        if plan.exact_ties and value and n - less != kept:       # magnitudes tied across the cut
-            trims.append(_mergekit_top(deltas[i], kept, check))
-        else:
-            trims.append(value)
-    return consensus_mix(b, deltas, _weights(plan), bool(plan.params["normalize"]), plan.lam, trims=trims,
-                         chunk=TIES_CHUNK)
+        _, deltas = _block_deltas(plan, name, dtype, None, [i])
+        trims.append(_trim_of(plan, deltas[0], kept, check))
+        deltas = None
+    per_row = numel(shape[1:])
+    for piece in _pieces((0, shape[0]), shape, elements):
+        b, deltas = _block_deltas(plan, name, dtype, piece, range(len(plan.models)))
+        start, stop = piece[0] * per_row, piece[1] * per_row
+        merged, finite = consensus_mix(b, deltas, _weights(plan), bool(plan.params["normalize"]), plan.lam,
+                                       trims=[t[start:stop] if isinstance(t, np.ndarray) else t for t in trims],
+                                       chunk=TIES_CHUNK)
+        if not finite:
+            check()
+        write(merged, piece)
 
 
 def _weights(plan: LanePlan) -> list[float]:
@@ -510,13 +548,14 @@ def _streamed_thresholds(plan: LanePlan, name: str, dtype: str, shape: tuple, bl
 # the engine, and this lane, to the inputs' NaN / Inf check.
 
 
-def _dare_drop_(plan: LanePlan, name: str, index: int, block_row: int, delta: np.ndarray) -> None:
-    """In place: ``kernels.dare(delta, 1 - density, job.generator(index), rescale="none")``."""
+def _dare_drop_(plan: LanePlan, name: str, index: int, span_row: int, delta: np.ndarray, offset: int = 0) -> None:
+    """In place: ``kernels.dare(delta, 1 - density, job.generator(index), rescale="none")`` on entries
+    [offset, offset + delta.size) of the engine's block (or whole tensor) starting at row ``span_row``."""
     drop = 1.0 - plan.densities[index]
     if drop >= 1:
         delta.fill(0)
     elif drop > 0:
-        ND.dare_mask_(delta, drop, ND.torch_seed_draw(ND.mask_seed(plan.seed, name, index, block_row)))
+        ND.dare_mask_(delta, drop, ND.torch_seed_draw(ND.mask_seed(plan.seed, name, index, span_row)), offset)
 
 
 def _dare_rescale_(delta: np.ndarray, density: float, before: float, after: float) -> None:
@@ -525,15 +564,19 @@ def _dare_rescale_(delta: np.ndarray, density: float, before: float, after: floa
         np.multiply(delta, np.float32(before / after), out=delta)
 
 
-def _dare_norms(plan: LanePlan, name: str, dtype: str, rows: tuple[int, int], scratch: np.ndarray) -> list[float]:
-    """``dare._dare_stats`` of one block: each model's L1 norm before and after its drop, one model at a time."""
-    sums: list[float] = []
-    for i in range(len(plan.models)):
-        _, deltas = _block_deltas(plan, name, dtype, rows, [i])
-        sums.append(float(ND.ordered_l1(deltas[0], scratch)))
-        _dare_drop_(plan, name, i, rows[0], deltas[0])
-        sums.append(float(ND.ordered_l1(deltas[0], scratch)))
-    return sums
+def _dare_norms(plan: LanePlan, name: str, dtype: str, shape: tuple, span: tuple[int, int], span_row: int,
+                elements: int) -> list[float]:
+    """``dare._dare_stats`` of the engine's block (or whole tensor) ``span``: each model's L1 norm before and after
+    its drop, [before_0, after_0, before_1, ...], read in pieces of at most ``elements`` entries."""
+    per_row = numel(shape[1:])
+    sums = [ND.OrderedL1() for _ in range(2 * len(plan.models))]
+    for piece in _pieces(span, shape, elements):
+        _, deltas = _block_deltas(plan, name, dtype, piece, range(len(plan.models)))
+        for i in range(len(plan.models)):
+            sums[2 * i].add(deltas[i])
+            _dare_drop_(plan, name, i, span_row, deltas[i], (piece[0] - span[0]) * per_row)
+            sums[2 * i + 1].add(deltas[i])
+    return [float(total.result()) for total in sums]
 
 
 def _linear_mix(base: np.ndarray, deltas: np.ndarray, weights: np.ndarray | None, divisor: np.float32 | None,
@@ -555,23 +598,51 @@ def _linear_mix(base: np.ndarray, deltas: np.ndarray, weights: np.ndarray | None
     return out, finite
 
 
-def _dare_block(plan: LanePlan, name: str, dtype: str, rows: tuple[int, int] | None,
-                totals: list[float] | None, check) -> tuple[np.ndarray, bool]:
-    """A whole tensor (``totals`` None: its own norms) or one engine block of a larger one (``totals``: the
-    tensor's norms from ``_dare_norms``): drops, rescales, the consensus mix or the weighted sum."""
+def _dare_piece(plan: LanePlan, name: str, dtype: str, rows: tuple[int, int] | None, span_row: int, offset: int,
+                norms: list[float] | None, check) -> tuple[np.ndarray, bool]:
+    """Rows ``rows`` (None: the whole tensor), entry ``offset`` of the engine's block starting at ``span_row``:
+    drops, rescales to ``norms`` (None: this piece is the whole block, its own norms), the consensus mix or the
+    weighted sum."""
     b, deltas = _block_deltas(plan, name, dtype, rows, range(len(plan.models)))
-    scratch = np.empty(b.size, dtype=np.float32)
     for i, density in enumerate(plan.densities):
-        before = totals[2 * i] if totals is not None else float(ND.ordered_l1(deltas[i], scratch))
+        before = norms[2 * i] if norms is not None else float(ND.ordered_l1(deltas[i]))
         if not np.isfinite(before):
             check()
-        _dare_drop_(plan, name, i, rows[0] if rows else 0, deltas[i])
-        after = totals[2 * i + 1] if totals is not None else float(ND.ordered_l1(deltas[i], scratch))
+        _dare_drop_(plan, name, i, span_row, deltas[i], offset)
+        after = norms[2 * i + 1] if norms is not None else float(ND.ordered_l1(deltas[i]))
         _dare_rescale_(deltas[i], density, before, after)
-    scratch = None
     if plan.method == "dare_linear":
         return _linear_mix(b, deltas, *plan.coefficients["F32"], plan.lam)
     return consensus_mix(b, deltas, _weights(plan), bool(plan.params["normalize"]), plan.lam, chunk=TIES_CHUNK)
+
+
+def _dare_tensor(plan: LanePlan, name: str, dtype: str, shape: tuple, whole_limit: int, elements: int, check_inputs,
+                 write) -> None:
+    """One tensor: whole in memory when it is small enough, else norms over the engine's blocks first (added
+    over them in float64, as the engine's stats pass), then the merge, piece by piece. ``write(merged, rows)``."""
+    spans = row_blocks(shape, whole_limit)
+    if spans is None and 4 * len(plan.models) * numel(shape) <= HOLD_BYTES:
+        merged, finite = _dare_piece(plan, name, dtype, None, 0, 0, None, lambda: check_inputs(name, None))
+        if not finite:
+            check_inputs(name, None)
+        write(merged, None)
+        return
+    per_row = numel(shape[1:])
+    blocked = spans is not None
+    spans = spans or [(0, shape[0])]
+    norms = None
+    for span in spans:                   # a whole tensor: one span, its norms as computed (no float64 sum)
+        part = _dare_norms(plan, name, dtype, shape, span, span[0], elements)
+        norms = part if norms is None else [a + b for a, b in zip(norms, part)]
+    for span in spans:
+        check_rows = span if blocked else None
+        for piece in _pieces(span, shape, elements):
+            merged, finite = _dare_piece(plan, name, dtype, piece, span[0], (piece[0] - span[0]) * per_row, norms,
+                                         lambda: check_inputs(name, check_rows))
+            if not finite:
+                check_inputs(name, piece)
+            write(merged, piece)
+            merged = None
 
 
 def run_lane(plan: LanePlan, out_dir: str | Path, *, force: bool = False, threads: int | None = None,
@@ -608,26 +679,19 @@ def run_lane(plan: LanePlan, out_dir: str | Path, *, force: bool = False, thread
                     return
                 shape = shapes[name]
                 out = plan.out_dtypes[name]
-                if plan.method in DARE_METHODS:     # in the engine's blocks, which seed the masks
-                    blocks = row_blocks(shape, whole_limit)
-                    totals = None
-                    if blocks is not None:
-                        scratch = np.empty(numel((blocks[0][1] - blocks[0][0], *shape[1:])), dtype=np.float32)
-                        for rows in blocks:
-                            part = _dare_norms(plan, name, e.dtype, rows, scratch)
-                            totals = part if totals is None else [a + b for a, b in zip(totals, part)]
-                        scratch = None
-                    for rows in blocks or [None]:
-                        merged, finite = _dare_block(plan, name, e.dtype, rows, totals,
-                                                     lambda rows=rows: check_inputs(name, rows))
-                        if not finite:
-                            check_inputs(name, rows)
-                        block_shape = shape if rows is None else (rows[1] - rows[0], *shape[1:])
-                        writer.write(name, _from_float32(merged, out).reshape(block_shape), rows[0] if rows else 0)
-                        merged = None
+
+                def write(merged: np.ndarray, rows: tuple[int, int] | None) -> None:
+                    block_shape = shape if rows is None else (rows[1] - rows[0], *shape[1:])
+                    writer.write(name, _from_float32(merged, out).reshape(block_shape), rows[0] if rows else 0)
+                if plan.method in DARE_METHODS:     # the engine's blocks seed the masks
+                    _dare_tensor(plan, name, e.dtype, shape, whole_limit, block_elements, check_inputs, write)
                     return
                 blocks = row_blocks(shape, block_elements)
                 if plan.method == "ties":
+                    if row_blocks(shape, whole_limit) is None and 4 * len(plan.models) * numel(shape) > HOLD_BYTES:
+                        _ties_whole_in_pieces(plan, name, e.dtype, shape, block_elements,
+                                              lambda: check_inputs(name, None), write)
+                        return
                     if row_blocks(shape, whole_limit) is None:        # merged whole by the engine: exact trim
                         merged, finite = _ties_whole(plan, name, e.dtype, lambda: check_inputs(name, None))
                         if not finite:

@@ -56,21 +56,99 @@ def _crossing(left: np.ndarray, right: np.ndarray) -> int:
     return lo
 
 
+_SCAN = 1 << 16                 # entries compared per step of a scan
+
+
+def _scan(keys: np.ndarray, pivot, start: int, stop: int, forward: bool, index) -> np.ndarray:
+    """The stops of one of Hoare's scans in keys[start:stop): ascending positions of keys >= pivot (the left
+    scan, ``forward``) or descending positions of keys <= pivot (the right scan)."""
+    part = keys[start:stop]
+    found = np.flatnonzero(part >= pivot) if forward else np.flatnonzero(part <= pivot)[::-1]
+    return (found + start).astype(index)
+
+
+def _extend(stops: list[np.ndarray], have: int, want: int, keys: np.ndarray, pivot, at: int, end: int,
+            forward: bool, index) -> np.ndarray:
+    """``stops`` continued by the scan from ``at`` towards ``end`` until it holds ``want`` stops (or the range ends)."""
+    while have < want and at != end:
+        nxt = min(end, at + _SCAN) if forward else max(end, at - _SCAN)
+        found = _scan(keys, pivot, *((at, nxt) if forward else (nxt, at)), forward, index)
+        stops.append(found)
+        have += len(found)
+        at = nxt
+    joined = np.concatenate(stops) if len(stops) != 1 else stops[0]
+    stops.clear()
+    return joined
+
+
 def _partition(keys: np.ndarray, order: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
     """``__unguarded_partition_pivot`` of the whole of ``keys``: the cut and the swapped position pairs.
 
-    Moves the median to the front in place; the swaps are returned, not applied."""
+    Moves the median to the front in place; the swaps are returned, not applied. The i-th stop of the left
+    scan pairs with the i-th of the right scan while it lies before it: both scans run a chunk at a time
+    from their ends, the one with fewer stops next, until they meet at m. The left stops before m and the
+    right stops after it pair up (all of them but the surplus of one side), so only stops near m are
+    looked for beyond it, and only about as many stops as swaps are kept."""
     _median_to_front(keys, order)
     pivot = keys[0]
-    # where `while (*first < pivot) ++first` and `while (pivot < *last) --last` stop, the scans
-    # starting at 1 and at the end (position 0, the pivot itself, counts for both and is dropped)
-    left = np.flatnonzero(keys >= pivot)[1:]
-    right = np.flatnonzero(keys <= pivot)[:0:-1]
+    n = len(keys)
+    index = np.intp           # what fancy indexing takes without a conversion
+    # position 0 holds the pivot, a stop of both scans: the left scan starts at 1, the right one stops there
+    front, back = 1, n
+    lefts: list[np.ndarray] = []
+    rights: list[np.ndarray] = []
+    nl = nr = 0
+    while front < back:
+        if nl <= nr:
+            stop = min(back, front + _SCAN)
+            found = _scan(keys, pivot, front, stop, True, index)
+            lefts.append(found)
+            nl += len(found)
+            front = stop
+        else:
+            start = max(front, back - _SCAN)
+            found = _scan(keys, pivot, start, back, False, index)
+            rights.append(found)
+            nr += len(found)
+            back = start
+    m = front
+    # no more than max(nl, nr) swaps; left[swaps] is the cut's candidate
+    if nl >= nr:
+        right = _extend(rights or [np.empty(0, index)], nr, nl, keys, pivot, m, 1, False, index)
+    else:
+        right = np.concatenate(rights)
+    left = _extend(lefts or [np.empty(0, index)], nl, max(nl, nr) + 1, keys, pivot, m, n, True, index)
     swaps = _crossing(left, right)
     cut = int(left[swaps]) if swaps < len(left) else len(keys)
     if swaps:
         cut = min(cut, int(right[swaps - 1]))
     return cut, left[:swaps], right[:swaps]
+
+
+def _mark(mask: np.ndarray, positions: np.ndarray) -> None:
+    """``mask[positions] = True`` a chunk at a time (a large int32 index would be converted whole)."""
+    for start in range(0, len(positions), 1 << 18):
+        mask[positions[start:start + (1 << 18)]] = True
+
+
+def _split(k: np.ndarray, o: np.ndarray, first: int, lo: int, hi: int, depth: int, mask: np.ndarray,
+           stack: list) -> None:
+    """One partition of the range at ``first``: the left part's stops receive the right stops' entries and the
+    other way round, in place (the parts are disjoint views of one buffer); a part inside the slice [lo, hi)
+    marks its members, one across an end of it goes on ``stack``, one outside is left alone."""
+    cut, left, right = _partition(k, o)
+    last = first + len(k)
+    parts = [(start, stop, into, source, lo <= start and stop <= hi)
+             for start, stop, into, source in ((first, first + cut, left, right), (first + cut, last, right, left))
+             if not (stop <= lo or hi <= start)]
+    moved = [(o[source], None if inside else k[source]) for _, _, _, source, inside in parts]   # before any write
+    for (start, stop, into, _, inside), (orders, values) in zip(parts, moved):
+        o[into] = orders
+        if inside:
+            _mark(mask, o[start - first:stop - first])
+            continue
+        k[into] = values
+        stack.append((start, k[start - first:stop - first], o[start - first:stop - first], depth - 1))
 
 
 def sort_slice_mask(keys: np.ndarray, lo: int, hi: int, depth: int | None = None,
@@ -95,7 +173,7 @@ def sort_slice_mask(keys: np.ndarray, lo: int, hi: int, depth: int | None = None
         if hi <= first or last <= lo:
             continue
         if lo <= first and last <= hi:
-            mask[o] = True
+            _mark(mask, o)
             continue
         if len(k) <= _INSERTION_SORT_SIZE:      # the final insertion sort: stable within the range
             o = o[np.argsort(k, kind="stable")]
@@ -103,20 +181,7 @@ def sort_slice_mask(keys: np.ndarray, lo: int, hi: int, depth: int | None = None
             continue
         if depth == 0:
             return None
-        cut, left, right = _partition(k, o)
-        for start, stop in ((first, first + cut), (first + cut, last)):
-            if stop <= lo or hi <= start:
-                continue                        # outside the slice: members need not be known
-            # the left part's stops receive the right stops' entries, and the other way round
-            into, source = (left, right) if start == first else (right - cut, left)
-            part_order = o[start - first:stop - first].copy()
-            part_order[into] = o[source]
-            if lo <= start and stop <= hi:      # inside the slice: its members are all it needs
-                mask[part_order] = True
-                continue
-            part_keys = k[start - first:stop - first].copy()
-            part_keys[into] = k[source]
-            stack.append((start, part_keys, part_order, depth - 1))
+        _split(k, o, first, lo, hi, depth, mask, stack)
     return mask
 
 
