@@ -1,10 +1,11 @@
-"""mergekit's task arithmetic and TIES on numpy, in a process that never imports torch.
+"""mergekit's task arithmetic, TIES and DARE on numpy, in a process that never imports torch.
 
 A 1 GB task-arithmetic merge reads 4 GB and writes 1 GB: about 1.6 s here, the time of a plain copy.
 Importing torch takes 1-3 s more on the benchmark machine, longer than the merge itself, so the CLI
 runs the recipes that need no torch kernel here: mergekit semantics, ``task_arithmetic`` (float32 /
-bfloat16 / float16 arithmetic) or ``ties`` (float32 arithmetic, per-tensor trim) of 1-4 models on a
-base, safetensors inputs with one tensor layout, one set of parameters. ``plan_lane`` says whether a
+bfloat16 / float16 arithmetic), ``ties`` (float32 arithmetic, per-tensor trim), ``dare_ties`` or
+``dare_linear`` (float32 arithmetic, mergekit's L1 rescale) of 1-4 models on a base, safetensors inputs
+with one tensor layout, one set of parameters. ``plan_lane`` says whether a
 recipe qualifies (else the torch engine runs it, with its own checks and errors).
 
 The result is the torch engine's bit for bit, and so is the folder around it (``output_folder``; the
@@ -16,7 +17,8 @@ and rounded, the sum of the task vectors accumulated in float32 and rounded once
 kernels of these dtypes). TIES: the engine's exact thresholds (``kernels.band_select``), mergekit's
 choice among magnitudes tied at a cut in the tensors the engine merges whole (``kernels.cpu_sort``, whose
 check against torch's sort is read from the user's cache when it was stored there, so that torch stays
-unimported), and ``kernels.numpy_consensus`` for the trim and the mix.
+unimported), and ``kernels.numpy_consensus`` for the trim and the mix. DARE: the engine's seeded masks and
+fixed-order L1 norms (``kernels.numpy_dare``), then the same mix (TIES) or the weighted sum (linear).
 """
 
 from __future__ import annotations
