@@ -189,7 +189,7 @@ def test_what_the_lane_leaves_to_the_torch_engine(tmp_path):
 
     assert plan() is not None and plan(dtype="float32", out_dtype="bfloat16") is not None
     assert plan(compat="paper") is None                                    # the papers' fused sum
-    assert plan(method="breadcrumbs", params={"density": 0.5}) is None       # TIES: tests/test_ties_lane.py
+    assert plan(method="della", params={"density": 0.5}) is None             # TIES: tests/test_ties_lane.py
     assert plan(ms=models) is None                                         # more than 4: torch's reduction
     assert plan(dtype="bfloat16") is not None                              # rounded as torch rounds
     assert plan(dtype="float64") is None                                   # float64 arithmetic
@@ -241,7 +241,7 @@ def test_cli_task_arithmetic_runs_without_torch(tmp_path):
     from transformers import BertModel
     BertModel.from_pretrained(tmp_path / "out")
     # a recipe the lane does not take still merges (through torch)
-    ties = write_recipe(tmp_path / "t.yaml", base, models, "breadcrumbs", {"density": 0.5}, compat="mergekit")
+    ties = write_recipe(tmp_path / "t.yaml", base, models, "della", {"density": 0.5}, compat="mergekit")
     out = subprocess.run([sys.executable, "-c", _PROBE, "merge", str(ties), str(tmp_path / "out-ties"), "--quiet"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr

@@ -39,7 +39,7 @@ from mergelab.errors import MergelabError
 from mergelab.kernels import band_select as BS
 from mergelab.kernels import cpu_sort as CS
 from mergelab.kernels import numpy_dare as ND
-from mergelab.kernels.numpy_consensus import consensus_mix
+from mergelab.kernels.numpy_consensus import consensus_mix, keep_band_
 from mergelab.io.output import atomic_output_dir
 from mergelab.io.safetensors_format import (FLOAT_NAMES, ITEMSIZE, HeaderEntry, map_range, parse_size, read_header,
                                             user_dtype_name, weight_files)
@@ -132,35 +132,39 @@ class LanePlan:
     params: dict
     model_params: list[dict]
     notes: list[str]
-    method: str = "task_arithmetic"  # or "ties", "dare_ties", "dare_linear"
+    method: str = "task_arithmetic"  # or "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties"
     densities: list[float] | None = None     # ties, DARE: per model
     exact_ties: bool = True
     seed: int = 0                    # DARE: the masks' seed
+    bands: list[tuple[float, float]] | None = None     # breadcrumbs: (keep, top_remove) per model
 
     def close(self) -> None:
         for inputs in [self.base, *self.models]:
             inputs.close()
 
 
-LANE_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear")
+LANE_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties")
 DARE_METHODS = ("dare_ties", "dare_linear")
+BREADCRUMBS_METHODS = ("breadcrumbs", "breadcrumbs_ties")
 # the parameters each method may carry here (shared, per model); anything else goes to the torch engine
 _LANE_PARAMS = {"task_arithmetic": ({"weight", "lambda", "normalize"}, {"weight"}),
                 "ties": ({"weight", "density", "lambda", "normalize", "trim_scope", "exact_ties"}, {"weight", "density"}),
                 **{m: ({"weight", "density", "lambda", "normalize", "seed", "rescale"}, {"weight", "density"})
-                   for m in DARE_METHODS}}
+                   for m in DARE_METHODS},
+                **{m: ({"weight", "keep", "top_remove", "lambda", "normalize", "exact_ties"},
+                       {"weight", "keep", "top_remove"}) for m in BREADCRUMBS_METHODS}}
 # methods whose arithmetic here is float32 only
-_FLOAT32_ONLY = ("ties", *DARE_METHODS)
+_FLOAT32_ONLY = ("ties", *DARE_METHODS, *BREADCRUMBS_METHODS)
 
 
 def plan_lane(recipe, device: str | None = None) -> LanePlan | None:
-    """A plan when the recipe is task arithmetic, TIES or DARE (TIES or linear) this lane computes exactly as
-    the torch engine; else None.
+    """A plan when the recipe is task arithmetic, TIES, DARE or breadcrumbs (each with or without TIES' mix) this
+    lane computes exactly as the torch engine; else None.
 
     Reads the recipe and the inputs' headers only. Anything it does not handle (another method or
     semantics, LoRA, slices, a tokenizer section, per-layer parameters, LiNeS, float64 arithmetic, an
     explicit ``compute_dtype``, ``.bin`` files, tensors that differ between the inputs, another device, more
-    than 4 models; for TIES and DARE also arithmetic other than float32; for TIES a trim other than
+    than 4 models; for TIES, DARE and breadcrumbs also arithmetic other than float32; for TIES a trim other than
     mergekit's per tensor, a density of 0; for DARE ``rescale: false``) returns None."""
     from mergelab.methods import get_method
     if device not in (None, "cpu") or recipe.compat != "mergekit" or recipe.slices is not None:
@@ -186,6 +190,10 @@ def plan_lane(recipe, device: str | None = None) -> LanePlan | None:
         densities = [float(p.get("density", params["density"])) for p in model_params]
         if not params.get("rescale"):
             return None      # without mergekit's L1 rescale the engine checks every input first
+    bands = None
+    if method.name in BREADCRUMBS_METHODS:
+        bands = [(float(p.get("keep", params["keep"])), float(p.get("top_remove", params["top_remove"])))
+                 for p in model_params]
     round_name = user_dtype_name(recipe.dtype)
     out_name = user_dtype_name(recipe.out_dtype or recipe.dtype)
     opened: list[_Inputs] = []
@@ -228,7 +236,7 @@ def plan_lane(recipe, device: str | None = None) -> LanePlan | None:
         raise
     return LanePlan(recipe, base, models, list(base.entries), coefficients, float(params["lambda"]), compute,
                     out_dtypes, out_name, params, model_params, list(resolver.ignored), method.name, densities,
-                    bool(params.get("exact_ties", True)), int(params.get("seed", 0)))
+                    bool(params.get("exact_ties", True)), int(params.get("seed", 0)), bands)
 
 
 def _coefficients(w: list[float], normalize: bool, dtype: str) -> tuple[np.ndarray | None, np.float32 | None]:
@@ -425,6 +433,15 @@ def _kth_magnitude_counted(delta: np.ndarray, rank: int) -> tuple[float, int]:
     return float(value), int(np.count_nonzero(mag < value))
 
 
+def _kth_magnitude_full(delta: np.ndarray, rank: int) -> tuple[float, int, int]:
+    """(rank-th smallest ``|delta|``, how many are below it, how many at most it), exactly."""
+    if delta.size > BS.SAMPLE * 8:
+        return BS.kth_sampled(delta, rank, counted=True, magnitudes_of=1.0)
+    mag = np.abs(delta)
+    value = np.partition(mag, rank - 1)[rank - 1]
+    return float(value), int(np.count_nonzero(mag < value)), int(np.count_nonzero(mag <= value))
+
+
 def _mergekit_top(delta: np.ndarray, kept: int, check) -> np.ndarray:
     """mergekit's mask of the ``kept`` largest magnitudes (``argsort(descending)[:kept]`` of float32 ``|delta|``,
     ties as that sort leaves them): replayed (``cpu_sort``), or torch's own sort where the replay does not
@@ -503,16 +520,15 @@ def _block_deltas(plan: LanePlan, name: str, dtype: str, rows: tuple[int, int] |
     return b, deltas
 
 
-def _streamed_thresholds(plan: LanePlan, name: str, dtype: str, shape: tuple, blocks: list[tuple[int, int]],
-                         ) -> list[float | None]:
-    """Each model's exact trim threshold over a tensor merged in blocks (``streaming._block_selections``):
-    whole sampled rows bracket it, one pass over the blocks counts and keeps the bracket, two histogram
-    passes find the ones a bracket missed."""
+def _streamed_values(plan: LanePlan, name: str, dtype: str, shape: tuple, blocks: list[tuple[int, int]],
+                     wanted: dict) -> dict:
+    """Exact magnitude ranks of task vectors over a tensor merged in blocks (``streaming._block_selections``):
+    ``wanted`` maps a key to (model, rank); whole sampled rows bracket each, one pass over the blocks counts and
+    keeps the brackets, two histogram passes find the ones a bracket missed. Returns key -> value."""
+    if not wanted:
+        return {}
     n = numel(shape)
-    ranks = {i: n - k + 1 for i, k in enumerate(_kept_counts(plan.densities, n)) if k is not None}
-    if not ranks:
-        return [None] * len(plan.models)
-    which = sorted(ranks)
+    which = sorted({i for i, _ in wanted.values()})
     per_row = numel(shape[1:])
     rng = np.random.default_rng(n * 1_000_003 + len(shape))
     rows = np.sort(rng.choice(shape[0], min(shape[0], -(-TIES_SAMPLE // per_row)), replace=False))
@@ -521,24 +537,168 @@ def _streamed_thresholds(plan: LanePlan, name: str, dtype: str, shape: tuple, bl
         _, deltas = _block_deltas(plan, name, dtype, (int(r), int(r) + 1), which)
         for j, i in enumerate(which):
             parts[i].append(np.abs(deltas[j]))
-    bands = {i: BS.BandSelect(ranks[i], *BS.sample_bracket(np.sort(np.concatenate(parts[i])), ranks[i], n),
-                              max_kept=BAND_CAP) for i in which}
+    samples = {i: np.sort(np.concatenate(parts[i])) for i in which}
+    bands = {key: BS.BandSelect(rank, *BS.sample_bracket(samples[i], rank, n), max_kept=BAND_CAP)
+             for key, (i, rank) in wanted.items()}
+    row_of = {i: j for j, i in enumerate(which)}
     for rows_ in blocks:
         _, deltas = _block_deltas(plan, name, dtype, rows_, which)
-        for j, i in enumerate(which):
-            bands[i].add(part=bands[i].part_of_magnitudes(deltas[j]))
-    found: dict[int, float | None] = {i: bands[i].finish() for i in which}
-    missed = {i: BS.RadixSelect32(ranks[i]) for i in which if found[i] is None}
+        for key, (i, _) in wanted.items():
+            bands[key].add(part=bands[key].part_of_magnitudes(deltas[row_of[i]]))
+    found = {key: band.finish() for key, band in bands.items()}
+    missed = {key: BS.RadixSelect32(wanted[key][1]) for key in wanted if found[key] is None}
+    models = sorted({wanted[key][0] for key in missed})
     for stage in ("high", "low") if missed else ():
         for rows_ in blocks:
-            _, deltas = _block_deltas(plan, name, dtype, rows_, sorted(missed))
-            for j, i in enumerate(sorted(missed)):
-                getattr(missed[i], f"add_{stage}")(np.abs(deltas[j]))
+            _, deltas = _block_deltas(plan, name, dtype, rows_, models)
+            for key, sel in missed.items():
+                getattr(sel, f"add_{stage}")(np.abs(deltas[models.index(wanted[key][0])]))
         for sel in missed.values():
             if stage == "high":
                 sel.finish_high()
-    found.update({i: sel.finish_low() for i, sel in missed.items()})
+    found.update({key: sel.finish_low() for key, sel in missed.items()})
+    return found
+
+
+def _streamed_thresholds(plan: LanePlan, name: str, dtype: str, shape: tuple, blocks: list[tuple[int, int]],
+                         ) -> list[float | None]:
+    """Each model's exact TIES threshold over a tensor merged in blocks."""
+    n = numel(shape)
+    wanted = {i: (i, n - k + 1) for i, k in enumerate(_kept_counts(plan.densities, n)) if k is not None}
+    found = _streamed_values(plan, name, dtype, shape, blocks, wanted)
     return [found.get(i) for i in range(len(plan.models))]
+
+
+# ---------------------------------------------------------------------------------------------- breadcrumbs
+# mergekit's breadcrumbs and breadcrumbs_ties (``methods.breadcrumbs`` under mergekit semantics) as the torch
+# engine computes them: per model the band of magnitude ranks (n_bot, n_bot + int(keep n)] of its task vector
+# (n_bot = n - int(keep n) - int(top_remove n)): in a tensor the engine merges whole, its exact limits, or
+# where magnitudes tie across a limit (and ``exact_ties``) the members mergekit's sort gives that slice; in a
+# blocked tensor the exact limits; then the weighted sum or the consensus mix. The result is checked for NaN /
+# Inf (the band keeps NaN, and turns an Inf above it into NaN), and so are the inputs of a tensor where a model's
+# band is empty (nothing of it reaches the result).
+_DROP_ALL = "drop all"
+
+
+def _band_of(band: tuple[float, float], n: int) -> tuple[int, int, int | None, int | None] | None:
+    """(kept, n_bot, low rank, high rank) of ``breadcrumbs._breadcrumbs_select``; None: the task vector is whole."""
+    keep, top_remove = band
+    target = int(keep * n)
+    if keep >= 1:
+        return None
+    n_bot = max(0, n - target - int(top_remove * n))
+    return (target, n_bot, n_bot + 1 if n_bot > 0 else None,
+            n_bot + target if n_bot + target < n else None)
+
+
+def _mergekit_band(delta: np.ndarray, lo: int, hi: int, check) -> np.ndarray:
+    """mergekit's mask of the entries ``torch.sort(|delta|)`` (ascending) puts at [lo, hi): replayed, or torch's sort."""
+    keys = np.abs(delta)
+    if np.isnan(keys.sum()):
+        check()
+    if not np.isnan(keys.sum()) and CS.replay_trusted():
+        mask = CS.sort_slice_mask(keys, lo, hi, overwrite=True)
+        if mask is not None:
+            return mask
+    import torch         # a replay past the heapsort depth, or a torch whose sort it does not match
+    mask = np.zeros(delta.size, dtype=bool)
+    mask[torch.sort(torch.from_numpy(np.abs(delta)), descending=False).indices[lo:hi].numpy()] = True
+    return mask
+
+
+def _band_trim_of(plan: LanePlan, delta: np.ndarray, index: int, check):
+    """Model ``index``'s band in a tensor merged whole: None (whole), ``_DROP_ALL``, (low, high) or a mask."""
+    found = _band_of(plan.bands[index], delta.size)
+    if found is None:
+        return None
+    target, n_bot, low_rank, high_rank = found
+    if target <= 0:
+        return _DROP_ALL
+    low, below = (None, 0) if low_rank is None else _kth_magnitude_full(delta, low_rank)[:2]
+    high, at_most = (None, delta.size) if high_rank is None else _kth_magnitude_full(delta, high_rank)[::2]
+    if plan.exact_ties and at_most - below != target:          # magnitudes tie across a limit
+        return _mergekit_band(delta, n_bot, n_bot + target, check)
+    return low, high
+
+
+def _apply_band_(delta: np.ndarray, trim, start: int = 0) -> None:
+    """In place: a band from ``_band_trim_of`` (a mask: its entries from ``start``) on a task vector or a piece."""
+    if trim is None:
+        return
+    with np.errstate(all="ignore"):          # Inf * 0 and Inf - Inf are NaN, as in torch (which does not warn)
+        if isinstance(trim, str):
+            delta.fill(0)
+        elif isinstance(trim, np.ndarray):
+            np.multiply(delta, trim[start:start + delta.size], out=delta)      # mergekit's delta * mask
+        else:
+            keep_band_(delta, *trim)
+
+
+def _band_mix(plan: LanePlan, base: np.ndarray, deltas: np.ndarray) -> tuple[np.ndarray, bool]:
+    if plan.method == "breadcrumbs":
+        return _linear_mix(base, deltas, *plan.coefficients["F32"], plan.lam)
+    return consensus_mix(base, deltas, _weights(plan), bool(plan.params["normalize"]), plan.lam, chunk=TIES_CHUNK)
+
+
+def _breadcrumbs_tensor(plan: LanePlan, name: str, dtype: str, shape: tuple, whole_limit: int, elements: int,
+                        check_inputs, write) -> None:
+    """One tensor: whole in memory when it is small enough, else the bands one task vector at a time and the
+    mix in pieces; a tensor the engine merges in blocks: the exact limits streamed, then the blocks."""
+    n = numel(shape)
+    spans = row_blocks(shape, whole_limit)
+    empty = any(b is not None and b[0] <= 0 for b in (_band_of(band, n) for band in plan.bands))
+    per_row = numel(shape[1:])
+    if spans is None:
+        check = lambda: check_inputs(name, None)           # noqa: E731
+        if empty:
+            check()
+        if 4 * len(plan.models) * n <= HOLD_BYTES:
+            b, deltas = _block_deltas(plan, name, dtype, None, range(len(plan.models)))
+            for i in range(len(plan.models)):
+                _apply_band_(deltas[i], _band_trim_of(plan, deltas[i], i, check))
+            merged, finite = _band_mix(plan, b, deltas)
+            if not finite:
+                check()
+            write(merged, None)
+            return
+        trims = []
+        for i in range(len(plan.models)):
+            _, deltas = _block_deltas(plan, name, dtype, None, [i])
+            trims.append(_band_trim_of(plan, deltas[0], i, check))
+            deltas = None
+        for piece in _pieces((0, shape[0]), shape, elements):
+            b, deltas = _block_deltas(plan, name, dtype, piece, range(len(plan.models)))
+            for i, trim in enumerate(trims):
+                _apply_band_(deltas[i], trim, piece[0] * per_row)
+            merged, finite = _band_mix(plan, b, deltas)
+            if not finite:
+                check()
+            write(merged, piece)
+        return
+    wanted = {}
+    for i, band in enumerate(plan.bands):
+        found = _band_of(band, n)
+        if found is not None and found[0] > 0:
+            for j, rank in enumerate(found[2:]):
+                if rank is not None:
+                    wanted[i, j] = (i, rank)
+    values = _streamed_values(plan, name, dtype, shape, [p for span in spans for p in _pieces(span, shape, elements)],
+                              wanted)
+    trims = []
+    for i, band in enumerate(plan.bands):
+        found = _band_of(band, n)
+        trims.append(None if found is None else _DROP_ALL if found[0] <= 0 else (values.get((i, 0)), values.get((i, 1))))
+    for span in spans:
+        if empty:
+            check_inputs(name, span)
+        for piece in _pieces(span, shape, elements):
+            b, deltas = _block_deltas(plan, name, dtype, piece, range(len(plan.models)))
+            for i, trim in enumerate(trims):
+                _apply_band_(deltas[i], trim)
+            merged, finite = _band_mix(plan, b, deltas)
+            if not finite:
+                check_inputs(name, span)
+            write(merged, piece)
 
 
 # ---------------------------------------------------------------------------------------------- DARE
@@ -687,6 +847,9 @@ def run_lane(plan: LanePlan, out_dir: str | Path, *, force: bool = False, thread
                     writer.write(name, _from_float32(merged, out).reshape(block_shape), rows[0] if rows else 0)
                 if plan.method in DARE_METHODS:     # the engine's blocks seed the masks
                     _dare_tensor(plan, name, e.dtype, shape, whole_limit, block_elements, check_inputs, write)
+                    return
+                if plan.method in BREADCRUMBS_METHODS:
+                    _breadcrumbs_tensor(plan, name, e.dtype, shape, whole_limit, block_elements, check_inputs, write)
                     return
                 blocks = row_blocks(shape, block_elements)
                 if plan.method == "ties":

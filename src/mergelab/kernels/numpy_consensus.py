@@ -1,7 +1,8 @@
 """mergekit's TIES steps on float32 numpy arrays, bit for bit as the torch kernels compute them on CPU.
 
-The torch-free lane (``engine.linear_lane``) runs TIES with these: ``zero_below_`` is ``merge.zero_below``
-(``hardshrink``: a trimmed entry becomes +0), ``consensus_mix`` is ``merge.fused_consensus_mix`` step for
+The torch-free lane (``engine.linear_lane``) runs TIES and breadcrumbs with these: ``zero_below_`` is
+``merge.zero_below`` (``hardshrink``: a trimmed entry becomes +0), ``zero_above_`` and ``keep_band_`` are
+``merge.zero_above`` and ``merge.keep_band``, ``consensus_mix`` is ``merge.fused_consensus_mix`` step for
 step. Each step is one IEEE operation per element or a sum over at most four rows in model order, which
 numpy and torch round alike; where the two libraries differ on signed zeros or NaN, the step is written
 the way torch computes it (``clamp_(min=0)`` keeps -0 and NaN; numpy's ``maximum`` gives +0, which only
@@ -14,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["zero_below_", "consensus_mix", "MAX_ROWS", "CHUNK"]
+__all__ = ["zero_below_", "zero_above_", "keep_band_", "consensus_mix", "MAX_ROWS", "CHUNK"]
 
 MAX_ROWS = 4              # merge.SEQUENTIAL_ROWS: rows added in order
 CHUNK = 1 << 17           # merge.FUSED_CHUNK
@@ -36,6 +37,33 @@ def zero_below_(x: np.ndarray, threshold: float, scratch: np.ndarray | None = No
     np.multiply(x, kept, out=x)
     if signed_zeros:
         np.add(x, np.float32(0), out=x)
+    return x
+
+
+def zero_above_(x: np.ndarray, threshold: float) -> np.ndarray:
+    """In place: entries with ``|x| > threshold`` become +0 (an infinite one NaN, NaN stays), as ``merge.zero_above``.
+
+    torch computes ``x - hardshrink(x, t)``: hardshrink is +0 where ``|x| <= t`` and ``x`` elsewhere (NaN too),
+    so the kept entries keep their bits (-0 included) and ``Inf - Inf`` is NaN."""
+    t = np.float32(threshold)
+    if not (0 <= threshold < np.inf):           # masked_fill_(|x| > t, 0): NaN is not above anything
+        with np.errstate(invalid="ignore"):
+            np.copyto(x, np.float32(0), where=np.abs(x) > t)
+        return x
+    with np.errstate(invalid="ignore"):
+        outside = np.logical_not(np.less_equal(np.abs(x), t))      # NaN counts as outside, as in hardshrink
+        shrunk = np.multiply(x, outside)
+        np.add(shrunk, np.float32(0), out=shrunk)                     # hardshrink's zeros are +0
+        np.subtract(x, shrunk, out=x)
+    return x
+
+
+def keep_band_(x: np.ndarray, low: float | None, high: float | None) -> np.ndarray:
+    """In place: keep the entries with ``low <= |x| <= high`` (a missing limit is open), as ``merge.keep_band``."""
+    if low is not None:
+        zero_below_(x, low)
+    if high is not None:
+        zero_above_(x, high)
     return x
 
 
