@@ -3,35 +3,23 @@ weights bit for bit, mergekit's choice among magnitudes tied at a band's limit, 
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mergelab import kernels as K
-from mergelab.engine import load_recipe, merge
+from mergelab.engine import load_recipe
 from mergelab.engine.linear_lane import plan_lane, run_lane
 from mergelab.kernels.numpy_consensus import keep_band_, zero_above_
 from tests.helpers import make_model_folders, write_recipe
-from tests.test_linear_lane import _PROBE, _files, _with_int_buffer, assert_lane_equals_mergekit
+from tests.test_linear_lane import (_files, _with_int_buffer, assert_cli_names_bad_input, assert_cli_runs_without_torch,
+                                    assert_lane_equals_mergekit, lane_and_engine, poison)
 from tests.test_ties_lane import _quantize, _raw_folders
 
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["breadcrumbs", "breadcrumbs_ties"]
-
-
-def _both(tmp_path: Path, recipe: Path, method: str, **kw) -> tuple[dict[str, bytes], dict[str, bytes]]:
-    plan = plan_lane(load_recipe(recipe))
-    assert plan is not None and plan.method == method, "the recipe should run in the lane"
-    run_lane(plan, tmp_path / "lane", **kw)
-    merge(load_recipe(recipe), tmp_path / "torch", **kw)
-    return _files(tmp_path / "lane"), _files(tmp_path / "torch")
 
 
 CASES = [
@@ -66,7 +54,7 @@ def test_breadcrumbs_lane_writes_the_engines_folder_byte_for_byte(tmp_path, meth
                           {"lambda": lam, "normalize": normalize, "exact_ties": exact},
                           [{"weight": w, "density": k, "gamma": g} for w, k, g in wkg], **extra)
     kw = {"shard_size": 40_000, **({"block_elements": blocks} if blocks else {})}
-    lane, engine = _both(tmp_path, recipe, method, **kw)
+    lane, engine = lane_and_engine(tmp_path, recipe, method, **kw)
     assert lane.keys() == engine.keys()
     for name in lane:
         assert lane[name] == engine[name], name
@@ -84,7 +72,7 @@ def test_breadcrumbs_lane_large_tensors_whole_blocked_and_in_pieces(tmp_path, me
                            "gamma": 0.1}, {"weight": 0.3, "density": 0.7, "gamma": 0.0}], compat="mergekit")
     for blocks in (None, 200_000):
         kw = {"block_elements": blocks} if blocks else {}
-        lane, engine = _both(tmp_path / f"b{blocks}", recipe, method, **kw)
+        lane, engine = lane_and_engine(tmp_path / f"b{blocks}", recipe, method, **kw)
         assert lane == engine
     monkeypatch.setattr(lane_module, "HOLD_BYTES", 0)
     monkeypatch.setattr(lane_module, "LANE_BLOCK_ELEMENTS", 7_777)
@@ -140,29 +128,12 @@ def test_cli_breadcrumbs_runs_without_torch_and_names_bad_inputs(tmp_path, monke
                           [{"density": 0.2, "gamma": 0.01}, {"density": 0.3, "gamma": 0.1},
                            {"weight": 0.5, "density": 0.5}], compat="mergekit")
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", _PROBE, "merge", str(recipe), str(tmp_path / "out"), "--quiet"],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "TORCH:False"
-    assert "breadcrumbs_ties" in out.stdout and "(numpy, without torch)" in out.stdout
-    merge(load_recipe(recipe), tmp_path / "engine")
-    assert _files(tmp_path / "out") == _files(tmp_path / "engine")
-    from transformers import BertModel
-    BertModel.from_pretrained(tmp_path / "out")
+    assert_cli_runs_without_torch(tmp_path, recipe, "breadcrumbs_ties", env)
     for keep, value in ((0.5, float("inf")), (0.0, float("nan"))):
-        sd = load_file(models[2] / "model.safetensors")
-        name = sorted(k for k in sd if sd[k].is_floating_point())[4]
-        sd[name].view(-1)[3] = value
-        save_file(sd, models[2] / "model.safetensors", metadata={"format": "pt"})
-        bad = write_recipe(tmp_path / "bad.yaml", base, models, "breadcrumbs", None,
+        name = poison(models[2], value)
+        bad = write_recipe(tmp_path / "r-bad.yaml", base, models, "breadcrumbs", None,
                            [{"density": 0.2}, {"density": 0.3}, {"density": keep}], compat="mergekit")
-        out = subprocess.run([sys.executable, "-m", "mergelab", "merge", str(bad), str(tmp_path / "bad"), "--quiet"],
-                             capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-        assert out.returncode == 2, out.stderr
-        assert out.stderr.strip().splitlines() == [f"mergelab: error: {models[2]}: tensor {name!r} contains NaN or Inf"]
-        assert not (tmp_path / "bad").exists()
-        with pytest.raises(Exception, match=f"{models[2]}: tensor '{name}' contains NaN or Inf"):
-            merge(load_recipe(bad), tmp_path / "engine-bad")
+        assert_cli_names_bad_input(tmp_path, bad, models[2], name, env)
 
 
 def test_what_the_breadcrumbs_lane_leaves_to_the_torch_engine(tmp_path):

@@ -3,8 +3,6 @@ statistics, inputs checked through the norms, without torch."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,17 +13,8 @@ from safetensors.torch import load_file, save_file
 from mergelab.engine import load_recipe, merge
 from mergelab.engine.linear_lane import plan_lane, run_lane
 from tests.helpers import make_model_folders, write_recipe
-from tests.test_linear_lane import _PROBE, _files, _with_int_buffer
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _both(tmp_path: Path, recipe: Path, method: str, **kw) -> tuple[dict[str, bytes], dict[str, bytes]]:
-    plan = plan_lane(load_recipe(recipe))
-    assert plan is not None and plan.method == method, "the recipe should run in the lane"
-    run_lane(plan, tmp_path / "lane", **kw)
-    merge(load_recipe(recipe), tmp_path / "torch", **kw)
-    return _files(tmp_path / "lane"), _files(tmp_path / "torch")
+from tests.test_linear_lane import (_files, _with_int_buffer, assert_cli_names_bad_input, assert_cli_runs_without_torch,
+                                    lane_and_engine, poison)
 
 
 CASES = [
@@ -57,7 +46,7 @@ def test_dare_lane_writes_the_engines_folder_byte_for_byte(tmp_path, method, cas
                           {"lambda": lam, "normalize": normalize, "seed": seed},
                           [{"weight": w, "density": d} for w, d in wd], **extra)
     kw = {"shard_size": 40_000, **({"block_elements": blocks} if blocks else {})}
-    lane, engine = _both(tmp_path, recipe, method, **kw)
+    lane, engine = lane_and_engine(tmp_path, recipe, method, **kw)
     assert lane.keys() == engine.keys()
     for name in lane:
         assert lane[name] == engine[name], name
@@ -88,7 +77,7 @@ def test_dare_lane_large_tensors_whole_and_in_blocks(tmp_path, method):
                                {"weight": 0.3, "density": 0.7}], compat="mergekit")
         for blocks in (None, 200_000):
             kw = {"block_elements": blocks} if blocks else {}
-            lane, engine = _both(tmp_path / f"{seed}-{blocks}", recipe, method, **kw)
+            lane, engine = lane_and_engine(tmp_path / f"{seed}-{blocks}", recipe, method, **kw)
             assert lane == engine
             outs[seed, blocks] = lane["model.safetensors"]
     assert outs[1, None] != outs[2, None] and outs[1, None] != outs[1, 200_000]
@@ -121,27 +110,9 @@ def test_cli_dare_ties_runs_without_torch_and_checks_inputs_through_the_norms(tm
     recipe = write_recipe(tmp_path / "r.yaml", base, models, "dare_ties", {"seed": 17},
                           [{"density": 0.5}, {"density": 0.3}, {"weight": 0.5, "density": 0.0}], compat="mergekit")
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", _PROBE, "merge", str(recipe), str(tmp_path / "out"), "--quiet"],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "TORCH:False"
-    assert "dare_ties" in out.stdout and "(numpy, without torch)" in out.stdout
-    merge(load_recipe(recipe), tmp_path / "engine")
-    assert _files(tmp_path / "out") == _files(tmp_path / "engine")
-    from transformers import BertModel
-    BertModel.from_pretrained(tmp_path / "out")
+    assert_cli_runs_without_torch(tmp_path, recipe, "dare_ties", env)
     # a NaN in the model of density 0: its mask drops everything, the norm still sees it
-    sd = load_file(models[2] / "model.safetensors")
-    name = sorted(k for k in sd if sd[k].is_floating_point())[4]
-    sd[name].view(-1)[3] = float("nan")
-    save_file(sd, models[2] / "model.safetensors", metadata={"format": "pt"})
-    out = subprocess.run([sys.executable, "-m", "mergelab", "merge", str(recipe), str(tmp_path / "bad"), "--quiet"],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [f"mergelab: error: {models[2]}: tensor {name!r} contains NaN or Inf"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine", "m", "out", "r.yaml"]
-    with pytest.raises(Exception, match=f"{models[2]}: tensor '{name}' contains NaN or Inf"):
-        merge(load_recipe(recipe), tmp_path / "engine-bad")
+    assert_cli_names_bad_input(tmp_path, recipe, models[2], poison(models[2], float("nan")), env)
 
 
 @pytest.mark.parametrize("blocks", [None, 1_000])

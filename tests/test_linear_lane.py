@@ -41,13 +41,49 @@ def _with_int_buffer(folders: list[Path]) -> None:
         save_file(sd, f / "model.safetensors", metadata={"format": "pt"})
 
 
-def _both(tmp_path: Path, recipe: Path, **kw) -> tuple[dict[str, bytes], dict[str, bytes]]:
-    rec = load_recipe(recipe)
-    plan = plan_lane(rec)
-    assert plan is not None, "the recipe should run in the lane"
+def lane_and_engine(tmp_path: Path, recipe: Path, method: str | None = None, **kw
+                    ) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """The folders the lane and the torch engine write for ``recipe`` (the lane must take it, as ``method``)."""
+    plan = plan_lane(load_recipe(recipe))
+    assert plan is not None and method in (None, plan.method), "the recipe should run in the lane"
     run_lane(plan, tmp_path / "lane", **kw)
     merge(load_recipe(recipe), tmp_path / "torch", **kw)
     return _files(tmp_path / "lane"), _files(tmp_path / "torch")
+
+
+def poison(folder: Path, value: float, index: int = 4) -> str:
+    """Entry 3 of the ``index``-th floating tensor (by name) of a model folder set to ``value``; its name."""
+    sd = load_file(folder / "model.safetensors")
+    name = sorted(k for k in sd if sd[k].is_floating_point())[index]
+    sd[name].view(-1)[3] = value
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    return name
+
+
+def assert_cli_names_bad_input(tmp_path: Path, recipe: Path, culprit: Path, name: str, env: dict | None = None) -> None:
+    """``mergelab merge`` of ``recipe``: the one line naming ``culprit``'s tensor, exit 2, nothing written (no
+    temporary either); the torch engine names the same."""
+    out = subprocess.run([sys.executable, "-m", "mergelab", "merge", str(recipe), str(tmp_path / "bad"), "--quiet"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [f"mergelab: error: {culprit}: tensor {name!r} contains NaN or Inf"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bad") or p.name.startswith("bad")]
+    with pytest.raises(Exception, match=f"{culprit}: tensor '{name}' contains NaN or Inf"):
+        merge(load_recipe(recipe), tmp_path / "engine-bad")
+
+
+def assert_cli_runs_without_torch(tmp_path: Path, recipe: Path, method: str, env: dict | None = None) -> None:
+    """``mergelab merge`` of ``recipe`` never imports torch, says so, writes the engine's folder byte for byte, and
+    transformers loads it."""
+    out = subprocess.run([sys.executable, "-c", _PROBE, "merge", str(recipe), str(tmp_path / "out"), "--quiet"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "TORCH:False"
+    assert method in out.stdout and "(numpy, without torch)" in out.stdout
+    merge(load_recipe(recipe), tmp_path / "engine")
+    assert _files(tmp_path / "out") == _files(tmp_path / "engine")
+    from transformers import BertModel
+    BertModel.from_pretrained(tmp_path / "out")
 
 
 @pytest.mark.parametrize("n, weights, lam, normalize, dtype, recipe_dtype, out_dtype", [
@@ -76,7 +112,7 @@ def test_lane_writes_the_engines_folder_byte_for_byte(tmp_path, n, weights, lam,
     recipe = write_recipe(tmp_path / "r.yaml", base, models, "task_arithmetic",
                           {"lambda": lam, "normalize": normalize}, [{"weight": w} for w in weights], **extra)
     # small shards and blocks: several output files, tensors merged in row blocks and chunks
-    lane, engine = _both(tmp_path, recipe, shard_size=40_000, block_elements=1_000)
+    lane, engine = lane_and_engine(tmp_path, recipe, shard_size=40_000, block_elements=1_000)
     assert len([k for k in lane if k.endswith(".safetensors")]) > 1
     assert lane.keys() == engine.keys()
     for name in lane:
@@ -88,7 +124,7 @@ def test_lane_sharded_inputs_and_the_copied_integer_tensor(tmp_path):
     assert (base / "model.safetensors.index.json").exists()
     recipe = write_recipe(tmp_path / "r.yaml", base, models, "task_arithmetic", {"lambda": 0.7}, compat="mergekit",
                           dtype="float32")
-    lane, engine = _both(tmp_path, recipe)
+    lane, engine = lane_and_engine(tmp_path, recipe)
     assert lane == engine
 
 

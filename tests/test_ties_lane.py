@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -22,7 +21,8 @@ from mergelab.kernels import band_select as BS
 from mergelab.kernels import cpu_sort as CS
 from mergelab.kernels.numpy_consensus import consensus_mix, zero_below_
 from tests.helpers import make_model_folders, write_recipe
-from tests.test_linear_lane import _PROBE, _files, _with_int_buffer, assert_lane_equals_mergekit
+from tests.test_linear_lane import (_PROBE, _files, _with_int_buffer, assert_cli_names_bad_input,
+                                    assert_cli_runs_without_torch, assert_lane_equals_mergekit, lane_and_engine, poison)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,14 +36,6 @@ def _quantize(folders: list[Path], step: float = 2.0 ** -9, levels: int = 6, see
         sd = {k: (v + step * torch.randint(-levels, levels + 1, v.shape, generator=g).to(v.dtype))
               if v.is_floating_point() else v for k, v in base.items()}
         save_file(sd, f / "model.safetensors", metadata={"format": "pt"})
-
-
-def _both(tmp_path: Path, recipe: Path, **kw) -> tuple[dict[str, bytes], dict[str, bytes]]:
-    plan = plan_lane(load_recipe(recipe))
-    assert plan is not None and plan.method == "ties", "the recipe should run in the lane"
-    run_lane(plan, tmp_path / "lane", **kw)
-    merge(load_recipe(recipe), tmp_path / "torch", **kw)
-    return _files(tmp_path / "lane"), _files(tmp_path / "torch")
 
 
 CASES = [
@@ -77,7 +69,7 @@ def test_ties_lane_writes_the_engines_folder_byte_for_byte(tmp_path, case, block
                           {"lambda": lam, "normalize": normalize, "exact_ties": exact},
                           [{"weight": w, "density": d} for w, d in wd], **extra)
     kw = {"shard_size": 40_000, **({"block_elements": blocks} if blocks else {})}
-    lane, engine = _both(tmp_path, recipe, **kw)
+    lane, engine = lane_and_engine(tmp_path, recipe, "ties", **kw)
     assert lane.keys() == engine.keys()
     for name in lane:
         assert lane[name] == engine[name], name
@@ -108,7 +100,7 @@ def test_ties_lane_large_tensors_whole_and_in_blocks(tmp_path, levels):
                            {"weight": 0.3, "density": 0.7}], compat="mergekit")
     for blocks in (None, 200_000):
         kw = {"block_elements": blocks} if blocks else {}
-        lane, engine = _both(tmp_path / str(blocks), recipe, **kw)
+        lane, engine = lane_and_engine(tmp_path / str(blocks), recipe, "ties", **kw)
         assert lane == engine
 
 
@@ -227,15 +219,7 @@ def test_cli_ties_runs_without_torch_and_names_a_nan_input(tmp_path, monkeypatch
                           [{"density": 0.2}, {"density": 0.3}, {"weight": 0.5, "density": 0.5}], compat="mergekit",
                           dtype="float32")
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", _PROBE, "merge", str(recipe), str(tmp_path / "out"), "--quiet"],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "TORCH:False"
-    assert "ties" in out.stdout and "(numpy, without torch)" in out.stdout
-    merge(load_recipe(recipe), tmp_path / "engine")
-    assert _files(tmp_path / "out") == _files(tmp_path / "engine")
-    from transformers import BertModel
-    BertModel.from_pretrained(tmp_path / "out")
+    assert_cli_runs_without_torch(tmp_path, recipe, "ties", env)
     # without a stored verdict the lane checks once (importing torch), and the result is the same
     fresh = {**env, "XDG_CACHE_HOME": str(tmp_path / "cache2")}
     out = subprocess.run([sys.executable, "-c", _PROBE, "merge", str(recipe), str(tmp_path / "out2"), "--quiet"],
@@ -244,18 +228,7 @@ def test_cli_ties_runs_without_torch_and_names_a_nan_input(tmp_path, monkeypatch
     assert _files(tmp_path / "out2") == _files(tmp_path / "engine")
     assert (tmp_path / "cache2" / "mergelab" / "torch-sort-replay.json").is_file()
     # a NaN in one input
-    sd = load_file(models[2] / "model.safetensors")
-    name = sorted(k for k in sd if sd[k].is_floating_point())[4]
-    sd[name].view(-1)[3] = float("nan")
-    save_file(sd, models[2] / "model.safetensors", metadata={"format": "pt"})
-    out = subprocess.run([sys.executable, "-m", "mergelab", "merge", str(recipe), str(tmp_path / "bad"), "--quiet"],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [f"mergelab: error: {models[2]}: tensor {name!r} contains NaN or Inf"]
-    assert not (tmp_path / "bad").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bad") or p.name.startswith("bad")]
-    with pytest.raises(Exception, match=f"{models[2]}: tensor '{name}' contains NaN or Inf"):
-        merge(load_recipe(recipe), tmp_path / "engine-bad")
+    assert_cli_names_bad_input(tmp_path, recipe, models[2], poison(models[2], float("nan")), env)
 
 
 def test_what_the_ties_lane_leaves_to_the_torch_engine(tmp_path):
