@@ -1,10 +1,11 @@
-"""mergekit's task arithmetic, TIES and DARE on numpy, in a process that never imports torch.
+"""mergekit's task arithmetic, TIES, DARE and breadcrumbs on numpy, in a process that never imports torch.
 
 A 1 GB task-arithmetic merge reads 4 GB and writes 1 GB: about 1.6 s here, the time of a plain copy.
 Importing torch takes 1-3 s more on the benchmark machine, longer than the merge itself, so the CLI
 runs the recipes that need no torch kernel here: mergekit semantics, ``task_arithmetic`` (float32 /
 bfloat16 / float16 arithmetic), ``ties`` (float32 arithmetic, per-tensor trim), ``dare_ties`` or
-``dare_linear`` (float32 arithmetic, mergekit's L1 rescale) of 1-4 models on a base, safetensors inputs
+``dare_linear`` (float32 arithmetic, mergekit's L1 rescale), ``breadcrumbs`` or ``breadcrumbs_ties`` (float32
+arithmetic) of 1-4 models on a base, safetensors inputs
 with one tensor layout, one set of parameters. ``plan_lane`` says whether a
 recipe qualifies (else the torch engine runs it, with its own checks and errors).
 
@@ -19,6 +20,8 @@ choice among magnitudes tied at a cut in the tensors the engine merges whole (``
 check against torch's sort is read from the user's cache when it was stored there, so that torch stays
 unimported), and ``kernels.numpy_consensus`` for the trim and the mix. DARE: the engine's seeded masks and
 fixed-order L1 norms (``kernels.numpy_dare``), then the same mix (TIES) or the weighted sum (linear).
+Breadcrumbs: the engine's exact band limits, mergekit's choice where magnitudes tie across one (the same
+replay), ``numpy_consensus.keep_band_``, then the weighted sum or the mix.
 """
 
 from __future__ import annotations
@@ -407,7 +410,8 @@ TIES_CHUNK = 1 << 16
 
 
 # Task vectors of a tensor held in memory at most (per worker). A larger tensor takes two passes, the second over
-# pieces of ``LANE_BLOCK_ELEMENTS`` entries: TIES finds each trim with one task vector at a time, DARE its norms,
+# pieces of ``LANE_BLOCK_ELEMENTS`` entries: TIES and breadcrumbs find each trim with one task vector at a time,
+# DARE its norms,
 # so that the peak does not follow the tensors' sizes (for one more read of their inputs from the page cache).
 HOLD_BYTES = 40 << 20
 
@@ -423,18 +427,10 @@ def _kept_counts(densities: Sequence[float], n: int) -> list[int | None]:
     return [None if d >= 1 or n == 0 else max(1, int(d * n)) for d in densities]
 
 
-def _kth_magnitude_counted(delta: np.ndarray, rank: int) -> tuple[float, int]:
-    """(rank-th smallest ``|delta|``, how many are below it), exactly (``band_select``). Computing the
-    magnitudes while the task vector is formed, chunk by chunk, was no faster (the tensors fit in cache)."""
-    if delta.size > BS.SAMPLE * 8:
-        return BS.kth_sampled(delta, rank, counted=True, magnitudes_of=1.0)[:2]
-    mag = np.abs(delta)
-    value = np.partition(mag, rank - 1)[rank - 1]
-    return float(value), int(np.count_nonzero(mag < value))
-
-
-def _kth_magnitude_full(delta: np.ndarray, rank: int) -> tuple[float, int, int]:
-    """(rank-th smallest ``|delta|``, how many are below it, how many at most it), exactly."""
+def _kth_magnitude_counted(delta: np.ndarray, rank: int) -> tuple[float, int, int]:
+    """(rank-th smallest ``|delta|``, how many are below it, how many at most it), exactly (``band_select``).
+    Computing the magnitudes while the task vector is formed, chunk by chunk, was no faster (the tensors fit
+    in cache)."""
     if delta.size > BS.SAMPLE * 8:
         return BS.kth_sampled(delta, rank, counted=True, magnitudes_of=1.0)
     mag = np.abs(delta)
@@ -463,7 +459,7 @@ def _trim_of(plan: LanePlan, delta: np.ndarray, kept: int, check) -> float | np.
     """mergekit's trim of one task vector of a tensor merged whole: its exact threshold, or the mask of its
     ``kept`` largest magnitudes where magnitudes tie across the cut (and ``exact_ties``)."""
     n = delta.size
-    value, less = _kth_magnitude_counted(delta, n - kept + 1)
+    value, less, _ = _kth_magnitude_counted(delta, n - kept + 1)
     if plan.exact_ties and value and n - less != kept:       # magnitudes tied across the cut
         return _mergekit_top(delta, kept, check)
     return value
@@ -594,9 +590,10 @@ def _band_of(band: tuple[float, float], n: int) -> tuple[int, int, int | None, i
 def _mergekit_band(delta: np.ndarray, lo: int, hi: int, check) -> np.ndarray:
     """mergekit's mask of the entries ``torch.sort(|delta|)`` (ascending) puts at [lo, hi): replayed, or torch's sort."""
     keys = np.abs(delta)
-    if np.isnan(keys.sum()):
-        check()
-    if not np.isnan(keys.sum()) and CS.replay_trusted():
+    nan = bool(np.isnan(keys.sum()))
+    if nan:
+        check()                # names a NaN / Inf input; NaN from finite inputs (Inf - Inf) sorts as torch sorts it
+    if not nan and CS.replay_trusted():
         mask = CS.sort_slice_mask(keys, lo, hi, overwrite=True)
         if mask is not None:
             return mask
@@ -614,8 +611,8 @@ def _band_trim_of(plan: LanePlan, delta: np.ndarray, index: int, check):
     target, n_bot, low_rank, high_rank = found
     if target <= 0:
         return _DROP_ALL
-    low, below = (None, 0) if low_rank is None else _kth_magnitude_full(delta, low_rank)[:2]
-    high, at_most = (None, delta.size) if high_rank is None else _kth_magnitude_full(delta, high_rank)[::2]
+    low, below = (None, 0) if low_rank is None else _kth_magnitude_counted(delta, low_rank)[:2]
+    high, at_most = (None, delta.size) if high_rank is None else _kth_magnitude_counted(delta, high_rank)[::2]
     if plan.exact_ties and at_most - below != target:          # magnitudes tie across a limit
         return _mergekit_band(delta, n_bot, n_bot + target, check)
     return low, high

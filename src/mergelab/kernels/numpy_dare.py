@@ -1,6 +1,6 @@
 """DARE's random drop and mergekit's L1 rescale on numpy, bit for bit as the torch kernels compute them.
 
-The torch-free lane (``engine.linear_lane``) runs DARE-TIES with these. Three pieces make that possible:
+The torch-free lane (``engine.linear_lane``) runs DARE-TIES and DARE linear with these. Three pieces make that possible:
 
 - **The mask seed.** Each (seed, tensor, model, block) has its torch generator (``TensorJob.generator``,
   seeded by ``mask_seed``), and the mask's bits come from numpy's PCG64 seeded by one draw of it,
@@ -41,9 +41,10 @@ def mask_seed(seed: int, name: str, index: int, block_row: int) -> int:
 
 def torch_seed_draw(generator_seed: int) -> int:
     """``int(torch.randint(0, 2**62, (), generator=torch.Generator().manual_seed(generator_seed)))``."""
-    bits = np.random.MT19937(0)
-    bits._legacy_seeding(int(generator_seed) & 0xFFFFFFFF)      # init_genrand, as torch's mt19937
-    high, low = (int(v) for v in bits.random_raw(2))
+    # RandomState of a 32-bit seed is MT19937 after init_genrand, as torch's mt19937, and a full-range uint32
+    # draw is one raw output: a stream numpy keeps fixed (NEP 19)
+    high, low = (int(v) for v in np.random.RandomState(int(generator_seed) & 0xFFFFFFFF).randint(
+        0, 2**32, size=2, dtype=np.uint32))
     return ((high << 32) | low) % (2**62)
 
 
