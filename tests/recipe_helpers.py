@@ -49,36 +49,40 @@ from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 failed = {}
+extra = json.loads(sys.argv[2])
 for recipe, out in json.loads(sys.argv[1]):
     try:
         text = open(recipe).read()
         run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), out,
-                  options=MergeOptions(copy_tokenizer=False, allow_crimes=True, quiet=True), config_source=text)
+                  options=MergeOptions(copy_tokenizer=False, allow_crimes=True, quiet=True, **extra),
+                  config_source=text)
     except Exception:
         failed[recipe] = traceback.format_exc()[-2000:]
 print(json.dumps(failed))
 """
 
 
-def run_mergekit_batch(jobs: list[tuple[Path, Path]]) -> dict[str, str]:
-    """Run mergekit 0.1.5 on every (recipe, out) in one process (one torch import); returns failures."""
+def run_mergekit_batch(jobs: list[tuple[Path, Path]], **options) -> dict[str, str]:
+    """Run mergekit 0.1.5 on every (recipe, out) in one process (one torch import); returns failures.
+    ``options``: more ``MergeOptions`` (e.g. ``random_seed``)."""
     import json
     exe = mergekit_exe()
-    r = subprocess.run([str(exe.parent / "python"), "-c", _BATCH, json.dumps([[str(a), str(b)] for a, b in jobs])],
+    r = subprocess.run([str(exe.parent / "python"), "-c", _BATCH, json.dumps([[str(a), str(b)] for a, b in jobs]),
+                        json.dumps(options)],
                        capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     if r.returncode != 0:
         raise AssertionError(f"mergekit runner failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def run_mergekit(recipe: Path, out: Path) -> None:
-    failed = run_mergekit_batch([(recipe, out)])
+def run_mergekit(recipe: Path, out: Path, **options) -> None:
+    failed = run_mergekit_batch([(recipe, out)], **options)
     if failed:
         raise AssertionError(f"mergekit failed on {recipe}:\n{failed[str(recipe)]}")
 
 
 def make_llama(path: Path, seed: int, layers: int = 4, dtype: torch.dtype = torch.float32, base: Path | None = None,
-               scale: float = 0.01, arch: str = "llama") -> Path:
+               scale: float = 0.01, arch: str = "llama", intermediate: int = 64) -> Path:
     """A tiny causal LM checkpoint (random weights; with ``base``: base + Gaussian noise of ``scale``)."""
     import transformers
     cfgs = {
@@ -89,7 +93,7 @@ def make_llama(path: Path, seed: int, layers: int = 4, dtype: torch.dtype = torc
     }
     tie = arch == "gemma2"     # Gemma ties its head to the embeddings (mergekit's architecture has no lm_head)
     cfg_cls, model_cls, extra = cfgs[arch]
-    cfg = cfg_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+    cfg = cfg_cls(hidden_size=32, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=tie,
                   **extra)
     torch.manual_seed(seed)

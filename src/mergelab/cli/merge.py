@@ -48,7 +48,8 @@ def _run(args: argparse.Namespace) -> int:
     from mergelab.io import claim_output
     recipe = load_recipe(args.recipe, compat=args.compat)
     progress = TqdmProgress(args.quiet)
-    options = {"force": args.force, "threads": args.threads, "shard_size": args.shard_size, "progress": progress}
+    options = {"force": args.force, "threads": args.threads, "shard_size": args.shard_size, "progress": progress,
+               "random_seed": args.random_seed}
     try:
         # OUT_DIR checked and locked before any tensor is read: a second run into it fails at once
         with claim_output(args.out_dir, recipe.input_paths(), force=args.force):
@@ -82,7 +83,8 @@ def _run_stages(args: argparse.Namespace) -> int:
     try:
         results = merge_stages(args.recipe, args.out_dir, intermediate_dir=args.intermediate_dir, force=args.force,
                                merge_kwargs={"compat": args.compat, "device": args.device, "threads": args.threads,
-                                             "shard_size": args.shard_size, "progress": progress},
+                                             "shard_size": args.shard_size, "progress": progress,
+                                             "random_seed": args.random_seed},
                                on_stage=announce, before_engine=lambda: _torch_threads(args.threads))
     finally:
         progress.close()
@@ -116,5 +118,9 @@ def add_parser(sub) -> None:
     p.add_argument("--shard-size", default=None, help="largest output shard, e.g. 2GB")
     p.add_argument("--intermediate-dir", default=None,
                    help="multi-document recipes: where named stages are kept (default: OUT_DIR.stages beside it)")
+    p.add_argument("--random-seed", type=int, default=None, metavar="N",
+                   help="DARE / DELLA masks entry for entry as 'mergekit-yaml --random-seed N' draws them on CPU "
+                        "(mergekit semantics; slower: torch's generator, one entry at a time); without it, "
+                        "mergelab's masks from the recipe's 'seed' (reproducible, other draws)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)

@@ -906,16 +906,23 @@ def merge_recipe(recipe, out_dir: str | Path, *, compat: str | None = None, devi
                  before_engine=None, **options) -> MergeSummary:
     """A recipe (path, mapping or ``Recipe``) merged by this lane when it takes it, else by the torch engine
     (``streaming.merge``; ``before_engine()`` runs first, e.g. the CLI's torch thread settings).
-    ``options``: ``force``, ``threads``, ``progress``, ``shard_size``."""
-    from mergelab.engine.recipe import Recipe, load_recipe
+    ``options``: ``force``, ``threads``, ``progress``, ``shard_size``, ``random_seed`` (DARE / DELLA draw
+    mergekit's own masks for ``mergekit-yaml --random-seed``: the torch engine)."""
+    from mergelab.engine.recipe import Recipe, check_random_seed, load_recipe
+    from mergelab.methods import get_method
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, compat=compat)
     elif compat is not None and compat != recipe.compat:
         recipe.compat = compat
-    plan = plan_lane(recipe, device)
+    random_seed = options.get("random_seed")
+    if random_seed is not None:
+        check_random_seed(recipe, random_seed)
+    replays_mergekit = random_seed is not None and get_method(recipe.method).mergekit_draws is not None
+    options = {k: v for k, v in options.items() if k != "random_seed"}
+    plan = None if replays_mergekit else plan_lane(recipe, device)
     if plan is not None:
         return run_lane(plan, out_dir, **options)
     if before_engine is not None:
         before_engine()
     from mergelab.engine.streaming import merge
-    return merge(recipe, out_dir, device=device, **options)
+    return merge(recipe, out_dir, device=device, random_seed=random_seed, **options)

@@ -367,3 +367,16 @@ def slice_models(slices: list[SliceSpec], base_path: str | None) -> list[ModelEn
     if not models and base_path is not None:
         models = [ModelEntry(base_path)]     # slices of the base alone (a frankenmerge of one model)
     return models
+
+
+def check_random_seed(recipe: Recipe, seed: int) -> None:
+    """``--random-seed`` replays mergekit's mask stream: only where mergelab knows mergekit's order of draws."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise MergelabError(f"random seed {seed!r}: must be an integer in [0, 2^32) (mergekit's set_seed seeds numpy "
+                            "too, which takes no other)")
+    if recipe.compat != "mergekit":
+        raise MergelabError("random seed: it reproduces mergekit's masks, so it needs mergekit semantics "
+                            "(compat: mergekit, the default), not compat: paper")
+    if recipe.slices is not None or recipe.tokenizer is not None:
+        raise MergelabError("random seed: mergekit's order of mask draws is replayed for recipes with 'models:' and "
+                            f"no tokenizer section; this recipe has {'slices' if recipe.slices else 'a tokenizer'}")

@@ -25,7 +25,7 @@ from mergelab.methods.lines import LinesConfig, layer_scales, multitask_alpha, r
 from mergelab.engine.output_folder import MergeSummary, finish_folder, parameter_count
 from mergelab.engine.pool import (BLOCK_ELEMENTS, CUDA_BLOCK_ELEMENTS, Progress, default_threads as _default_threads,
                                   numel as _numel, row_blocks, run_pool as _run_pool)
-from mergelab.engine.recipe import Recipe, load_recipe
+from mergelab.engine.recipe import Recipe, check_random_seed, load_recipe
 from mergelab.io.lora import open_model   # PEFT LoRA adapter folders read as base + B @ A
 from mergelab.io.vocab import align_checkpoints, plan_vocabulary
 
@@ -318,7 +318,7 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
               base_label: str = "base", block_elements: int = BLOCK_ELEMENTS,
               resolve: Callable[[str], tuple[dict, list[dict]]] | None = None,
               round_dtype: torch.dtype | None = None, round_results: bool = True,
-              lines: LinesConfig | None = None) -> dict[str, float]:
+              lines: LinesConfig | None = None, random_seed: int | None = None) -> dict[str, float]:
     """Merge every tensor and hand each result (whole, or block by block) to ``sink``.
 
     ``resolve(name)`` gives a tensor's own (shared, per-model) parameters where they vary over layers or
@@ -327,6 +327,8 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
     ``compute_dtype`` None: the kernels compute in each tensor's (rounded) input dtype.
     ``lines``: LiNeS post-processing (``methods.lines``): each merged task vector scaled by its block's
     depth; with ``alpha: auto`` a first pass runs the merge once only to sum the L1 norms it needs.
+    ``random_seed``: the masks of random-drop methods (DARE, DELLA) are the ones ``mergekit-yaml --random-seed``
+    draws on CPU (``kernels.mergekit_stream``), not mergelab's seeded per-tensor ones.
     Returns the seconds spent per stage. ``sink`` is called from worker threads.
     """
     labels = list(labels or [f"model {i}" for i in range(len(models))])
@@ -369,6 +371,25 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
     # (LiNeS scales each tensor's merged task vector: the general path)
     combination = (_fused_combination(method, params, model_params, compat, device, compute_dtype)
                    if resolve is None and lines is None else None)
+    job_kwargs: dict = {}
+    mask_stream_of = None
+    if random_seed is not None and compat != "mergekit":
+        raise MergelabError("random seed: it reproduces mergekit's masks, so it needs mergekit semantics")
+    if random_seed is not None and method.mergekit_draws is not None:
+        def mask_stream_of(mergeable: list[str]):
+            """mergekit's schedule runs tensor by tensor in the order of their names (its tasks' group
+            labels), and within a tensor over the models in the recipe's order."""
+            from mergelab.kernels.mergekit_stream import MergekitMaskStream
+            draws = []
+            for name in sorted(mergeable):
+                n = _numel(reference.shape(name))
+                tensor_models = (resolve(name) if resolve is not None else defaults)[1]
+                draws += [((name, i), n) for i, p in enumerate(tensor_models) if method.mergekit_draws(p)]
+            return MergekitMaskStream(random_seed, draws, progress)
+
+    def job_of(*args, **kwargs) -> TensorJob:
+        """A job of this merge (with mergekit's mask stream, when it has one)."""
+        return TensorJob(*args, **kwargs, **job_kwargs)
 
     def work(name: str) -> None:
         if not _mergeable(reference.dtype(name)):
@@ -402,7 +423,7 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
                 deltas = K.task_vectors(b, ms)
             selections, counts = _selections_of(ranks, deltas, select_weights)
             recheck = functools.partial(inputs.check, name, None) if own_check else None
-            _merge_and_sink(name, TensorJob(name, b, ms, params, model_params, compat, thresholds, selections,
+            _merge_and_sink(name, job_of(name, b, ms, params, model_params, compat, thresholds, selections,
                                             None, _numel(shape), None, deltas, recheck, counts), None)
             return
         elif ranks:
@@ -411,7 +432,7 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
         if method.stats is not None and blocks is not None:    # a whole tensor's kernel sums for itself
             for rows in blocks:
                 b, ms = inputs.read(name, rows, check=False)
-                part = method.stats(TensorJob(name, b, ms, params, model_params, compat, thresholds,
+                part = method.stats(job_of(name, b, ms, params, model_params, compat, thresholds,
                                               selections, rows, _numel(shape)))
                 if part is None:
                     break
@@ -423,11 +444,11 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
             recheck = functools.partial(inputs.check, name, rows) if own_check else None
             if streamed:
                 b = inputs.base_tensor(name, rows, not own_check)
-                job = TensorJob(name, b, [], params, model_params, compat, thresholds, selections, rows,
+                job = job_of(name, b, [], params, model_params, compat, thresholds, selections, rows,
                                 _numel(shape), stats, inputs.task_vectors(name, rows, b, not own_check), recheck)
             else:
                 b, ms = inputs.read(name, rows, check=not own_check)
-                job = TensorJob(name, b, ms, params, model_params, compat, thresholds, selections, rows,
+                job = job_of(name, b, ms, params, model_params, compat, thresholds, selections, rows,
                                 _numel(shape), stats, check_inputs=recheck)
             _merge_and_sink(name, job, rows)
             job = b = ms = None      # before the next block is read (not two blocks alive at once)
@@ -454,6 +475,10 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
         sink(name, merged.to(out_dtype or reference.dtype(name)), rows[0] if rows else 0)
 
     order = _largest_first(names, reference)
+    if mask_stream_of is not None:
+        t0 = time.perf_counter()
+        job_kwargs["mask_stream"] = mask_stream_of(mergeable)
+        stages["mergekit mask stream"] = time.perf_counter() - t0
     if lines is not None:
         alpha = lines.alpha
         if alpha is None:
@@ -476,8 +501,10 @@ def merge_state_dicts(base: Mapping[str, torch.Tensor] | None, models: Sequence[
                       compat: str = "paper", device: str = "cpu", threads: int | None = 1,
                       out_dtype: torch.dtype | None = None,
                       block_elements: int = BLOCK_ELEMENTS,
-                      lines: Mapping | None = None) -> dict[str, torch.Tensor]:
+                      lines: Mapping | None = None, random_seed: int | None = None) -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts; the result keeps the base's tensor order and dtypes.
+
+    ``random_seed``: DARE / DELLA masks as ``mergekit-yaml --random-seed`` draws them (``compat="mergekit"``).
 
     ``lines``: LiNeS post-processing, e.g. ``{"beta": 0.5}`` (``alpha`` "auto" or a number; see
     ``methods.lines``)."""
@@ -504,7 +531,7 @@ def merge_state_dicts(base: Mapping[str, torch.Tensor] | None, models: Sequence[
         result[name][row:row + tensor.shape[0]] = tensor.cpu()
     run_merge(m, base_ckpt, ckpts, g, per, compat, sink, out_dtype=out_dtype, device=device, threads=threads,
               labels=[f"models[{i}]" for i in range(len(models))], block_elements=block_elements,
-              lines=lines_cfg)
+              lines=lines_cfg, random_seed=random_seed)
     order = reference.keys()
     return {k: result[k] for k in order}
 
@@ -512,14 +539,18 @@ def merge_state_dicts(base: Mapping[str, torch.Tensor] | None, models: Sequence[
 def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: bool = False,
           compat: str | None = None, device: str | None = None, threads: int | None = None,
           progress: Progress | None = None, shard_size: str | int | None = None,
-          block_elements: int = BLOCK_ELEMENTS) -> MergeSummary:
-    """Merge the checkpoints a recipe names into ``out_dir`` (a Hugging Face folder), streaming."""
+          block_elements: int = BLOCK_ELEMENTS, random_seed: int | None = None) -> MergeSummary:
+    """Merge the checkpoints a recipe names into ``out_dir`` (a Hugging Face folder), streaming.
+
+    ``random_seed``: DARE and DELLA draw the masks ``mergekit-yaml --random-seed N`` draws on CPU."""
     started = time.perf_counter()
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, compat=compat)
     elif compat is not None and compat != recipe.compat:
         recipe.compat = compat
     method = get_method(recipe.method)
+    if random_seed is not None:
+        check_random_seed(recipe, random_seed)       # before any tensor is read
     if recipe.slices is not None:
         from mergelab.engine.slices import merge_slices
         return merge_slices(recipe, out_dir, force=force, device=device, threads=threads, progress=progress,
@@ -563,7 +594,7 @@ def merge(recipe: str | Path | Mapping | Recipe, out_dir: str | Path, *, force: 
                                    device=device or "cpu", compute_dtype=compute_dtype, threads=threads,
                                    progress=progress, labels=labels, base_label=recipe.base_model or "base",
                                    block_elements=block_elements, resolve=resolve, round_dtype=round_dtype,
-                                   round_results=round_results, lines=recipe.lines)
+                                   round_results=round_results, lines=recipe.lines, random_seed=random_seed)
             except BaseException:
                 writer.abort()
                 raise

@@ -337,7 +337,10 @@ def l1_norm(x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tenso
     """``sum |x|`` in float32 (a 0-dim tensor) in the fixed order of ``numpy_dare.ordered_l1``: entry i added
     to lane i mod 65536 in index order, the lanes folded in halves. The same bits from numpy, on every
     device and with any number of threads (torch's ``sum`` depends on both), as accurate as ``sum``.
-    ``|x|`` is written into ``scratch`` (a tensor like ``x``) when given, and overwritten by the sum."""
+    ``|x|`` is written into ``scratch`` (a tensor like ``x``) when given, and overwritten by the sum.
+    Half-precision ``x`` is summed in float32 lanes too (as ``sum`` accumulates it in float32)."""
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return ordered_sum_(torch.abs(x).to(torch.float32).reshape(-1))
     mag = torch.abs(x, out=scratch if scratch is not None else torch.empty_like(x)).reshape(-1)
     return ordered_sum_(mag)
 

@@ -32,17 +32,36 @@ def _dare_sparsify(job: TensorJob) -> Callable[[torch.Tensor, dict, int], torch.
             if job.stats is not None:
                 before, after = float(job.stats[2 * i]), float(job.stats[2 * i + 1])
                 _check_norm(job, before)
-                kept = K.dare(delta, 1.0 - p["density"], job.generator(i), rescale="none", inplace=True)
+                kept = dare_mask_(job, delta, p["density"], i)
             else:
                 before = norm(delta)
                 _check_norm(job, before)
-                kept = K.dare(delta, 1.0 - p["density"], job.generator(i), rescale="none", inplace=True)
+                kept = dare_mask_(job, delta, p["density"], i)
                 after = norm(kept)
             if 0 < p["density"] < 1 and before >= 1e-7 and after >= 1e-7:
-                kept.mul_(before / after)
+                kept.mul_(l1_rescale_factor(before, after, kept.dtype))
             return kept
+        if job.compat == "mergekit":       # rescale: false: mergekit keeps the surviving entries as they are
+            return dare_mask_(job, delta, p["density"], i)
         return K.dare(delta, 1.0 - p["density"], job.generator(i), rescale="inverse", inplace=True)
     return drop
+
+
+def l1_rescale_factor(before: float, after: float, dtype: torch.dtype) -> float | torch.Tensor:
+    """mergekit's ``before / after``: in bfloat16 its two sums are bfloat16 tensors and so is their quotient (the
+    product with it then rounds as mergekit's does); in float32 the quotient of the two float32 sums."""
+    if dtype == torch.bfloat16:
+        return torch.tensor(before, dtype=dtype) / torch.tensor(after, dtype=dtype)
+    return before / after
+
+
+def dare_mask_(job: TensorJob, delta: torch.Tensor, density: float, i: int) -> torch.Tensor:
+    """In place, no rescale: mergekit's own mask where the merge replays its stream (``--random-seed``; the
+    density in mergekit's work dtype, applied as its product), else mergelab's seeded one."""
+    if density < 1 and job.replays_mergekit(i):
+        work = torch.bfloat16 if delta.dtype == torch.bfloat16 else torch.float32
+        return delta.mul_(job.mergekit_keep(i, delta, torch.tensor(density, dtype=work)))
+    return K.dare(delta, 1.0 - density, job.generator(i), rescale="none", inplace=True)
 
 
 def _check_norm(job: TensorJob, norm: float) -> None:
@@ -65,10 +84,15 @@ def _dare_stats(job: TensorJob) -> torch.Tensor | None:
         delta = model - job.base               # one task vector at a time
         scratch = torch.empty_like(delta)
         before = K.l1_norm(delta, scratch).double()
-        kept = K.dare(delta, 1.0 - p["density"], job.generator(i), rescale="none", inplace=True)
+        kept = dare_mask_(job, delta, p["density"], i)
         sums += [before.cpu(), K.l1_norm(kept, scratch).double().cpu()]
         del delta, kept, scratch
     return torch.stack(sums)
+
+
+def _mergekit_draws(p: dict) -> bool:
+    """mergekit's ``bernoulli`` returns the task vector untouched at density 1, else draws (density 0 too)."""
+    return p["density"] < 1
 
 
 def _dare_linear(job: TensorJob) -> torch.Tensor:
@@ -97,12 +121,12 @@ register(Method(
     summary="drop delta entries with probability p, rescale by 1/(1-p), task arithmetic",
     reference="Yu et al. ICML 2024, arXiv 2311.03099",
     params=_dare_params(False), merge_tensor=_dare_linear, stats=_dare_stats,
-    task_vectors_only=True, checks_inputs=_dare_checks_inputs,
+    task_vectors_only=True, checks_inputs=_dare_checks_inputs, mergekit_draws=_mergekit_draws,
 ))
 register(Method(
     name="dare_ties",
     summary="DARE drop and rescale, then TIES sign election and disjoint merge",
     reference="Yu et al. ICML 2024 + Yadav et al. NeurIPS 2023",
     params=_dare_params(True), merge_tensor=_dare_ties, stats=_dare_stats,
-    task_vectors_only=True, checks_inputs=_dare_checks_inputs,
+    task_vectors_only=True, checks_inputs=_dare_checks_inputs, mergekit_draws=_mergekit_draws,
 ))

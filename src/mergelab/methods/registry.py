@@ -85,12 +85,36 @@ class TensorJob:
     # per selection value of a whole tensor: (magnitudes below it, magnitudes at most it), or None:
     # whether ties straddle a trim cut, known without another pass
     selection_counts: list[list[tuple[int, int] | None]] | None = None
+    # ``kernels.mergekit_stream.MergekitMaskStream`` when the merge reproduces mergekit's masks
+    # (``--random-seed``), keyed by (tensor name, model index); None: masks from ``generator``
+    mask_stream: Any = None
 
     def deltas(self) -> list[torch.Tensor]:
         return [m - self.base for m in self.models]
 
     def weights(self) -> list[float]:
         return [p.get("weight", 1.0) for p in self.model_params]
+
+    def _mask_offset(self, count: int) -> int:
+        """Where this job's rows start in the whole tensor's mask (``count`` entries in the rows)."""
+        if self.rows is None or self.rows[1] <= self.rows[0]:
+            return 0
+        return self.rows[0] * (count // (self.rows[1] - self.rows[0]))
+
+    def replays_mergekit(self, index: int) -> bool:
+        """Does this merge draw mergekit's own mask of model ``index`` here (``--random-seed``)?"""
+        return self.mask_stream is not None and (self.name, index) in self.mask_stream
+
+    def mergekit_mask(self, index: int, probabilities: torch.Tensor) -> torch.Tensor:
+        """mergekit's mask of model ``index`` over this job's rows (``probabilities`` shaped as them, in mergekit's
+        work dtype), on their device (``replays_mergekit(index)`` must hold)."""
+        offset = self._mask_offset(probabilities.numel())
+        return self.mask_stream.bernoulli((self.name, index), offset, probabilities).to(probabilities.device)
+
+    def mergekit_keep(self, index: int, like: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """The same for one probability ``p`` (DARE's ``torch.full``): float32 0/1 shaped as ``like``, on its device."""
+        offset = self._mask_offset(like.numel())
+        return self.mask_stream.keep((self.name, index), offset, tuple(like.shape), p).to(like.device)
 
     def generator(self, index: int) -> torch.Generator:
         """Per (seed, tensor, model) generator: DARE masks do not depend on thread order."""
@@ -150,6 +174,9 @@ class Method:
     float32_kernel: bool = False
     # mergekit returns (and writes) this method's results in float32 whatever the inputs (arcee_fusion)
     float32_result: bool = False
+    # mergekit draws one ``torch.bernoulli`` over a model's whole task vector of a tensor when this is true of
+    # that model's resolved parameters (DARE, DELLA): the draws ``--random-seed`` replays in mergekit's order
+    mergekit_draws: Callable[[dict], bool] | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
