@@ -271,7 +271,7 @@ def _output_config(folder: str, arch: str, experts: int, per_token: int, dtype: 
     out.num_experts_per_tok = per_token
     out.sliding_window = None
     if dtype is not None:
-        out.torch_dtype = dtype
+        out.dtype = dtype          # transformers 5 (torch_dtype is its deprecated alias)
     return out
 
 
