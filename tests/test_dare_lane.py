@@ -175,3 +175,75 @@ def test_dare_lane_keeps_mergekits_statistics(tmp_path, method):
     run_lane(plan, tmp_path / "lane")
     run_mergekit(path, tmp_path / "mk")
     assert _random_stats_agree(tmp_path / "mk", tmp_path / "lane", base) == ""
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("blocks", [None, 1_000], ids=["whole", "blocked"])
+def test_dare_lane_with_mergekits_masks_writes_the_engines_folder(tmp_path, monkeypatch, method, case, blocks):
+    """``--random-seed``: the lane's numpy Mersenne Twister gives the engine's torch masks (mergekit's own; the
+    engine is checked against mergekit in ``test_mergekit_stream``), with generator states kept every 700
+    entries so that pieces start between them."""
+    from mergelab.kernels import mergekit_stream, numpy_mergekit_stream
+    monkeypatch.setattr(mergekit_stream, "CHECKPOINT", 700)
+    monkeypatch.setattr(numpy_mergekit_stream, "CHECKPOINT", 700)
+    n, wd, lam, normalize, seed, dtype, recipe_dtype, out_dtype = case
+    base, models = make_model_folders(tmp_path / "m", n=n, dtype=dtype)
+    extra = {"compat": "mergekit", **({"dtype": recipe_dtype} if recipe_dtype else {}),
+             **({"out_dtype": out_dtype} if out_dtype else {})}
+    recipe = write_recipe(tmp_path / "r.yaml", base, models, method, {"lambda": lam, "normalize": normalize},
+                          [{"weight": w, "density": d} for w, d in wd], **extra)
+    kw = {"shard_size": 40_000, **({"block_elements": blocks} if blocks else {})}
+    plan = plan_lane(load_recipe(recipe))
+    assert plan is not None
+    plan.random_seed = seed % 2**32
+    run_lane(plan, tmp_path / "lane", **kw)
+    merge(load_recipe(recipe), tmp_path / "torch", random_seed=seed % 2**32, **kw)
+    lane, engine = _files(tmp_path / "lane"), _files(tmp_path / "torch")
+    assert lane.keys() == engine.keys()
+    for name in lane:
+        assert lane[name] == engine[name], name
+
+
+def test_dare_lane_with_mergekits_masks_two_passes_and_the_cli_without_torch(tmp_path, monkeypatch):
+    """Tensors past HOLD_BYTES (norms, then the merge, in 1 M-entry pieces) and blocked ones, with the stream's
+    states 100,000 entries apart; the CLI's ``--random-seed`` runs in the lane without importing torch once the
+    bernoulli check's verdict is stored, and writes the engine's folder."""
+    import subprocess
+    import sys
+
+    from mergelab.engine.linear_lane import merge_recipe
+    from mergelab.kernels import cpu_sort as CS
+    from mergelab.kernels import mergekit_stream, numpy_mergekit_stream
+    from tests.test_linear_lane import _PROBE, ROOT
+    base, models = _raw_folders(tmp_path, {"big": (4, 1_100_000), "wide": (3, 70_000), "vec": (150_001,)}, 3)
+    recipe = write_recipe(tmp_path / "r.yaml", base, models, "dare_ties", {"normalize": True},
+                          [{"weight": 1.0, "density": 0.3}, {"weight": 0.5, "density": 0.7},
+                           {"weight": -0.3, "density": 0.0}], compat="mergekit")
+    with monkeypatch.context() as m:
+        m.setattr(mergekit_stream, "CHECKPOINT", 100_000)
+        m.setattr(numpy_mergekit_stream, "CHECKPOINT", 100_000)
+        for kw in ({}, {"block_elements": 1_000_000}):
+            plan = plan_lane(load_recipe(recipe))
+            plan.random_seed = 77
+            run_lane(plan, tmp_path / "lane", **kw)
+            merge(load_recipe(recipe), tmp_path / "torch", random_seed=77, **kw)
+            assert _files(tmp_path / "lane") == _files(tmp_path / "torch"), kw
+            for d in ("lane", "torch"):
+                import shutil
+                shutil.rmtree(tmp_path / d)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    numpy_mergekit_stream.bernoulli_replay_trusted.cache_clear()
+    try:
+        assert numpy_mergekit_stream.bernoulli_replay_trusted()
+        assert CS.stored_verdict("bernoulli") is True
+        assert merge_recipe(recipe, tmp_path / "api", random_seed=77).engine == "numpy"
+    finally:
+        numpy_mergekit_stream.bernoulli_replay_trusted.cache_clear()
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", _PROBE, "merge", str(recipe), str(tmp_path / "out"), "--quiet",
+                          "--random-seed", "77"], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "TORCH:False" and "(numpy, without torch)" in out.stdout
+    merge(load_recipe(recipe), tmp_path / "engine", random_seed=77)
+    assert _files(tmp_path / "out") == _files(tmp_path / "engine") == _files(tmp_path / "api")

@@ -43,6 +43,7 @@ from mergelab.kernels import band_select as BS
 from mergelab.kernels import cpu_sort as CS
 from mergelab.kernels import numpy_dare as ND
 from mergelab.kernels.numpy_consensus import consensus_mix, keep_band_
+from mergelab.kernels.numpy_mergekit_stream import NumpyMergekitStream, bernoulli_replay_trusted
 from mergelab.io.output import atomic_output_dir
 from mergelab.io.safetensors_format import (FLOAT_NAMES, ITEMSIZE, HeaderEntry, map_range, parse_size, read_header,
                                             user_dtype_name, weight_files)
@@ -140,6 +141,8 @@ class LanePlan:
     exact_ties: bool = True
     seed: int = 0                    # DARE: the masks' seed
     bands: list[tuple[float, float]] | None = None     # breadcrumbs: (keep, top_remove) per model
+    random_seed: int | None = None   # DARE: mergekit's own masks (``--random-seed``), drawn from ``mask_stream``
+    mask_stream: object | None = None
 
     def close(self) -> None:
         for inputs in [self.base, *self.models]:
@@ -709,8 +712,14 @@ def _breadcrumbs_tensor(plan: LanePlan, name: str, dtype: str, shape: tuple, who
 
 def _dare_drop_(plan: LanePlan, name: str, index: int, span_row: int, delta: np.ndarray, offset: int = 0) -> None:
     """In place: ``kernels.dare(delta, 1 - density, job.generator(index), rescale="none")`` on entries
-    [offset, offset + delta.size) of the engine's block (or whole tensor) starting at row ``span_row``."""
-    drop = 1.0 - plan.densities[index]
+    [offset, offset + delta.size) of the engine's block (or whole tensor) starting at row ``span_row``; with
+    ``--random-seed``, ``methods.dare.dare_mask_``'s product with mergekit's own mask."""
+    density = plan.densities[index]
+    if plan.mask_stream is not None and (name, index) in plan.mask_stream:
+        start = span_row * numel(plan.base.entries[name][1].shape[1:]) + offset
+        plan.mask_stream.apply_((name, index), start, delta, density)
+        return
+    drop = 1.0 - density
     if drop >= 1:
         delta.fill(0)
     elif drop > 0:
@@ -882,6 +891,13 @@ def run_lane(plan: LanePlan, out_dir: str | Path, *, force: bool = False, thread
                         check_inputs(name, rows)
                     writer.write(name, _from_float32(merged, out).reshape(block_shape), rows[0] if rows else 0)
 
+            stages = {}
+            if plan.random_seed is not None:       # mergekit's masks: its one stream, tensors by name
+                t0 = time.perf_counter()
+                floats = sorted(n for n in plan.names if plan.base.entries[n][1].dtype in FLOAT_NAMES)
+                plan.mask_stream = NumpyMergekitStream(plan.random_seed, [
+                    ((n, i), numel(shapes[n])) for n in floats for i, d in enumerate(plan.densities) if d < 1])
+                stages["mergekit mask stream"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             order = sorted(plan.names, key=lambda n: numel(shapes[n]), reverse=True)
             try:
@@ -890,7 +906,7 @@ def run_lane(plan: LanePlan, out_dir: str | Path, *, force: bool = False, thread
                 writer.abort()
                 raise
             writer.close()
-            stages = {"merge": time.perf_counter() - t0}
+            stages["merge"] = time.perf_counter() - t0
             finish_folder(tmp, recipe, plan.method, plan.params, plan.model_params, True, plan.out_dtype_name)
     finally:
         plan.close()
@@ -917,9 +933,15 @@ def merge_recipe(recipe, out_dir: str | Path, *, compat: str | None = None, devi
     random_seed = options.get("random_seed")
     if random_seed is not None:
         check_random_seed(recipe, random_seed)
-    replays_mergekit = random_seed is not None and get_method(recipe.method).mergekit_draws is not None
     options = {k: v for k, v in options.items() if k != "random_seed"}
-    plan = None if replays_mergekit else plan_lane(recipe, device)
+    plan = plan_lane(recipe, device)
+    if random_seed is not None and get_method(recipe.method).mergekit_draws is not None and plan is not None:
+        # mergekit's masks: here for DARE where numpy's Mersenne Twister gives torch.bernoulli's (checked once)
+        if plan.method in DARE_METHODS and bernoulli_replay_trusted():
+            plan.random_seed = random_seed
+        else:
+            plan.close()
+            plan = None
     if plan is not None:
         return run_lane(plan, out_dir, **options)
     if before_engine is not None:

@@ -14,7 +14,8 @@ import importlib
 
 _TORCH_PARTS = ("mergelab.kernels.merge", "mergelab.kernels.select")
 # ``from mergelab.kernels import cpu_sort`` asks this package for the name before importing the submodule
-_SUBMODULES = frozenset({"band_select", "cpu_sort", "numpy_consensus", "numpy_dare", "merge", "select", "svd"})
+_SUBMODULES = frozenset({"band_select", "cpu_sort", "numpy_consensus", "numpy_dare", "numpy_mergekit_stream", "merge",
+                         "select", "svd", "mergekit_stream"})
 
 
 def _load() -> list[str]:

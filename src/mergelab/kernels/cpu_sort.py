@@ -190,7 +190,7 @@ def torch_sort_matches() -> bool:
     """Does the replay give torch's own choice here? Checked on tied data, small and past torch's grain;
     the verdict is stored for ``replay_trusted``."""
     verdict = _check_against_torch()
-    _store_verdict(verdict)
+    store_verdict("", verdict)
     return verdict
 
 
@@ -198,15 +198,27 @@ def torch_sort_matches() -> bool:
 def replay_trusted() -> bool:
     """``torch_sort_matches()``, from the stored verdict for the installed torch when there is one (no
     torch import), else checked now (importing torch once)."""
-    key = _torch_build_key()
-    if key is not None:
-        try:
-            stored = json.loads(_verdict_file().read_text()).get(key)
-        except (OSError, ValueError, AttributeError):
-            stored = None
-        if isinstance(stored, bool):
-            return stored
-    return torch_sort_matches()
+    stored = stored_verdict("")
+    return stored if stored is not None else torch_sort_matches()
+
+
+def _verdict_key(check: str) -> str | None:
+    build = _torch_build_key()
+    if build is None:
+        return None
+    return f"{check}|{build}" if check else build       # "": the sort replay's (the first check kept here)
+
+
+def stored_verdict(check: str) -> bool | None:
+    """The stored verdict of a check of numpy code against the installed torch (``check`` names it), or None."""
+    key = _verdict_key(check)
+    if key is None:
+        return None
+    try:
+        stored = json.loads(_verdict_file().read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return stored if isinstance(stored, bool) else None
 
 
 def _verdict_file() -> Path:
@@ -233,9 +245,9 @@ def _torch_build_key() -> str | None:
     return f"{version}|{platform.machine()}|{libs[0].name}|{st.st_size}|{st.st_mtime_ns}"
 
 
-def _store_verdict(verdict: bool) -> None:
+def store_verdict(check: str, verdict: bool) -> None:
     """Add the verdict to the cache file (best effort: an unwritable cache only costs the check again)."""
-    key = _torch_build_key()
+    key = _verdict_key(check)
     if key is None:
         return
     path = _verdict_file()
