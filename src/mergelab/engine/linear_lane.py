@@ -43,7 +43,7 @@ from mergelab.kernels import band_select as BS
 from mergelab.kernels import cpu_sort as CS
 from mergelab.kernels import numpy_dare as ND
 from mergelab.kernels.numpy_consensus import consensus_mix, keep_band_
-from mergelab.kernels.numpy_mergekit_stream import NumpyMergekitStream, bernoulli_replay_trusted
+from mergelab.kernels.numpy_mergekit_stream import NumpyMergekitStream, bernoulli_replay_trusted, mergekit_draw_order
 from mergelab.io.output import atomic_output_dir
 from mergelab.io.safetensors_format import (FLOAT_NAMES, ITEMSIZE, HeaderEntry, map_range, parse_size, read_header,
                                             user_dtype_name, weight_files)
@@ -892,11 +892,11 @@ def run_lane(plan: LanePlan, out_dir: str | Path, *, force: bool = False, thread
                     writer.write(name, _from_float32(merged, out).reshape(block_shape), rows[0] if rows else 0)
 
             stages = {}
-            if plan.random_seed is not None:       # mergekit's masks: its one stream, tensors by name
+            if plan.random_seed is not None:       # mergekit's masks: its one stream
                 t0 = time.perf_counter()
-                floats = sorted(n for n in plan.names if plan.base.entries[n][1].dtype in FLOAT_NAMES)
-                plan.mask_stream = NumpyMergekitStream(plan.random_seed, [
-                    ((n, i), numel(shapes[n])) for n in floats for i, d in enumerate(plan.densities) if d < 1])
+                floats = [n for n in plan.names if plan.base.entries[n][1].dtype in FLOAT_NAMES]
+                plan.mask_stream = NumpyMergekitStream(plan.random_seed, mergekit_draw_order(
+                    floats, lambda n: numel(shapes[n]), len(plan.models), lambda n, i: plan.densities[i] < 1))
                 stages["mergekit mask stream"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             order = sorted(plan.names, key=lambda n: numel(shapes[n]), reverse=True)
@@ -923,7 +923,7 @@ def merge_recipe(recipe, out_dir: str | Path, *, compat: str | None = None, devi
     """A recipe (path, mapping or ``Recipe``) merged by this lane when it takes it, else by the torch engine
     (``streaming.merge``; ``before_engine()`` runs first, e.g. the CLI's torch thread settings).
     ``options``: ``force``, ``threads``, ``progress``, ``shard_size``, ``random_seed`` (DARE / DELLA draw
-    mergekit's own masks for ``mergekit-yaml --random-seed``: the torch engine)."""
+    mergekit's own masks for ``mergekit-yaml --random-seed``: here for DARE, else the torch engine)."""
     from mergelab.engine.recipe import Recipe, check_random_seed, load_recipe
     from mergelab.methods import get_method
     if not isinstance(recipe, Recipe):

@@ -372,20 +372,17 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
     combination = (_fused_combination(method, params, model_params, compat, device, compute_dtype)
                    if resolve is None and lines is None else None)
     job_kwargs: dict = {}
-    mask_stream_of = None
     if random_seed is not None and compat != "mergekit":
         raise MergelabError("random seed: it reproduces mergekit's masks, so it needs mergekit semantics")
     if random_seed is not None and method.mergekit_draws is not None:
-        def mask_stream_of(mergeable: list[str]):
-            """mergekit's schedule runs tensor by tensor in the order of their names (its tasks' group
-            labels), and within a tensor over the models in the recipe's order."""
-            from mergelab.kernels.mergekit_stream import MergekitMaskStream
-            draws = []
-            for name in sorted(mergeable):
-                n = _numel(reference.shape(name))
-                tensor_models = (resolve(name) if resolve is not None else defaults)[1]
-                draws += [((name, i), n) for i, p in enumerate(tensor_models) if method.mergekit_draws(p)]
-            return MergekitMaskStream(random_seed, draws, progress)
+        from mergelab.kernels.mergekit_stream import MergekitMaskStream
+        from mergelab.kernels.numpy_mergekit_stream import mergekit_draw_order
+        t0 = time.perf_counter()
+        draws = mergekit_draw_order(
+            mergeable, lambda name: _numel(reference.shape(name)), len(models),
+            lambda name, i: method.mergekit_draws((resolve(name) if resolve is not None else defaults)[1][i]))
+        job_kwargs["mask_stream"] = MergekitMaskStream(random_seed, draws, progress)
+        stages["mergekit mask stream"] = time.perf_counter() - t0
 
     def job_of(*args, **kwargs) -> TensorJob:
         """A job of this merge (with mergekit's mask stream, when it has one)."""
@@ -475,10 +472,6 @@ def run_merge(method: Method, base: Checkpoint | None, models: Sequence[Checkpoi
         sink(name, merged.to(out_dtype or reference.dtype(name)), rows[0] if rows else 0)
 
     order = _largest_first(names, reference)
-    if mask_stream_of is not None:
-        t0 = time.perf_counter()
-        job_kwargs["mask_stream"] = mask_stream_of(mergeable)
-        stages["mergekit mask stream"] = time.perf_counter() - t0
     if lines is not None:
         alpha = lines.alpha
         if alpha is None:

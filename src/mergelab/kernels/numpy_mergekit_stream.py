@@ -13,12 +13,20 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Hashable, Sequence
+from typing import Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 
 CHECKPOINT = 1 << 20          # entries between kept generator states
 CHUNK = 1 << 17               # entries drawn at a time
+
+
+def mergekit_draw_order(names: Iterable[str], size: Callable[[str], int], models: int,
+                        draws: Callable[[str, int], bool]) -> list[tuple[tuple[str, int], int]]:
+    """((tensor, model index), entries) of every mask mergekit draws, in its order: its schedule runs one tensor at
+    a time in the order of their names (its tasks' group labels), and within a tensor the models in the recipe's
+    order; ``draws(name, i)``: does model i draw a mask of that tensor (its density, as the method says)."""
+    return [((name, i), size(name)) for name in sorted(names) for i in range(models) if draws(name, i)]
 
 
 def _generator(seed: int) -> np.random.MT19937:
@@ -55,7 +63,10 @@ class NumpyMergekitStream:
     def keep_bits(self, key: Hashable, offset: int, count: int, p: float) -> np.ndarray:
         """Entries [offset, offset + count) of mask ``key`` of probability ``p`` (float32-rounded) as bool."""
         out = np.empty(count, dtype=bool)
-        self._each_chunk(key, offset, count, p, lambda start, keep: out.__setitem__(slice(start, start + keep.size), keep))
+
+        def store(start: int, keep: np.ndarray) -> None:
+            out[start:start + keep.size] = keep
+        self._each_chunk(key, offset, count, p, store)
         return out
 
     def apply_(self, key: Hashable, offset: int, x: np.ndarray, p: float) -> np.ndarray:
